@@ -1,0 +1,85 @@
+"""chatfeed: a typed async client for a chat backend's real-time WebSocket feed.
+
+Example:
+    ```python
+    import chatfeed
+
+    client = chatfeed.Client("wss://api.example.com", token=jwt)
+
+    @client.on("new_message")
+    async def show(event: chatfeed.NewMessage) -> None:
+        print(event.payload.chat_id, event.payload.content)
+
+    await client.run()
+    ```
+"""
+
+from ._client import Client, ClientStatistics, TokenSource
+from ._dispatch import EventStream
+from ._policy import Backoff
+from ._protocol import parse_server_message
+from ._version import __version__
+from .exceptions import (
+    AuthenticationError,
+    AuthTimeoutError,
+    ChatfeedError,
+    ConnectError,
+    ConnectionFailedError,
+    ConnectionLostError,
+    HandshakeError,
+    ProtocolError,
+    TokenProviderError,
+    UsageError,
+)
+from .models import (
+    AnyServerMessage,
+    AuthError,
+    AuthSuccess,
+    Chat,
+    Connected,
+    Disconnected,
+    ErrorMessage,
+    FeedEvent,
+    Message,
+    MessageStatus,
+    NewChat,
+    NewMessage,
+    Role,
+    ServerMessage,
+    UnknownMessage,
+)
+
+__all__ = [
+    "AnyServerMessage",
+    "AuthError",
+    "AuthSuccess",
+    "AuthTimeoutError",
+    "AuthenticationError",
+    "Backoff",
+    "Chat",
+    "ChatfeedError",
+    "Client",
+    "ClientStatistics",
+    "ConnectError",
+    "Connected",
+    "ConnectionFailedError",
+    "ConnectionLostError",
+    "Disconnected",
+    "ErrorMessage",
+    "EventStream",
+    "FeedEvent",
+    "HandshakeError",
+    "Message",
+    "MessageStatus",
+    "NewChat",
+    "NewMessage",
+    "ProtocolError",
+    "Role",
+    "ServerMessage",
+    "TokenProviderError",
+    "TokenSource",
+    "UnknownMessage",
+    "UsageError",
+    "__version__",
+    "parse_server_message",
+]

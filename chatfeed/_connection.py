@@ -1,0 +1,190 @@
+"""The websockets adapter: one WebSocket connection, with chatfeed's exceptions.
+
+Everything websockets raises is translated here into the exceptions of
+:mod:`chatfeed.exceptions`, so that nothing above this module knows
+websockets' exception tree. Keepalive is chatfeed's own: when a pong is late,
+the connection is aborted at once rather than closed politely, because a dead
+peer never answers the closing handshake and waiting for it would hold the
+reconnect up by a further close timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl as ssl_module
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidMessage,
+    InvalidProxy,
+    InvalidStatus,
+    InvalidURI,
+)
+from websockets.version import version as websockets_version
+
+from ._logging import FrameRedactingLogger
+from ._policy import parse_retry_after
+from ._version import __version__
+from .exceptions import ConnectError, ConnectionLostError, HandshakeError, UsageError
+
+__all__ = ["Connection", "cancel_and_wait"]
+
+logger = logging.getLogger("chatfeed.connection")
+
+_WEBSOCKETS_LOGGER = FrameRedactingLogger(logging.getLogger("websockets.client"))
+_USER_AGENT = f"chatfeed/{__version__} websockets/{websockets_version}"
+
+
+class Connection:
+    """An open WebSocket connection to the feed."""
+
+    __slots__ = ("_keepalive", "_ping_timed_out", "_ws")
+
+    def __init__(
+        self,
+        ws: ClientConnection,
+        *,
+        ping_interval: float | None,
+        ping_timeout: float | None,
+    ) -> None:
+        self._ws = ws
+        self._ping_timed_out = False
+        self._keepalive: asyncio.Task[None] | None = None
+        if ping_interval is not None:
+            self._keepalive = asyncio.get_running_loop().create_task(
+                self._run_keepalive(ping_interval, ping_timeout), name="chatfeed-keepalive"
+            )
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        open_timeout: float,
+        max_size: int,
+        ssl: ssl_module.SSLContext | None,
+        proxy: str | bool | None,
+        ping_interval: float | None,
+        ping_timeout: float | None,
+        close_timeout: float,
+    ) -> Connection:
+        """Open the TCP connection and complete the WebSocket handshake.
+
+        Raises:
+            ConnectError: The server could not be reached (or its TLS certificate
+                was refused, or it hung up during the handshake).
+            HandshakeError: The server answered, but not with a WebSocket upgrade.
+        """
+        kwargs: dict[str, Any] = {}
+        if ssl is not None:
+            kwargs["ssl"] = ssl
+        try:
+            ws = await connect(
+                url,
+                open_timeout=open_timeout,
+                max_size=max_size,
+                proxy=True if proxy is True else proxy or None,
+                ping_interval=None,  # keepalive is ours, see the module docstring
+                close_timeout=close_timeout,
+                user_agent_header=_USER_AGENT,
+                logger=_WEBSOCKETS_LOGGER,
+                **kwargs,
+            )
+        except InvalidStatus as exc:
+            response = exc.response
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            raise HandshakeError(response.status_code, retry_after=retry_after) from exc
+        except InvalidMessage as exc:
+            if isinstance(exc.__cause__, EOFError):
+                raise ConnectError("server closed the connection during the WebSocket handshake") from exc
+            raise HandshakeError(None) from exc
+        except (InvalidURI, InvalidProxy) as exc:
+            raise UsageError(str(exc)) from exc
+        except InvalidHandshake as exc:
+            raise HandshakeError(None) from exc
+        except ssl_module.SSLCertVerificationError as exc:
+            raise ConnectError(f"TLS certificate verification failed: {exc.verify_message}") from exc
+        except TimeoutError as exc:
+            raise ConnectError(f"timed out after {open_timeout:g} s opening the connection") from exc
+        except OSError as exc:
+            raise ConnectError(f"could not connect: {exc.strerror or exc}") from exc
+        return cls(ws, ping_interval=ping_interval, ping_timeout=ping_timeout)
+
+    async def send(self, text: str) -> None:
+        """Send one text frame.
+
+        Raises:
+            ConnectionLostError: The connection is closed.
+        """
+        try:
+            await self._ws.send(text)
+        except ConnectionClosed as exc:
+            raise self._lost(exc) from exc
+
+    async def recv(self) -> str | bytes:
+        """Return the next frame: ``str`` for a text frame, ``bytes`` for a binary one.
+
+        Raises:
+            ConnectionLostError: The connection closed, for whatever reason.
+        """
+        try:
+            return await self._ws.recv()
+        except ConnectionClosed as exc:
+            raise self._lost(exc) from exc
+
+    async def close(self) -> None:
+        """Close the connection, politely if the peer answers in time. Never raises."""
+        if self._keepalive is not None:
+            await cancel_and_wait(self._keepalive)
+        try:
+            # Bounded by close_timeout inside websockets.
+            await self._ws.close()
+        except Exception:
+            logger.debug("error while closing the connection", exc_info=True)
+        finally:
+            self._ws.transport.abort()
+
+    def abort(self) -> None:
+        """Drop the connection at once, without a closing handshake."""
+        self._ws.transport.abort()
+
+    def _lost(self, exc: ConnectionClosed) -> ConnectionLostError:
+        if self._ping_timed_out:
+            return ConnectionLostError(1006, "no pong within ping_timeout", local=True)
+        rcvd, sent = exc.rcvd, exc.sent
+        if rcvd is not None and (sent is None or exc.rcvd_then_sent):
+            return ConnectionLostError(rcvd.code, rcvd.reason)
+        if sent is not None:
+            return ConnectionLostError(sent.code, sent.reason, local=True)
+        return ConnectionLostError(1006)
+
+    async def _run_keepalive(self, interval: float, timeout: float | None) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                pong = asyncio.ensure_future(await self._ws.ping())
+            except ConnectionClosed:
+                return
+            done, _ = await asyncio.wait([pong], timeout=timeout)
+            if not done:
+                logger.warning("no pong within %g s: dropping the connection", timeout)
+                self._ping_timed_out = True
+                self._ws.transport.abort()
+                return
+            # A pong that failed because the connection closed: the next
+            # ping() raises ConnectionClosed and ends the loop.
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it has finished, whatever it raised.
+
+    A cancellation of the caller while it waits is not swallowed.
+    """
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("task %s ended with an error while being cancelled", task.get_name(), exc_info=task.exception())

@@ -1,0 +1,270 @@
+"""Delivery of events: handlers in registration order, then every subscriber.
+
+The receive loop awaits :meth:`Dispatcher.dispatch` once per event, so events
+reach handlers and :class:`EventStream` subscribers in the order the frames
+arrived, with no task or queue hop in between. A subscriber whose buffer is
+full makes ``dispatch`` wait, which stops the loop reading from the socket:
+TCP backpressure instead of dropping or growing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import inspect
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+from typing_extensions import Self
+
+from .exceptions import UsageError
+from .models import (
+    Connected,
+    Disconnected,
+    ErrorMessage,
+    FeedEvent,
+    NewChat,
+    NewMessage,
+    ServerMessage,
+    UnknownMessage,
+)
+
+__all__ = ["EVENT_NAMES", "Dispatcher", "ErrorHook", "EventStream", "Handler"]
+
+logger = logging.getLogger("chatfeed")
+
+E = TypeVar("E")
+
+Handler = Callable[[E], "Awaitable[None] | None"]
+"""A function called with each event of one kind; sync or async."""
+
+ErrorHook = Callable[[Exception, Any], "Awaitable[None] | None"]
+"""Called with the exception a handler raised and the event it was handling."""
+
+EVENT_NAMES: dict[str, type[Any]] = {
+    "new_message": NewMessage,
+    "new_chat": NewChat,
+    "error": ErrorMessage,
+    "unknown": UnknownMessage,
+    "connected": Connected,
+    "disconnected": Disconnected,
+}
+"""Event names accepted by ``Client.on``, and the class each stands for."""
+
+_EVENT_CLASSES = frozenset(EVENT_NAMES.values()) | {ServerMessage}
+
+
+def resolve_event(event: str | type[Any]) -> type[Any]:
+    """Return the event class that a name or class passed to ``Client.on`` stands for.
+
+    Raises:
+        UsageError: Not an event chatfeed delivers.
+    """
+    if isinstance(event, str):
+        try:
+            return EVENT_NAMES[event]
+        except KeyError:
+            names = ", ".join(repr(name) for name in EVENT_NAMES)
+            raise UsageError(f"unknown event {event!r}; expected one of {names}, or an event class") from None
+    if isinstance(event, type) and event in _EVENT_CLASSES:
+        return event
+    raise UsageError(f"cannot register a handler for {event!r}; expected an event name or class")
+
+
+class _Entry:
+    __slots__ = ("func", "is_async", "name")
+
+    def __init__(self, func: Callable[[Any], Any]) -> None:
+        self.func = func
+        self.is_async = inspect.iscoroutinefunction(func)
+        self.name = getattr(func, "__qualname__", repr(func))
+
+
+class Dispatcher:
+    """Handlers by event class, and the open event streams."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[type[Any], list[_Entry]] = {}
+        # Handlers of each concrete class, its own and its bases' (a handler
+        # for ServerMessage sees every server message). Rebuilt on registration.
+        self._routes: dict[type[Any], tuple[_Entry, ...]] = {}
+        self._streams: tuple[weakref.ref[EventStream[Any]], ...] = ()
+        self._error_hooks: list[ErrorHook] = []
+        self.handler_errors = 0
+
+    def add_handler(self, event: str | type[Any], func: Callable[[Any], Any]) -> None:
+        if not callable(func):
+            raise UsageError(f"a handler must be callable, not {func!r}")
+        self._handlers.setdefault(resolve_event(event), []).append(_Entry(func))
+        self._routes.clear()
+
+    def add_error_hook(self, hook: ErrorHook) -> None:
+        if not callable(hook):
+            raise UsageError(f"an error hook must be callable, not {hook!r}")
+        self._error_hooks.append(hook)
+
+    def subscribe(self, buffer: int) -> EventStream[Any]:
+        stream: EventStream[Any] = EventStream(self, buffer)
+        # Weak, so that a stream its reader dropped (leaving ``async for``
+        # early) is collected, and unsubscribed, at once.
+        self._streams = (*self._streams, weakref.ref(stream, self._forget))
+        return stream
+
+    def unsubscribe(self, stream: EventStream[Any]) -> None:
+        self._streams = tuple(ref for ref in self._streams if ref() not in (stream, None))
+
+    def _forget(self, dead: weakref.ref[EventStream[Any]]) -> None:
+        self._streams = tuple(ref for ref in self._streams if ref is not dead)
+
+    def streams(self) -> list[EventStream[Any]]:
+        """Return the open streams."""
+        return [stream for stream in (ref() for ref in self._streams) if stream is not None]
+
+    def end_streams(self, error: BaseException | None = None) -> None:
+        """End every open stream: after what they hold, with ``error`` if given."""
+        for ref in self._streams:
+            stream = ref()
+            if stream is not None:
+                stream.end(error)
+        self._streams = ()
+
+    async def dispatch(self, event: FeedEvent) -> None:
+        """Deliver a server event to its handlers, then to every stream, in order."""
+        await self.call_handlers(event)
+        for ref in self._streams:
+            stream = ref()
+            while stream is not None and not stream.offer(event):
+                waiter = stream.wait_for_space()
+                # The wait must not keep alive a stream whose reader is gone.
+                stream = None
+                await waiter
+                stream = ref()
+
+    async def call_handlers(self, event: Any) -> None:
+        """Call the handlers of ``event`` in order; a failing handler stops none of the others."""
+        cls = event.__class__
+        route = self._routes.get(cls)
+        if route is None:
+            route = self._routes[cls] = tuple(entry for base in cls.__mro__ for entry in self._handlers.get(base, ()))
+        for entry in route:
+            try:
+                if entry.is_async:
+                    await entry.func(event)
+                else:
+                    result = entry.func(event)
+                    if result is not None and inspect.isawaitable(result):
+                        await result
+            except Exception as exc:
+                await self._report(exc, event, entry)
+
+    async def _report(self, exc: Exception, event: Any, entry: _Entry) -> None:
+        self.handler_errors += 1
+        logger.error("handler %s raised on a %s event", entry.name, event.type, exc_info=exc)
+        for hook in self._error_hooks:
+            try:
+                result = hook(exc, event)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("error hook %s raised", getattr(hook, "__qualname__", hook))
+
+
+class EventStream(Generic[E]):
+    """The events of a client, from subscription on, through a bounded buffer.
+
+    Returned by ``Client.events()``. Iterate it with ``async for``; leaving the
+    loop (or :meth:`aclose`, or ``async with``) unsubscribes. When the client
+    closes, the stream yields what it still holds, then ends, raising the
+    client's fatal error if it stopped on one.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, buffer: int) -> None:
+        self._dispatcher: Dispatcher | None = dispatcher
+        self._buffer = buffer
+        self._items: collections.deque[E] = collections.deque()
+        self._ended = False
+        self._error: BaseException | None = None
+        self._getter: asyncio.Future[None] | None = None
+        self._putter: asyncio.Future[None] | None = None
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> E:
+        while not self._items:
+            if self._ended:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    raise error
+                raise StopAsyncIteration
+            self._getter = asyncio.get_running_loop().create_future()
+            try:
+                await self._getter
+            finally:
+                self._getter = None
+        item = self._items.popleft()
+        _wake(self._putter)
+        return item
+
+    def offer(self, item: E) -> bool:
+        """Add an item if there is room; return False if the buffer is full.
+
+        An item offered to an ended stream is dropped (and True returned).
+        """
+        if self._ended:
+            return True
+        if len(self._items) >= self._buffer:
+            return False
+        self._items.append(item)
+        _wake(self._getter)
+        return True
+
+    def wait_for_space(self) -> asyncio.Future[None]:
+        """Return a future done when an item has been taken or the stream ended."""
+        if self._putter is None or self._putter.done():
+            self._putter = asyncio.get_running_loop().create_future()
+        return self._putter
+
+    def end(self, error: BaseException | None = None) -> None:
+        """Stop accepting items; iteration ends once the buffer is drained."""
+        self._ended = True
+        self._error = error
+        _wake(self._getter)
+        _wake(self._putter)
+
+    def pending(self) -> int:
+        """Return how many events wait in the buffer."""
+        return len(self._items)
+
+    async def aclose(self) -> None:
+        """Unsubscribe and drop what the buffer holds."""
+        self._unsubscribe()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._unsubscribe()
+
+    def _unsubscribe(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.unsubscribe(self)
+            self._dispatcher = None
+        self._items.clear()
+        self._error = None
+        self.end()
+
+    def __del__(self) -> None:
+        # Leaving ``async for`` early drops the last reference (the dispatcher
+        # holds only a weak one); a receive loop waiting for room in this
+        # buffer must go on.
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            _wake(self._putter)
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)

@@ -1,0 +1,132 @@
+"""The chat feed protocol without I/O: frames in, typed messages out.
+
+:func:`parse_server_message` turns one frame into a model in a single pydantic
+pass. :class:`FeedProtocol` keeps the handshake state of one connection: what
+to send first, and what each received frame means in that state. The client
+feeds it frames from the socket; tests feed it strings.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import ErrorDetails
+
+from .exceptions import AuthenticationError, ProtocolError
+from .models import (
+    AnyServerMessage,
+    AuthError,
+    AuthSuccess,
+    FeedEvent,
+    _ServerMessageUnion,
+)
+
+__all__ = ["FeedProtocol", "HandshakeState", "parse_server_message"]
+
+logger = logging.getLogger("chatfeed.protocol")
+
+_ADAPTER: TypeAdapter[AnyServerMessage] = TypeAdapter(_ServerMessageUnion)
+
+
+def parse_server_message(data: str | bytes) -> AnyServerMessage:
+    """Parse one frame from the server into its typed message.
+
+    Args:
+        data: The frame, as text or as UTF-8 bytes.
+
+    Returns:
+        The message: one class per known ``type``, :class:`~chatfeed.UnknownMessage`
+        for any other.
+
+    Raises:
+        ProtocolError: The frame is not valid JSON, not an object, has no
+            string ``type``, or its payload does not fit its type. The error
+            says which, and never quotes the frame.
+
+    Example:
+        >>> parse_server_message('{"type": "error", "message": "busy"}')
+        ErrorMessage(type='error', message='busy')
+    """
+    try:
+        return _ADAPTER.validate_json(data)
+    except ValidationError as exc:
+        # Not chained: a ValidationError's text quotes the input.
+        raise ProtocolError(_describe(exc.errors(include_url=False, include_input=False))) from None
+
+
+def _describe(errors: list[ErrorDetails]) -> str:
+    first = errors[0]
+    kind = first["type"]
+    if kind == "json_invalid":
+        return f"frame is not valid JSON ({first['msg']})"
+    if kind in ("dict_type", "model_type"):
+        return "frame is not a JSON object"
+    if kind in ("union_tag_not_found", "union_tag_invalid"):
+        return "frame has no string 'type'"
+    # A known type whose fields do not fit: the errors of its own branch, with
+    # locations as on the wire ("payload.createdAt").
+    branch = first["loc"][:2]
+    details = "; ".join(
+        f"{'.'.join(str(part) for part in error['loc'][2:]) or 'frame'}: {error['msg']}"
+        for error in errors
+        if error["loc"][:2] == branch
+    )
+    return f"{branch[1]} frame does not fit: {details}"
+
+
+class HandshakeState(enum.Enum):
+    """Where a connection stands in the auth exchange."""
+
+    AWAITING_AUTH = "awaiting_auth"
+    OPEN = "open"
+    REJECTED = "rejected"
+
+
+class FeedProtocol:
+    """The protocol state of one connection.
+
+    Example:
+        >>> protocol = FeedProtocol()
+        >>> frame = protocol.auth_frame("t0k3n")  # send this first
+        >>> protocol.receive('{"type": "auth_success"}') is None
+        True
+        >>> protocol.state
+        <HandshakeState.OPEN: 'open'>
+    """
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state = HandshakeState.AWAITING_AUTH
+
+    def auth_frame(self, token: str) -> str:
+        """Return the frame to send first on a new connection."""
+        return json.dumps({"type": "auth", "token": token})
+
+    def receive(self, data: str | bytes) -> FeedEvent | None:
+        """Take one frame from the server.
+
+        Returns:
+            The event to deliver, or ``None`` for frames that are not events:
+            ``auth_success``, and anything before it (the server must send
+            nothing before judging the token).
+
+        Raises:
+            ProtocolError: The frame does not parse; the connection can go on.
+            AuthenticationError: The server sent ``auth_error``, during the
+                handshake or later (a token that expired mid-session).
+        """
+        message = parse_server_message(data)
+        if isinstance(message, AuthError):
+            self.state = HandshakeState.REJECTED
+            raise AuthenticationError(message.message)
+        if isinstance(message, AuthSuccess):
+            self.state = HandshakeState.OPEN
+            return None
+        if self.state is not HandshakeState.OPEN:
+            logger.warning("ignored a %r frame received before auth_success", message.type[:40])
+            return None
+        return message

@@ -1,0 +1,345 @@
+"""A chat feed server for tests: the real protocol, on loopback, in your process.
+
+:class:`FeedServer` speaks the backend's protocol over a real WebSocket server
+(websockets'): it checks the auth frame against the tokens it was given,
+answers ``auth_success`` or ``auth_error``, and pushes what you tell it to. It
+can also misbehave on purpose (reject the handshake with an HTTP status, stay
+silent, close with any code, drop or freeze connections, restart) so that you
+can test how your application copes.
+
+Example:
+    ```python
+    from chatfeed.testing import FeedServer
+
+    async def test_shows_new_messages() -> None:
+        async with FeedServer(tokens=["t"]) as server:
+            client = chatfeed.Client(server.url, token="t")
+            async with client:
+                stream = client.events()
+                await server.push_message(content="hello")
+                event = await anext(stream)
+                assert event.payload.content == "hello"
+    ```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from typing_extensions import Self
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from ._logging import FrameRedactingLogger
+from .exceptions import UsageError
+from .models import Chat, Message, NewChat, NewMessage
+
+__all__ = ["FeedServer", "make_chat", "make_message"]
+
+logger = logging.getLogger("chatfeed.testing")
+
+_WEBSOCKETS_LOGGER = FrameRedactingLogger(logging.getLogger("websockets.server"))
+_ids = itertools.count(1)
+
+
+def make_message(**fields: Any) -> Message:
+    """Return a plausible assistant :class:`~chatfeed.Message`; ``fields`` override any field.
+
+    Example:
+        >>> make_message(content="Hi", chat_id="7").content
+        'Hi'
+    """
+    values: dict[str, Any] = {
+        "id": str(next(_ids)),
+        "chat_id": "1",
+        "role": "assistant",
+        "content": "This is the AI's response...",
+        "precis": "AI response summary.",
+        "audio_url": "https://example.invalid/audio.mp3",
+        "fallback_used": False,
+        "status": "COMPLETED",
+        "created_at": datetime.now(timezone.utc),
+    }
+    values.update(fields)
+    return Message(**values)
+
+
+def make_chat(**fields: Any) -> Chat:
+    """Return a plausible :class:`~chatfeed.Chat`; ``fields`` override any field."""
+    now = datetime.now(timezone.utc)
+    values: dict[str, Any] = {
+        "id": str(next(_ids)),
+        "user_id": "1",
+        "title": "The first question of the chat...",
+        "summary": "This chat is about: the first question...",
+        "created_at": now,
+        "updated_at": now,
+    }
+    values.update(fields)
+    return Chat(**values)
+
+
+class FeedServer:
+    """A chat feed backend on a loopback port.
+
+    Args:
+        tokens: The tokens it accepts; :attr:`tokens` can be changed later
+            (remove one to make the next auth with it fail).
+        host: The address to listen on.
+        port: The port; 0 picks a free one (see :attr:`url`).
+        close_on_auth_error: Close the connection (code 1008) after
+            ``auth_error``, as most backends do.
+
+    Attributes:
+        tokens: The accepted tokens.
+        silent: When True, auth frames get no answer at all.
+        received_tokens: Every token received in an auth frame, in order.
+        handshakes: WebSocket handshakes completed so far.
+    """
+
+    def __init__(
+        self,
+        *,
+        tokens: Iterable[str] = ("test-token",),
+        host: str = "127.0.0.1",
+        port: int = 0,
+        close_on_auth_error: bool = True,
+    ) -> None:
+        self.tokens: set[str] = set(tokens)
+        self.silent = False
+        self.close_on_auth_error = close_on_auth_error
+        self.received_tokens: list[str] = []
+        self.handshakes = 0
+        self._host = host
+        self._port = port
+        self._server: Server | None = None
+        self._connections: set[ServerConnection] = set()
+        self._clients: set[ServerConnection] = set()
+        self._frozen: set[ServerConnection] = set()
+        self._rejections: list[tuple[int, dict[str, str]]] = []
+        self._changed: asyncio.Future[None] | None = None
+
+    # Life cycle
+
+    async def start(self) -> Self:
+        """Start listening. The port stays the same across restarts."""
+        if self._server is not None:
+            raise UsageError("the server is already running")
+        self._server = await serve(
+            self._handle,
+            self._host,
+            self._port,
+            process_request=self._process_request,
+            logger=_WEBSOCKETS_LOGGER,
+        )
+        if self._port == 0:
+            self._port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        """Close every connection (code 1001) and stop listening."""
+        server, self._server = self._server, None
+        # A frozen connection would not notice the closing handshake.
+        for ws in self._frozen:
+            ws.transport.abort()
+        self._frozen.clear()
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+
+    async def restart(self) -> None:
+        """Stop (clients see 1001, Going Away) and start again on the same port."""
+        await self.stop()
+        await self.start()
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        """The ``ws://`` address clients connect to."""
+        return f"ws://{self._host}:{self._port}"
+
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        return self._port
+
+    @property
+    def clients(self) -> int:
+        """How many authenticated connections are open."""
+        return len(self._clients)
+
+    # Misbehaviour
+
+    def reject_handshakes(self, status: int, *, times: int = 1, headers: Mapping[str, str] | None = None) -> None:
+        """Answer the next ``times`` handshakes with HTTP ``status`` instead of upgrading.
+
+        Example:
+            ``server.reject_handshakes(429, headers={"Retry-After": "1"})``
+        """
+        self._rejections.extend([(status, dict(headers or {}))] * times)
+
+    async def close_connections(self, code: int = 1000, reason: str = "") -> None:
+        """Close every open connection with ``code`` and ``reason``."""
+        connections = self._forget_connections()
+        await asyncio.gather(*(ws.close(code, reason) for ws in connections))
+
+    def drop_connections(self) -> None:
+        """Drop every open connection at once, with no closing handshake (TCP reset)."""
+        for ws in self._forget_connections():
+            ws.transport.abort()
+
+    def freeze_connections(self) -> None:
+        """Stop reading from every open connection: the peer looks dead (no pongs, no close)."""
+        for ws in self._forget_connections():
+            ws.transport.pause_reading()
+            self._frozen.add(ws)
+
+    def _forget_connections(self) -> list[ServerConnection]:
+        # What the caller ends is no client any more, even before its handler
+        # has noticed: wait_for_clients() after it waits for new ones.
+        connections = list(self._connections)
+        self._connections.clear()
+        self._clients.clear()
+        self._notify()
+        return connections
+
+    # Pushing
+
+    async def push_message(self, message: Message | None = None, **fields: Any) -> Message:
+        """Send a ``new_message`` frame to every authenticated client.
+
+        Args:
+            message: The message; by default :func:`make_message` with ``fields``.
+
+        Returns:
+            The message sent.
+        """
+        message = message or make_message(**fields)
+        await self.send_raw(NewMessage(type="new_message", payload=message).model_dump_json(by_alias=True))
+        return message
+
+    async def push_chat(self, chat: Chat | None = None, **fields: Any) -> Chat:
+        """Send a ``new_chat`` frame to every authenticated client; see :meth:`push_message`."""
+        chat = chat or make_chat(**fields)
+        await self.send_raw(NewChat(type="new_chat", payload=chat).model_dump_json(by_alias=True))
+        return chat
+
+    async def push_error(self, message: str) -> None:
+        """Send an ``error`` frame to every authenticated client."""
+        await self.send_raw(json.dumps({"type": "error", "message": message}))
+
+    async def send_raw(self, frame: str | bytes) -> int:
+        """Send ``frame`` as is (text for ``str``, binary for ``bytes``) to every authenticated client.
+
+        Returns:
+            How many clients it was sent to.
+        """
+        clients = list(self._clients)
+        for ws in clients:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(frame)
+        return len(clients)
+
+    # Waiting
+
+    async def wait_for_clients(self, count: int = 1, *, timeout: float | None = 10.0) -> None:
+        """Wait until at least ``count`` authenticated connections are open.
+
+        Raises:
+            TimeoutError: Not within ``timeout`` seconds.
+        """
+        await self._wait_until(lambda: len(self._clients) >= count, timeout)
+
+    async def wait_for_handshakes(self, count: int, *, timeout: float | None = 10.0) -> None:
+        """Wait until ``count`` WebSocket handshakes have completed in all.
+
+        Raises:
+            TimeoutError: Not within ``timeout`` seconds.
+        """
+        await self._wait_until(lambda: self.handshakes >= count, timeout)
+
+    async def _wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not predicate():
+            if self._changed is None:
+                self._changed = loop.create_future()
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"FeedServer: condition not met within {timeout} s")
+            await asyncio.wait([self._changed], timeout=remaining)
+
+    def _notify(self) -> None:
+        # Wakes every waiter; each checks its own condition and waits anew.
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = None
+
+    # The protocol
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if not self._rejections:
+            return None
+        status, headers = self._rejections.pop(0)
+        response = connection.respond(status, "rejected by FeedServer\n")
+        response.headers.update(Headers(headers))
+        return response
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.handshakes += 1
+        self._connections.add(ws)
+        self._notify()
+        try:
+            await self._serve(ws)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._connections.discard(ws)
+            self._clients.discard(ws)
+            self._notify()
+
+    async def _serve(self, ws: ServerConnection) -> None:
+        frame = await ws.recv()
+        token = _auth_token(frame)
+        if token is None:
+            await ws.close(1008, "expected an auth frame")
+            return
+        self.received_tokens.append(token)
+        self._notify()
+        if self.silent:
+            await ws.wait_closed()
+            return
+        if token not in self.tokens:
+            await ws.send(json.dumps({"type": "auth_error", "message": "Invalid token"}))
+            if self.close_on_auth_error:
+                await ws.close(1008, "invalid token")
+                return
+        else:
+            await ws.send(json.dumps({"type": "auth_success"}))
+            self._clients.add(ws)
+            self._notify()
+        async for _ in ws:  # clients send nothing after auth; keep the connection read
+            pass
+
+
+def _auth_token(frame: str | bytes) -> str | None:
+    try:
+        data = json.loads(frame)
+    except ValueError:
+        return None
+    token = data.get("token") if isinstance(data, dict) and data.get("type") == "auth" else None
+    return token if isinstance(token, str) else None
