@@ -510,10 +510,10 @@ class Client:
 
     async def _announce_connected(self, lost_at: float | None, now: float) -> None:
         assert self._authenticated is not None and self._dispatch_allowed is not None
+        self._connected = True
         if not self._authenticated.done():
             self._authenticated.set_result(None)
         await self._dispatch_allowed.wait()
-        self._connected = True
         is_reconnect = self._connections > 0
         self._connections += 1
         downtime = None if lost_at is None else now - lost_at

@@ -1,0 +1,51 @@
+"""Fixtures shared by every test.
+
+Time constants in tests are multiples of ``MS``; set CHATFEED_TEST_TIME_FACTOR
+to stretch them all on a slow machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from chatfeed import Backoff
+from chatfeed.testing import FeedServer
+
+MS = 0.001 * float(os.environ.get("CHATFEED_TEST_TIME_FACTOR", "1"))
+
+SECRET = "sekrit"
+"""Every token used in tests contains this; no log record may."""
+
+TOKEN = f"eyJhbGciOiJIUzI1NiJ9.{SECRET}-user-1.c2lnbmF0dXJl"
+OTHER_TOKEN = f"eyJhbGciOiJIUzI1NiJ9.{SECRET}-user-2.c2lnbmF0dXJl"
+BAD_TOKEN = f"eyJhbGciOiJIUzI1NiJ9.{SECRET}-expired.c2lnbmF0dXJl"
+
+FAST = Backoff(initial=5 * MS, maximum=20 * MS, reset_after=1000 * MS)
+"""A backoff short enough to go through in tests instead of sleeping it out."""
+
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "ws_proxy", "wss_proxy", "no_proxy")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Capture every logger at DEBUG and fail the test if a token shows up."""
+    caplog.set_level(logging.DEBUG)
+    yield
+    assert SECRET not in caplog.text, "a token appeared in the logs"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FeedServer]:
+    async with FeedServer(tokens=[TOKEN, OTHER_TOKEN]) as server:
+        yield server

@@ -1,0 +1,95 @@
+"""Helpers for tests against real servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from websockets.asyncio.server import Server, ServerConnection, serve
+
+import chatfeed
+
+from ..conftest import FAST, TOKEN
+
+WAIT = 5.0
+"""Seconds a test waits for something that should happen almost at once."""
+
+
+class Recorder:
+    """A handler that records the events it gets and lets a test wait for them."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self._changed: asyncio.Future[None] | None = None
+
+    def __call__(self, event: Any) -> None:
+        self.events.append(event)
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+
+    async def wait_for(self, count: int, timeout: float = WAIT) -> list[Any]:
+        """Wait until ``count`` events have arrived; return them all."""
+        await wait_until(lambda: len(self.events) >= count, self, timeout)
+        return self.events
+
+    async def _next_change(self) -> None:
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        await self._changed
+
+
+async def wait_until(predicate: Callable[[], bool], recorder: Recorder, timeout: float = WAIT) -> None:
+    async def wait() -> None:
+        while not predicate():
+            await recorder._next_change()
+
+    await asyncio.wait_for(wait(), timeout)
+
+
+def make_client(url: str, **options: Any) -> chatfeed.Client:
+    """A client with test-friendly defaults: fast backoff, short timeouts."""
+    options.setdefault("token", TOKEN)
+    options.setdefault("reconnect", FAST)
+    options.setdefault("auth_timeout", 2.0)
+    options.setdefault("open_timeout", 2.0)
+    options.setdefault("close_timeout", 0.5)
+    return chatfeed.Client(url, **options)
+
+
+@contextlib.asynccontextmanager
+async def running(client: chatfeed.Client) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``client.run()`` in a task for the duration of the block, then close it."""
+    task = asyncio.create_task(client.run())
+    try:
+        yield task
+    finally:
+        await asyncio.wait_for(client.close(), WAIT)
+        await asyncio.wait([task], timeout=WAIT)
+        assert task.done(), "run() did not return after close()"
+        if not task.cancelled():
+            task.exception()  # retrieved: the test asserts on it if it cares
+
+
+def chatfeed_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks that chatfeed started and that are still running."""
+    return [task for task in asyncio.all_tasks() if task.get_name().startswith("chatfeed") and not task.done()]
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handler: Callable[[ServerConnection], Awaitable[None]]) -> AsyncIterator[Server]:
+    """A bare websockets server on loopback, for servers FeedServer cannot imitate."""
+    async with serve(handler, "127.0.0.1", 0) as server:
+        yield server
+
+
+def url_of(server: Server) -> str:
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"ws://{host}:{port}"
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
