@@ -334,16 +334,18 @@ class Client:
         from a handler, it returns at once and the client stops as soon as
         that handler returns.
         """
-        if self._state is _State.CLOSED:
-            return
         self._state = _State.CLOSED
         task = self._task
         if task is None:
             self._dispatcher.end_streams()
         elif task is asyncio.current_task():
             self._stop_requested = True
-        else:
+        elif not task.done():
             await cancel_and_wait(task)
+        elif not task.cancelled():
+            # The client stopped on a fatal error, which run(), the event
+            # streams and the Disconnected event have already reported.
+            task.exception()
 
     @property
     def connected(self) -> bool:
@@ -461,7 +463,7 @@ class Client:
                 if self._stop_requested:
                     return
             if delay is None:
-                logger.info("giving up on %s after %d failed attempt(s): %s", redact_url(self._url), failures, error)
+                logger.warning("giving up on %s after %d failed attempt(s): %s", redact_url(self._url), failures, error)
                 raise error
             logger.info("reconnecting in %.3f s (attempt %d): %s", delay, failures, error)
             await asyncio.sleep(delay)
@@ -509,13 +511,14 @@ class Client:
             timer.cancel()
 
     async def _announce_connected(self, lost_at: float | None, now: float) -> None:
-        assert self._authenticated is not None and self._dispatch_allowed is not None
+        assert self._authenticated is not None
+        assert self._dispatch_allowed is not None
+        is_reconnect = self._connections > 0
         self._connected = True
+        self._connections += 1
         if not self._authenticated.done():
             self._authenticated.set_result(None)
         await self._dispatch_allowed.wait()
-        is_reconnect = self._connections > 0
-        self._connections += 1
         downtime = None if lost_at is None else now - lost_at
         if is_reconnect:
             logger.info("reconnected to %s after %.2f s away", redact_url(self._url), downtime or 0.0)
