@@ -57,11 +57,17 @@ class Role(str, enum.Enum):
     USER = "user"
     ASSISTANT = "assistant"
 
+    def __str__(self) -> str:
+        return self.value
+
 
 class MessageStatus(str, enum.Enum):
     """Known message states. Others arrive as plain (upper-case) strings."""
 
     COMPLETED = "COMPLETED"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class _Model(BaseModel):

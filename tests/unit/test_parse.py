@@ -56,10 +56,6 @@ def frame(**fields: Any) -> str:
     return json.dumps(fields)
 
 
-def as_text_and_bytes(data: str) -> list[str | bytes]:
-    return [data, data.encode()]
-
-
 both_forms = pytest.mark.parametrize("encode", [False, True], ids=["str", "bytes"])
 
 
@@ -466,6 +462,14 @@ _frames = st.fixed_dictionaries(
     {"type": st.sampled_from([*KNOWN_TYPES, "typing"]) | st.text(max_size=12) | _json},
     optional={"payload": _payloads, "message": _json, "extra": _json},
 )
+# new_message and new_chat frames that are valid or nearly so.
+_payload_frames = st.builds(
+    lambda kind, changes, dropped, extra: {"type": kind[0], "payload": _altered(kind[1], changes, dropped), **extra},
+    st.sampled_from([("new_message", MESSAGE_PAYLOAD), ("new_chat", CHAT_PAYLOAD)]),
+    st.dictionaries(st.sampled_from(_payload_keys), _scalars, max_size=1),
+    st.sets(st.sampled_from(_payload_keys), max_size=1),
+    st.dictionaries(st.text(max_size=8), _scalars, max_size=2),
+)
 
 _CLASSES: dict[str, type[ServerMessage]] = {
     "auth_success": AuthSuccess,
@@ -500,7 +504,7 @@ def test_any_bytes_give_a_message_or_a_protocol_error(data: bytes) -> None:
 
 
 @_property_settings
-@given(_frames | _json, st.booleans())
+@given(_payload_frames | _frames | _json, st.booleans())
 def test_any_json_gives_a_message_of_its_type_or_a_protocol_error(value: object, encode: bool) -> None:
     data = json.dumps(value)
 
