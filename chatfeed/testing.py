@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import json
 import logging
+import ssl as ssl_module
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -98,6 +99,7 @@ class FeedServer:
         port: The port; 0 picks a free one (see :attr:`url`).
         close_on_auth_error: Close the connection (code 1008) after
             ``auth_error``, as most backends do.
+        ssl: A server-side TLS context, to serve ``wss://``.
 
     Attributes:
         tokens: The accepted tokens.
@@ -113,6 +115,7 @@ class FeedServer:
         host: str = "127.0.0.1",
         port: int = 0,
         close_on_auth_error: bool = True,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self.tokens: set[str] = set(tokens)
         self.silent = False
@@ -121,6 +124,7 @@ class FeedServer:
         self.handshakes = 0
         self._host = host
         self._port = port
+        self._ssl = ssl
         self._server: Server | None = None
         self._connections: set[ServerConnection] = set()
         self._clients: set[ServerConnection] = set()
@@ -140,6 +144,7 @@ class FeedServer:
             self._port,
             process_request=self._process_request,
             logger=_WEBSOCKETS_LOGGER,
+            ssl=self._ssl,
         )
         if self._port == 0:
             self._port = self._server.sockets[0].getsockname()[1]
@@ -169,8 +174,8 @@ class FeedServer:
 
     @property
     def url(self) -> str:
-        """The ``ws://`` address clients connect to."""
-        return f"ws://{self._host}:{self._port}"
+        """The address clients connect to: ``ws://``, or ``wss://`` with ``ssl``."""
+        return f"{'wss' if self._ssl else 'ws'}://{self._host}:{self._port}"
 
     @property
     def port(self) -> int:

@@ -73,6 +73,12 @@ async def running(client: chatfeed.Client) -> AsyncIterator[asyncio.Task[None]]:
             task.exception()  # retrieved: the test asserts on it if it cares
 
 
+def content(event: object) -> str:
+    """The content of a ``new_message`` event (and a check that it is one)."""
+    assert isinstance(event, chatfeed.NewMessage)
+    return event.payload.content
+
+
 def chatfeed_tasks() -> list[asyncio.Task[Any]]:
     """Tasks that chatfeed started and that are still running."""
     return [task for task in asyncio.all_tasks() if task.get_name().startswith("chatfeed") and not task.done()]

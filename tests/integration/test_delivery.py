@@ -12,7 +12,7 @@ from websockets.asyncio.server import ServerConnection
 import chatfeed
 from chatfeed.testing import FeedServer
 
-from .conftest import WAIT, Recorder, make_client, raw_server, running, url_of
+from .conftest import WAIT, Recorder, content, make_client, raw_server, running, url_of
 
 
 async def test_handlers_receive_typed_events(server: FeedServer) -> None:
@@ -105,7 +105,7 @@ async def test_failing_handler_stops_nothing_else(server: FeedServer, caplog: py
         await seen.wait_for(9)
         assert client.statistics().handler_errors == 3
 
-    assert [event.payload.content for event in received] == [str(index) for index in range(9)]
+    assert [content(event) for event in received] == [str(index) for index in range(9)]
     assert [event.payload.content for event in seen.events] == [str(index) for index in range(9)]
     assert [event.payload.content for _, event in hook_calls] == ["0", "3", "6"]
     assert all(isinstance(exc, ValueError) for exc, _ in hook_calls)
@@ -135,6 +135,7 @@ async def test_async_with_then_events_sees_frames_sent_with_auth_success() -> No
             first = await asyncio.wait_for(anext(stream), WAIT)
             second = await asyncio.wait_for(anext(stream), WAIT)
     assert isinstance(first, chatfeed.ErrorMessage)
+    assert isinstance(second, chatfeed.ErrorMessage)
     assert (first.message, second.message) == ("first", "second")
 
 
@@ -230,7 +231,7 @@ async def test_events_end_when_client_closes(server: FeedServer) -> None:
         await server.push_message(content="last")
         # Give the receive loop the frame before closing.
         first = await asyncio.wait_for(anext(stream), WAIT)
-    assert first.payload.content == "last"  # type: ignore[union-attr]
+    assert content(first) == "last"
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(anext(stream), WAIT)
     with pytest.raises(chatfeed.UsageError, match="closed"):

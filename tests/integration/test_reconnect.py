@@ -71,11 +71,10 @@ async def test_server_down_at_start_is_retried_until_it_comes_up() -> None:
     client = make_client(f"ws://127.0.0.1:{port}")
     connected = Recorder()
     client.on("connected")(connected)
-    async with running(client) as task:
-        async with FeedServer(tokens=[TOKEN], port=port) as server:
-            await connected.wait_for(1)
-            assert server.clients == 1
-            assert not task.done()
+    async with running(client) as task, FeedServer(tokens=[TOKEN], port=port) as server:
+        await connected.wait_for(1)
+        assert server.clients == 1
+        assert not task.done()
 
 
 async def test_without_reconnect_the_first_failure_raises() -> None:
