@@ -133,7 +133,12 @@ class Dispatcher:
 
     async def dispatch(self, event: FeedEvent) -> None:
         """Deliver a server event to its handlers, then to every stream, in order."""
-        await self.call_handlers(event)
+        # The hot path: one dict lookup, no coroutine for an event nobody handles.
+        route = self._routes.get(event.__class__)
+        if route is None:
+            route = self._route(event.__class__)
+        if route:
+            await self._call(route, event)
         for ref in self._streams:
             stream = ref()
             while stream is not None and not stream.offer(event):
@@ -145,10 +150,16 @@ class Dispatcher:
 
     async def call_handlers(self, event: Any) -> None:
         """Call the handlers of ``event`` in order; a failing handler stops none of the others."""
-        cls = event.__class__
-        route = self._routes.get(cls)
+        route = self._routes.get(event.__class__)
         if route is None:
-            route = self._routes[cls] = tuple(entry for base in cls.__mro__ for entry in self._handlers.get(base, ()))
+            route = self._route(event.__class__)
+        await self._call(route, event)
+
+    def _route(self, cls: type[Any]) -> tuple[_Entry, ...]:
+        route = self._routes[cls] = tuple(entry for base in cls.__mro__ for entry in self._handlers.get(base, ()))
+        return route
+
+    async def _call(self, route: tuple[_Entry, ...], event: Any) -> None:
         for entry in route:
             try:
                 if entry.is_async:
@@ -206,7 +217,8 @@ class EventStream(Generic[E]):
             finally:
                 self._getter = None
         item = self._items.popleft()
-        _wake(self._putter)
+        if self._putter is not None:
+            _wake(self._putter)
         return item
 
     def offer(self, item: E) -> bool:
@@ -219,7 +231,8 @@ class EventStream(Generic[E]):
         if len(self._items) >= self._buffer:
             return False
         self._items.append(item)
-        _wake(self._getter)
+        if self._getter is not None:
+            _wake(self._getter)
         return True
 
     def wait_for_space(self) -> asyncio.Future[None]:

@@ -20,13 +20,19 @@ from .models import (
     AnyServerMessage,
     AuthError,
     AuthSuccess,
+    ErrorMessage,
     FeedEvent,
+    NewChat,
+    NewMessage,
+    UnknownMessage,
     _ServerMessageUnion,
 )
 
 __all__ = ["FeedProtocol", "HandshakeState", "parse_server_message"]
 
 logger = logging.getLogger("chatfeed.protocol")
+
+_EVENT_CLASSES = (NewMessage, NewChat, ErrorMessage, UnknownMessage)
 
 _ADAPTER: TypeAdapter[AnyServerMessage] = TypeAdapter(_ServerMessageUnion)
 
@@ -53,8 +59,10 @@ def parse_server_message(data: str | bytes) -> AnyServerMessage:
     try:
         return _ADAPTER.validate_json(data)
     except ValidationError as exc:
-        # Not chained: a ValidationError's text quotes the input.
-        raise ProtocolError(_describe(exc.errors(include_url=False, include_input=False))) from None
+        errors = exc.errors(include_url=False, include_input=False)
+    # Raised outside the except block so that it is neither chained to nor
+    # carries as context the ValidationError, whose text quotes the frame.
+    raise ProtocolError(_describe(errors))
 
 
 def _describe(errors: list[ErrorDetails]) -> str:
@@ -66,6 +74,8 @@ def _describe(errors: list[ErrorDetails]) -> str:
         return "frame is not a JSON object"
     if kind in ("union_tag_not_found", "union_tag_invalid"):
         return "frame has no string 'type'"
+    if len(first["loc"]) < 2:  # the frame as a whole, e.g. text with a lone surrogate
+        return f"frame is not valid ({first['msg']})"
     # A known type whose fields do not fit: the errors of its own branch, with
     # locations as on the wire ("payload.createdAt").
     branch = first["loc"][:2]
@@ -100,7 +110,7 @@ class FeedProtocol:
     __slots__ = ("state",)
 
     def __init__(self) -> None:
-        self.state = HandshakeState.AWAITING_AUTH
+        self.state: HandshakeState = HandshakeState.AWAITING_AUTH
 
     def auth_frame(self, token: str) -> str:
         """Return the frame to send first on a new connection."""
@@ -120,6 +130,8 @@ class FeedProtocol:
                 handshake or later (a token that expired mid-session).
         """
         message = parse_server_message(data)
+        if isinstance(message, _EVENT_CLASSES) and self.state is HandshakeState.OPEN:
+            return message
         if isinstance(message, AuthError):
             self.state = HandshakeState.REJECTED
             raise AuthenticationError(message.message)

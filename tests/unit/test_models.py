@@ -283,6 +283,13 @@ def test_enums_compare_equal_to_their_wire_strings() -> None:
     assert m.status == "COMPLETED"
 
 
+def test_enums_print_as_their_wire_strings() -> None:
+    m = Message.model_validate(GUIDE_MESSAGE)
+
+    assert str(m.role) == "assistant"
+    assert f"{m.role}/{m.status}" == "assistant/COMPLETED"
+
+
 def test_unknown_role_is_kept_as_a_plain_string() -> None:
     m = message(role="moderator")
 

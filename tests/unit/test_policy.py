@@ -115,7 +115,9 @@ def test_connect_error_from_an_untrusted_certificate_stops() -> None:
     assert classify(error).retry is False
 
 
-@pytest.mark.parametrize("error", [AuthTimeoutError(10.0), TokenProviderError("refresh failed")], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "error", [AuthTimeoutError(10.0), TokenProviderError("refresh failed")], ids=lambda e: type(e).__name__
+)
 def test_transient_errors_retry(error: ChatfeedError) -> None:
     assert classify(error) == Verdict(retry=True)
 

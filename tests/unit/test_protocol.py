@@ -18,6 +18,11 @@ def new_message_frame(content: str = "hello") -> str:
     return NewMessage(type="new_message", payload=make_message(content=content)).model_dump_json(by_alias=True)
 
 
+def state_of(protocol: FeedProtocol) -> HandshakeState:
+    """Read the state afresh (mypy would keep it narrowed across ``receive``)."""
+    return protocol.state
+
+
 def open_protocol() -> FeedProtocol:
     protocol = FeedProtocol()
     assert protocol.receive(AUTH_SUCCESS) is None
@@ -213,4 +218,4 @@ def test_bad_frame_during_the_handshake_keeps_waiting() -> None:
 
     assert protocol.state is HandshakeState.AWAITING_AUTH
     assert protocol.receive(AUTH_SUCCESS) is None
-    assert protocol.state is HandshakeState.OPEN
+    assert state_of(protocol) is HandshakeState.OPEN
