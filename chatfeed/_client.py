@@ -396,61 +396,27 @@ class Client:
 
     async def _connect_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        failures = 0  # attempts in a row that failed, or ended too soon
-        auth_failures = 0
+        failures = 0  # attempts in a row that failed, or ended before reset_after
+        auth_failures = 0  # auth_error answers in a row
         lost_at: float | None = None
         while True:
-            session_start: float | None = None
-            try:
-                token = await self._fetch_token()
-                connection = await Connection.open(
-                    self._url,
-                    open_timeout=self._open_timeout,
-                    max_size=self._max_size,
-                    ssl=self._ssl,
-                    proxy=self._proxy,
-                    ping_interval=self._ping_interval,
-                    ping_timeout=self._ping_timeout,
-                    close_timeout=self._close_timeout,
-                )
-                try:
-                    protocol = FeedProtocol()
-                    await self._authenticate(connection, protocol, token)
-                    session_start = loop.time()
-                    auth_failures = 0
-                    await self._announce_connected(lost_at, session_start)
-                    await self._receive(connection, protocol)
-                finally:
-                    self._connected = False
-                    await connection.close()
-                return  # close() was called from a handler
-            except ChatfeedError as exc:
-                error = exc
-            if self._stop_requested:
+            error, session_start = await self._attempt(lost_at)
+            if error is None or self._stop_requested:
                 return
-
             now = loop.time()
             if session_start is not None:
                 lost_at = now
+                auth_failures = 0
                 if self._backoff is not None and now - session_start >= self._backoff.reset_after:
                     failures = 0
             failures += 1
-
             if isinstance(error, AuthenticationError):
-                retry = callable(self._token) and auth_failures < self._auth_retries
                 auth_failures += 1
-                min_delay = 0.0
-            else:
-                verdict = classify(error)
-                retry, min_delay = verdict.retry, verdict.min_delay
-            backoff = self._backoff
-            if backoff is None or backoff.exhausted(failures):
-                retry = False
-            delay = max(backoff.delay(failures), min_delay) if retry and backoff is not None else None
+            delay = self._retry_delay(error, failures, auth_failures)
 
             if session_start is not None:
-                lost = error if isinstance(error, ConnectionLostError) else None
                 logger.info("connection to %s lost: %s", redact_url(self._url), error)
+                lost = error if isinstance(error, ConnectionLostError) else None
                 await self._dispatcher.call_handlers(
                     Disconnected(
                         code=lost.code if lost else 1000,
@@ -467,6 +433,55 @@ class Client:
                 raise error
             logger.info("reconnecting in %.3f s (attempt %d): %s", delay, failures, error)
             await asyncio.sleep(delay)
+
+    async def _attempt(self, lost_at: float | None) -> tuple[ChatfeedError | None, float | None]:
+        """Connect, authenticate and receive until the connection ends.
+
+        Returns:
+            The error that ended the attempt (``None`` if close() was called
+            from a handler), and when the connection was authenticated
+            (``None`` if it never was).
+        """
+        session_start: float | None = None
+        try:
+            token = await self._fetch_token()
+            connection = await Connection.open(
+                self._url,
+                open_timeout=self._open_timeout,
+                max_size=self._max_size,
+                ssl=self._ssl,
+                proxy=self._proxy,
+                ping_interval=self._ping_interval,
+                ping_timeout=self._ping_timeout,
+                close_timeout=self._close_timeout,
+            )
+            try:
+                protocol = FeedProtocol()
+                await self._authenticate(connection, protocol, token)
+                session_start = asyncio.get_running_loop().time()
+                await self._announce_connected(lost_at, session_start)
+                await self._receive(connection, protocol)
+            finally:
+                self._connected = False
+                await connection.close()
+        except ChatfeedError as exc:
+            return exc, session_start
+        return None, session_start
+
+    def _retry_delay(self, error: ChatfeedError, failures: int, auth_failures: int) -> float | None:
+        """Return the wait before the next attempt, or ``None`` to give up."""
+        backoff = self._backoff
+        if backoff is None or backoff.exhausted(failures):
+            return None
+        if isinstance(error, AuthenticationError):
+            # Only a token function can do better next time, and only so often.
+            if not callable(self._token) or auth_failures > self._auth_retries:
+                return None
+            return backoff.delay(failures)
+        verdict = classify(error)
+        if not verdict.retry:
+            return None
+        return max(backoff.delay(failures), verdict.min_delay)
 
     async def _fetch_token(self) -> str:
         source = self._token

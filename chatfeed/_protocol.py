@@ -107,13 +107,18 @@ class FeedProtocol:
         <HandshakeState.OPEN: 'open'>
     """
 
-    __slots__ = ("state",)
+    __slots__ = ("_token", "state")
 
     def __init__(self) -> None:
         self.state: HandshakeState = HandshakeState.AWAITING_AUTH
+        self._token = ""
+
+    def __repr__(self) -> str:
+        return f"<FeedProtocol state={self.state.value}>"
 
     def auth_frame(self, token: str) -> str:
         """Return the frame to send first on a new connection."""
+        self._token = token
         return json.dumps({"type": "auth", "token": token})
 
     def receive(self, data: str | bytes) -> FeedEvent | None:
@@ -134,7 +139,9 @@ class FeedProtocol:
             return message
         if isinstance(message, AuthError):
             self.state = HandshakeState.REJECTED
-            raise AuthenticationError(message.message)
+            # Servers that quote the rejected token would put it in the logs.
+            text = message.message.replace(self._token, "***") if self._token else message.message
+            raise AuthenticationError(text)
         if isinstance(message, AuthSuccess):
             self.state = HandshakeState.OPEN
             return None

@@ -179,3 +179,17 @@ async def test_token_function_returning_a_non_string_is_a_usage_error(server: Fe
     client = make_client(server.url, token=lambda: None)
     with pytest.raises(chatfeed.UsageError, match="token function"):
         await asyncio.wait_for(client.run(), WAIT)
+
+
+async def test_auth_error_quoting_the_token_does_not_repeat_it() -> None:
+    async def handler(ws: ServerConnection) -> None:
+        frame = json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "auth_error", "message": f"expired token {frame['token']}"}))
+        await ws.wait_closed()
+
+    async with raw_server(handler) as server:
+        client = make_client(url_of(server))
+        with pytest.raises(chatfeed.AuthenticationError) as caught:
+            await asyncio.wait_for(client.run(), WAIT)
+    assert caught.value.message == "expired token ***"
+    assert TOKEN not in str(caught.value)
