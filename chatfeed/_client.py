@@ -44,6 +44,7 @@ from .models import (
     FeedEvent,
     NewChat,
     NewMessage,
+    ServerMessage,
     UnknownMessage,
 )
 
@@ -52,6 +53,18 @@ __all__ = ["Client", "ClientStatistics", "TokenSource"]
 logger = logging.getLogger("chatfeed")
 
 E = TypeVar("E")
+
+# Each decorator returns the decorated function as it was, typed as it was;
+# the bound checks that it accepts the event it is registered for.
+_OnNewMessage = TypeVar("_OnNewMessage", bound=Handler[NewMessage])
+_OnNewChat = TypeVar("_OnNewChat", bound=Handler[NewChat])
+_OnError = TypeVar("_OnError", bound=Handler[ErrorMessage])
+_OnUnknown = TypeVar("_OnUnknown", bound=Handler[UnknownMessage])
+_OnConnected = TypeVar("_OnConnected", bound=Handler[Connected])
+_OnDisconnected = TypeVar("_OnDisconnected", bound=Handler[Disconnected])
+_OnServerMessage = TypeVar("_OnServerMessage", bound=Handler[ServerMessage])
+_OnAny = TypeVar("_OnAny", bound=Handler[Any])
+_OnErrorHook = TypeVar("_OnErrorHook", bound=ErrorHook)
 
 TokenSource: TypeAlias = str | Callable[[], str | Awaitable[str]]
 """A JWT, or a function (sync or async) called for a token before every connection attempt."""
@@ -71,7 +84,7 @@ class ClientStatistics:
         state: ``"unopened"``, ``"open"`` or ``"closed"``.
         connected: Whether a connection is authenticated right now.
         connections: Connections authenticated so far.
-        frames_received: Frames received after authentication.
+        frames_received: Frames received, over all connections.
         protocol_errors: Frames dropped because they did not parse.
         handler_errors: Exceptions raised by handlers.
         event_streams: Open ``events()`` streams.
@@ -187,7 +200,8 @@ class Client:
         self._stop_requested = False
         self._connected = False
         self._connections = 0
-        self._frames_received = 0
+        self._connection: Connection | None = None
+        self._frames_received = 0  # by connections that have ended
         self._protocol_errors = 0
 
     def __repr__(self) -> str:
@@ -196,21 +210,25 @@ class Client:
     # Registration
 
     @overload
-    def on(self, event: Literal["new_message"]) -> Callable[[Handler[NewMessage]], Handler[NewMessage]]: ...
+    def on(self, event: Literal["new_message"] | type[NewMessage]) -> Callable[[_OnNewMessage], _OnNewMessage]: ...
     @overload
-    def on(self, event: Literal["new_chat"]) -> Callable[[Handler[NewChat]], Handler[NewChat]]: ...
+    def on(self, event: Literal["new_chat"] | type[NewChat]) -> Callable[[_OnNewChat], _OnNewChat]: ...
     @overload
-    def on(self, event: Literal["error"]) -> Callable[[Handler[ErrorMessage]], Handler[ErrorMessage]]: ...
+    def on(self, event: Literal["error"] | type[ErrorMessage]) -> Callable[[_OnError], _OnError]: ...
     @overload
-    def on(self, event: Literal["unknown"]) -> Callable[[Handler[UnknownMessage]], Handler[UnknownMessage]]: ...
+    def on(self, event: Literal["unknown"] | type[UnknownMessage]) -> Callable[[_OnUnknown], _OnUnknown]: ...
     @overload
-    def on(self, event: Literal["connected"]) -> Callable[[Handler[Connected]], Handler[Connected]]: ...
+    def on(self, event: Literal["connected"] | type[Connected]) -> Callable[[_OnConnected], _OnConnected]: ...
     @overload
-    def on(self, event: Literal["disconnected"]) -> Callable[[Handler[Disconnected]], Handler[Disconnected]]: ...
+    def on(
+        self, event: Literal["disconnected"] | type[Disconnected]
+    ) -> Callable[[_OnDisconnected], _OnDisconnected]: ...
     @overload
-    def on(self, event: type[E]) -> Callable[[Handler[E]], Handler[E]]: ...
+    def on(self, event: type[ServerMessage]) -> Callable[[_OnServerMessage], _OnServerMessage]: ...
+    @overload
+    def on(self, event: str) -> Callable[[_OnAny], _OnAny]: ...
 
-    def on(self, event: str | type[Any]) -> Callable[[Handler[Any]], Handler[Any]]:
+    def on(self, event: str | type[Any]) -> Callable[[_OnAny], _OnAny]:
         """Register the decorated function as a handler of one kind of event.
 
         Args:
@@ -237,13 +255,13 @@ class Client:
         """
         cls = resolve_event(event)
 
-        def register(func: Handler[Any]) -> Handler[Any]:
+        def register(func: _OnAny) -> _OnAny:
             self._dispatcher.add_handler(cls, func)
             return func
 
         return register
 
-    def on_error(self, hook: ErrorHook) -> ErrorHook:
+    def on_error(self, hook: _OnErrorHook) -> _OnErrorHook:
         """Register a function called with ``(exception, event)`` when a handler raises.
 
         Use it as a decorator. The hook may be sync or async; an exception in
@@ -257,9 +275,11 @@ class Client:
 
         Each call is a separate subscription with its own buffer of at most
         ``buffer`` events; when a buffer is full, the client stops reading from
-        the socket until there is room (nothing is dropped). Leaving the
-        ``async for`` unsubscribes. The iterator ends when the client closes,
-        raising the error that stopped the client, if any.
+        the socket until there is room (nothing is dropped). Leaving
+        ``async for event in client.events():`` unsubscribes; a stream kept in
+        a variable must be closed (``async with client.events() as stream:``
+        or ``await stream.aclose()``). The iterator ends when the client
+        closes, raising the error that stopped the client, if any.
 
         Raises:
             UsageError: The client is closed, or ``buffer`` is not a positive int.
@@ -298,8 +318,11 @@ class Client:
         except asyncio.CancelledError:
             await self.close()
             raise
-        if not task.cancelled():
-            task.result()
+        if task.cancelled():
+            if self._stop_requested:
+                return
+            raise UsageError("the client's task was cancelled without close(); did a handler re-raise CancelledError?")
+        task.result()
 
     async def __aenter__(self) -> Self:
         """Connect; return once the first connection is authenticated.
@@ -317,7 +340,8 @@ class Client:
             raise
         if not self._authenticated.done():
             await self.close()
-            task.result()  # raises what stopped the client
+            if not task.cancelled():
+                task.result()  # raises what stopped the client
             raise UsageError("the client was closed while connecting")
         # No await between this and the caller's next line: a stream it opens
         # there is subscribed before the first event is dispatched.
@@ -335,11 +359,12 @@ class Client:
         that handler returns.
         """
         self._state = _State.CLOSED
+        self._stop_requested = True
         task = self._task
         if task is None:
             self._dispatcher.end_streams()
         elif task is asyncio.current_task():
-            self._stop_requested = True
+            pass  # a handler: the receive loop stops when it returns
         elif not task.done():
             await cancel_and_wait(task)
         elif not task.cancelled():
@@ -359,7 +384,7 @@ class Client:
             state=self._state.value,
             connected=self._connected,
             connections=self._connections,
-            frames_received=self._frames_received,
+            frames_received=self._frames_received + (self._connection.frames_received if self._connection else 0),
             protocol_errors=self._protocol_errors,
             handler_errors=self._dispatcher.handler_errors,
             event_streams=len(streams),
@@ -426,7 +451,7 @@ class Client:
                         error=error,
                     )
                 )
-                if self._stop_requested:
+                if self._stop_requested and delay is not None:
                     return
             if delay is None:
                 logger.warning("giving up on %s after %d failed attempt(s): %s", redact_url(self._url), failures, error)
@@ -455,6 +480,7 @@ class Client:
                 ping_timeout=self._ping_timeout,
                 close_timeout=self._close_timeout,
             )
+            self._connection = connection
             try:
                 protocol = FeedProtocol()
                 await self._authenticate(connection, protocol, token)
@@ -463,6 +489,8 @@ class Client:
                 await self._receive(connection, protocol)
             finally:
                 self._connected = False
+                self._connection = None
+                self._frames_received += connection.frames_received
                 await connection.close()
         except ChatfeedError as exc:
             return exc, session_start
@@ -547,7 +575,6 @@ class Client:
         dispatch = self._dispatcher.dispatch
         while not self._stop_requested:
             frame = await recv()
-            self._frames_received += 1
             try:
                 event = receive(frame)
             except ProtocolError as exc:
@@ -584,6 +611,8 @@ def _check_url(url: str, ssl: ssl_module.SSLContext | None) -> str:
         raise UsageError(f"invalid url {redact_url(url)!r}: {exc}") from None
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise UsageError(f"url must be a ws:// or wss:// address with a host, not {redact_url(url)!r}")
+    if parts.fragment:
+        raise UsageError("url must not have a #fragment")
     if parts.scheme == "ws":
         if ssl is not None:
             raise UsageError("ssl is given but the url is ws://; use wss://")

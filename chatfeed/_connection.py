@@ -42,7 +42,7 @@ _USER_AGENT = f"chatfeed/{__version__} websockets/{websockets_version}"
 class Connection:
     """An open WebSocket connection to the feed."""
 
-    __slots__ = ("_keepalive", "_ping_timed_out", "_ws")
+    __slots__ = ("_keepalive", "_ping_timed_out", "_ws", "frames_received")
 
     def __init__(
         self,
@@ -53,6 +53,7 @@ class Connection:
     ) -> None:
         self._ws = ws
         self._ping_timed_out = False
+        self.frames_received = 0
         self._keepalive: asyncio.Task[None] | None = None
         if ping_interval is not None:
             self._keepalive = asyncio.get_running_loop().create_task(
@@ -102,13 +103,16 @@ class Connection:
             if isinstance(exc.__cause__, EOFError):
                 raise ConnectError("server closed the connection during the WebSocket handshake") from exc
             raise HandshakeError(None) from exc
-        except (InvalidURI, InvalidProxy) as exc:
-            raise UsageError(str(exc)) from exc
+        except InvalidURI:
+            # Not chained, and not quoted: a URL may carry credentials.
+            raise UsageError("the url is not a valid WebSocket address") from None
+        except InvalidProxy:
+            raise UsageError("the proxy is not a valid proxy address") from None
         except InvalidHandshake as exc:
             raise HandshakeError(None) from exc
         except ssl_module.SSLCertVerificationError as exc:
             raise ConnectError(f"TLS certificate verification failed: {exc.verify_message}") from exc
-        except TimeoutError as exc:
+        except (TimeoutError, asyncio.TimeoutError) as exc:  # distinct before Python 3.11
             raise ConnectError(f"timed out after {open_timeout:g} s opening the connection") from exc
         except OSError as exc:
             raise ConnectError(f"could not connect: {exc.strerror or exc}") from exc
@@ -132,21 +136,30 @@ class Connection:
             ConnectionLostError: The connection closed, for whatever reason.
         """
         try:
-            return await self._ws.recv()
+            frame = await self._ws.recv()
         except ConnectionClosed as exc:
             raise self._lost(exc) from exc
+        self.frames_received += 1
+        return frame
 
     async def close(self) -> None:
-        """Close the connection, politely if the peer answers in time. Never raises."""
-        if self._keepalive is not None:
-            await cancel_and_wait(self._keepalive)
+        """Close the connection, politely if the peer can answer in time.
+
+        Never raises, except the caller's own cancellation; the connection is
+        dropped whatever happens.
+        """
+        transport = self._ws.transport
         try:
-            # Bounded by close_timeout inside websockets.
-            await self._ws.close()
+            if self._keepalive is not None:
+                await cancel_and_wait(self._keepalive)
+            # While reading is paused for backpressure, the server's closing
+            # frame would sit unread behind the backlog until close_timeout.
+            if transport.is_reading():
+                await self._ws.close()  # bounded by close_timeout inside websockets
         except Exception:
             logger.debug("error while closing the connection", exc_info=True)
         finally:
-            self._ws.transport.abort()
+            transport.abort()
 
     def abort(self) -> None:
         """Drop the connection at once, without a closing handshake."""
@@ -169,14 +182,21 @@ class Connection:
                 pong = asyncio.ensure_future(await self._ws.ping())
             except ConnectionClosed:
                 return
-            done, _ = await asyncio.wait([pong], timeout=timeout)
-            if not done:
-                logger.warning("no pong within %g s: dropping the connection", timeout)
-                self._ping_timed_out = True
-                self._ws.transport.abort()
-                return
-            # A pong that failed because the connection closed: the next
-            # ping() raises ConnectionClosed and ends the loop.
+            while True:
+                frames = self.frames_received
+                done, _ = await asyncio.wait([pong], timeout=timeout)
+                if done:
+                    # Also when the connection closed meanwhile: the next
+                    # ping() raises ConnectionClosed and ends the loop.
+                    break
+                if self.frames_received == frames and self._ws.transport.is_reading():
+                    logger.warning("no pong within %g s: dropping the connection", timeout)
+                    self._ping_timed_out = True
+                    self._ws.transport.abort()
+                    return
+                # Frames are still arriving, or the client stopped reading
+                # because its consumers are behind: the pong is queued behind
+                # data, not lost. A dead peer sends nothing at all.
 
 
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:

@@ -54,6 +54,9 @@ EVENT_NAMES: dict[str, type[Any]] = {
 }
 """Event names accepted by ``Client.on``, and the class each stands for."""
 
+STALL_WARNING_AFTER = 30.0
+"""Seconds a full event stream may hold the receive loop up before each warning."""
+
 _EVENT_CLASSES = frozenset(EVENT_NAMES.values()) | {ServerMessage}
 
 
@@ -145,7 +148,7 @@ class Dispatcher:
                 waiter = stream.wait_for_space()
                 # The wait must not keep alive a stream whose reader is gone.
                 stream = None
-                await waiter
+                await _wait_for_room(waiter)
                 stream = ref()
 
     async def call_handlers(self, event: Any) -> None:
@@ -170,10 +173,17 @@ class Dispatcher:
                         await result
             except Exception as exc:
                 await self._report(exc, event, entry)
+            except asyncio.CancelledError as exc:
+                if _being_cancelled():
+                    raise
+                # The handler awaited something that was cancelled, not us.
+                await self._report(exc, event, entry)
 
-    async def _report(self, exc: Exception, event: Any, entry: _Entry) -> None:
+    async def _report(self, exc: BaseException, event: Any, entry: _Entry) -> None:
         self.handler_errors += 1
         logger.error("handler %s raised on a %s event", entry.name, event.type, exc_info=exc)
+        if not isinstance(exc, Exception):
+            return  # a stray CancelledError: logged and counted, not a hook's business
         for hook in self._error_hooks:
             try:
                 result = hook(exc, event)
@@ -186,10 +196,14 @@ class Dispatcher:
 class EventStream(Generic[E]):
     """The events of a client, from subscription on, through a bounded buffer.
 
-    Returned by ``Client.events()``. Iterate it with ``async for``; leaving the
-    loop (or :meth:`aclose`, or ``async with``) unsubscribes. When the client
-    closes, the stream yields what it still holds, then ends, raising the
-    client's fatal error if it stopped on one.
+    Returned by ``Client.events()``, for one reader at a time. Iterate it with
+    ``async for``. It unsubscribes when closed (:meth:`aclose`, or leaving
+    ``async with client.events() as stream:``) or when nothing refers to it
+    any more, as when ``async for event in client.events():`` is left with
+    ``break``. A stream kept in a variable stays subscribed after ``break``,
+    and once its buffer is full the client stops reading the feed: close it.
+    When the client closes, the stream yields what it still holds, then ends,
+    raising the client's fatal error if it stopped on one.
     """
 
     def __init__(self, dispatcher: Dispatcher, buffer: int) -> None:
@@ -206,6 +220,8 @@ class EventStream(Generic[E]):
 
     async def __anext__(self) -> E:
         while not self._items:
+            if self._getter is not None:
+                raise UsageError("another task is already reading this stream; call events() once per consumer")
             if self._ended:
                 if self._error is not None:
                     error, self._error = self._error, None
@@ -276,6 +292,27 @@ class EventStream(Generic[E]):
         # buffer must go on.
         with contextlib.suppress(RuntimeError):  # the loop is already closed
             _wake(self._putter)
+
+
+async def _wait_for_room(waiter: asyncio.Future[None]) -> None:
+    stalled = 0.0
+    while True:
+        done, _ = await asyncio.wait([waiter], timeout=STALL_WARNING_AFTER)
+        if done:
+            return
+        stalled += STALL_WARNING_AFTER
+        logger.warning(
+            "an events() stream has not been read for %g s; the feed is not read until it is. A stream left "
+            "with `break` but still referenced stays subscribed: use `async with client.events() as stream:`",
+            stalled,
+        )
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task has a cancellation pending (always assumed before 3.11)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:

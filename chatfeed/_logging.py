@@ -18,11 +18,14 @@ else:  # subscriptable at run time only from Python 3.11
 
 
 class FrameRedactingLogger(_LoggerAdapter):
-    """A logger for websockets that never logs the data of a frame.
+    """A logger for websockets that keeps secrets and message bodies out of its records.
 
-    websockets logs every frame at DEBUG with the start of its data: the auth
-    frame (and so the token) and message bodies. Passed as websockets'
-    ``logger``, this adapter replaces each frame by its opcode and length.
+    websockets logs at DEBUG every frame with the start of its data (the auth
+    frame, so the token, and message bodies), the request line (a URL may
+    carry a token in its query) and every header (``Authorization`` holds the
+    credentials of a ``wss://user:password@host`` URL). Passed as websockets'
+    ``logger``, this adapter logs a frame as its opcode and length, a request
+    target without its query values, and sensitive headers without values.
     """
 
     def __init__(self, logger: logging.Logger) -> None:
@@ -30,11 +33,27 @@ class FrameRedactingLogger(_LoggerAdapter):
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         if self.isEnabledFor(level):
-            args = tuple(_summary(arg) if isinstance(arg, Frame) else arg for arg in args)
-            self.logger.log(level, msg, *args, **kwargs)
+            self.logger.log(level, msg, *_redact_args(msg, args), **kwargs)
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return msg, kwargs
+
+
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
+
+
+def _redact_args(msg: object, args: tuple[object, ...]) -> tuple[object, ...]:
+    if msg in ("> %s: %s", "< %s: %s") and len(args) == 2 and str(args[0]).lower() in _SECRET_HEADERS:
+        return (args[0], "***")
+    return tuple(_redact(arg) for arg in args)
+
+
+def _redact(arg: object) -> object:
+    if isinstance(arg, Frame):
+        return _summary(arg)
+    if isinstance(arg, str) and (arg.startswith("/") or "://" in arg):  # a request target or a URL
+        return redact_url(arg)
+    return arg
 
 
 def _summary(frame: Frame) -> str:
@@ -42,7 +61,7 @@ def _summary(frame: Frame) -> str:
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` without a password or query values, for logs and reprs."""
+    """Return ``url`` (or a request target) without credentials or query values, for logs and reprs."""
     parts = urllib.parse.urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:

@@ -212,21 +212,20 @@ class Connected:
 
 @dataclasses.dataclass(frozen=True)
 class Disconnected:
-    """An authenticated connection ended.
+    """An authenticated connection ended, other than by :meth:`~chatfeed.Client.close`.
 
     Attributes:
         code: The WebSocket close code (1006 when the connection dropped
-            without one).
+            without one; 1000 when the client closed it after a rejection).
         reason: The close reason, possibly empty.
         will_retry: Whether the client will reconnect.
+        error: What ended the connection, as a chatfeed exception.
         retry_in: Seconds until the next attempt, when it will retry.
-        error: What ended the connection, as a chatfeed exception, or ``None``
-            when the client itself closed it.
     """
 
     type: ClassVar[Literal["disconnected"]] = "disconnected"
     code: int
     reason: str
     will_retry: bool
+    error: ChatfeedError
     retry_in: float | None = None
-    error: ChatfeedError | None = None

@@ -42,7 +42,9 @@ def _no_secret_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Capture every logger at DEBUG and fail the test if a token shows up."""
     caplog.set_level(logging.DEBUG)
     yield
-    assert SECRET not in caplog.text, "a token appeared in the logs"
+    for phase in ("setup", "call", "teardown"):
+        for record in caplog.get_records(phase):
+            assert SECRET not in caplog.handler.format(record), f"a token appeared in a log record ({phase})"
 
 
 @pytest.fixture

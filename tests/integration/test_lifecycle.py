@@ -214,7 +214,7 @@ def test_bad_arguments_are_usage_errors(url: str, options: dict[str, object], me
 def test_unknown_event_name_is_an_error_at_registration() -> None:
     client = chatfeed.Client("ws://localhost", token=TOKEN)
     with pytest.raises(chatfeed.UsageError, match="new_message"):
-        client.on("new_mesage")  # type: ignore[call-overload]
+        client.on("new_mesage")
 
 
 def test_plain_ws_to_a_remote_host_warns(caplog: pytest.LogCaptureFixture) -> None:

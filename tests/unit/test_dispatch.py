@@ -41,7 +41,9 @@ SAMPLES: dict[str, Any] = {
     "error": error_message(),
     "unknown": unknown_message(),
     "connected": Connected(is_reconnect=False, downtime=None),
-    "disconnected": Disconnected(code=1006, reason="", will_retry=True, retry_in=1.0),
+    "disconnected": Disconnected(
+        code=1006, reason="", will_retry=True, error=chatfeed.ConnectionLostError(1006), retry_in=1.0
+    ),
 }
 
 

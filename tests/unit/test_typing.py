@@ -1,0 +1,36 @@
+"""Decorators keep the type of what they decorate (checked by mypy --strict in CI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chatfeed
+from chatfeed.testing import make_message
+
+client = chatfeed.Client("wss://api.example.com", token="t")
+shown: list[str] = []
+
+
+@client.on("new_message")
+async def show(event: chatfeed.NewMessage) -> None:
+    shown.append(event.payload.content)
+
+
+@client.on(chatfeed.NewChat)
+def count(event: chatfeed.NewChat) -> None:
+    pass
+
+
+@client.on_error
+def report(exc: Exception, event: Any) -> None:
+    pass
+
+
+async def test_decorated_handlers_can_still_be_called_as_written() -> None:
+    await show(chatfeed.NewMessage(type="new_message", payload=make_message(content="direct")))
+    assert shown == ["direct"]
+
+
+def test_an_event_name_held_in_a_variable_is_accepted() -> None:
+    name: str = "new_chat"
+    client.on(name)(count)
