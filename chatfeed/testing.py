@@ -29,8 +29,9 @@ import contextlib
 import itertools
 import json
 import logging
+import random
 import ssl as ssl_module
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,9 +43,9 @@ from websockets.http11 import Request, Response
 
 from ._logging import FrameRedactingLogger
 from .exceptions import UsageError
-from .models import Chat, Message, NewChat, NewMessage
+from .models import Chat, Message, NewChat, NewMessage, ServerMessage
 
-__all__ = ["FeedServer", "make_chat", "make_message"]
+__all__ = ["FeedServer", "make_chat", "make_message", "synthetic_conversation"]
 
 logger = logging.getLogger("chatfeed.testing")
 
@@ -87,6 +88,101 @@ def make_chat(**fields: Any) -> Chat:
     }
     values.update(fields)
     return Chat(**values)
+
+
+_TOPICS = [
+    [
+        ("What is the tallest mountain in Europe?", "Mount Elbrus, in the Caucasus, at 5,642 metres."),
+        ("And in the Alps?", "Mont Blanc, at about 4,806 metres, on the French-Italian border."),
+        (
+            "Can I climb it without a guide?",
+            "Experienced alpinists do, but most people hire a guide for the summit day.",
+        ),
+    ],
+    [
+        (
+            "How do I keep basil alive indoors?",
+            "Give it six hours of sun, water when the top soil is dry, and pinch the tips.",
+        ),
+        ("Why are the leaves turning yellow?", "Usually too much water: let the pot drain and water less often."),
+    ],
+    [
+        (
+            "Explain backpressure in one sentence.",
+            "A slow reader makes the writer wait instead of letting a buffer grow.",
+        ),
+        (
+            "Is TCP doing that for me?",
+            "Yes: when the receive window fills, the sender stops until the reader catches up.",
+        ),
+        ("And WebSockets?", "They ride on TCP, so a client that stops reading slows the server's writes too."),
+    ],
+    [
+        ("Suggest a name for a grey cat.", "Ash, Pebble or Earl Grey, if it is a dignified cat."),
+        ("It is not dignified.", "Then Dust Bunny."),
+    ],
+]
+
+
+def synthetic_conversation(*, seed: int | None = None, user_id: str = "1") -> Iterator[NewChat | NewMessage]:
+    """Yield a plausible, endless feed: a new chat, then its user and assistant messages.
+
+    Assistant messages carry a precis and an audio URL; about one in eight was
+    answered by the fallback model. Ids increase; timestamps are the time of
+    generation.
+
+    Args:
+        seed: Seed of the random choices, for a repeatable feed.
+        user_id: The ``userId`` of every chat.
+
+    Example:
+        >>> events = synthetic_conversation(seed=1)
+        >>> next(events).type, next(events).type
+        ('new_chat', 'new_message')
+    """
+    rng = random.Random(seed)
+    chat_ids = itertools.count(1)
+    message_ids = itertools.count(1)
+    while True:
+        exchanges = rng.choice(_TOPICS)
+        first_question = exchanges[0][0]
+        chat = make_chat(
+            id=str(next(chat_ids)),
+            user_id=user_id,
+            title=first_question,
+            summary=f"This chat is about: {first_question}",
+        )
+        yield NewChat(type="new_chat", payload=chat)
+        for question, answer in exchanges:
+            yield NewMessage(
+                type="new_message",
+                payload=make_message(
+                    id=str(next(message_ids)),
+                    chat_id=chat.id,
+                    role="user",
+                    content=question,
+                    precis=None,
+                    audio_url=None,
+                ),
+            )
+            message_id = str(next(message_ids))
+            yield NewMessage(
+                type="new_message",
+                payload=make_message(
+                    id=message_id,
+                    chat_id=chat.id,
+                    role="assistant",
+                    content=answer,
+                    precis=_precis(answer),
+                    audio_url=f"https://example.com/audio/{message_id}.mp3",
+                    fallback_used=rng.random() < 0.125,
+                ),
+            )
+
+
+def _precis(text: str, words: int = 5) -> str:
+    head = text.split()
+    return " ".join(head[:words]) + ("..." if len(head) > words else "")
 
 
 class FeedServer:
@@ -258,6 +354,25 @@ class FeedServer:
             with contextlib.suppress(ConnectionClosed):
                 await ws.send(frame)
         return len(clients)
+
+    async def play(self, events: Iterable[ServerMessage], *, rate: float) -> None:
+        """Send ``events`` to every authenticated client, ``rate`` per second, until they run out.
+
+        Events are sent whether or not anyone is connected, as a live backend
+        would; cancel the task running it to stop an endless feed.
+
+        Example:
+            ``await server.play(synthetic_conversation(), rate=2.0)``
+        """
+        if not rate > 0:
+            raise UsageError(f"rate must be a positive number of events per second, not {rate!r}")
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        for event in events:
+            await self.send_raw(event.model_dump_json(by_alias=True))
+            # Scheduled from the start, so that slow sends do not make it drift.
+            next_at += 1 / rate
+            await asyncio.sleep(max(next_at - loop.time(), 0))
 
     # Waiting
 

@@ -1,0 +1,287 @@
+"""The command line, driven as a user drives it: as a separate process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+import chatfeed
+from chatfeed.testing import FeedServer
+
+from ..conftest import BAD_TOKEN, SECRET, TOKEN
+from .conftest import WAIT
+
+CLI_WAIT = 20.0
+"""Seconds a command may take: starting Python and importing is part of it."""
+
+
+class Command:
+    """A running ``python -m chatfeed ...`` with its output read as it comes."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.stderr_lines: list[str] = []
+
+    async def stderr_line_matching(self, pattern: str) -> re.Match[str]:
+        assert self.process.stderr is not None
+        while True:
+            raw = await asyncio.wait_for(self.process.stderr.readline(), CLI_WAIT)
+            assert raw, f"stderr ended before {pattern!r}: {self.stderr_lines}"
+            line = raw.decode().rstrip("\n")
+            self.stderr_lines.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    async def finish(self) -> tuple[int, str, str]:
+        stdout, stderr = await asyncio.wait_for(self.process.communicate(), CLI_WAIT)
+        assert self.process.returncode is not None
+        err = "\n".join([*self.stderr_lines, stderr.decode()])
+        return self.process.returncode, stdout.decode(), err
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("CHATFEED_TOKEN", "NO_COLOR")}
+    env.update(extra)
+    return env
+
+
+async def start(*args: str, env: dict[str, str] | None = None) -> Command:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "chatfeed",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env if env is not None else environment(),
+    )
+    return Command(process)
+
+
+async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    command = await start(*args, env=env)
+    return await command.finish()
+
+
+@pytest.fixture
+async def command_cleanup() -> AsyncIterator[list[Command]]:
+    """Kills any command a failing test left running."""
+    commands: list[Command] = []
+    yield commands
+    for command in commands:
+        if command.process.returncode is None:
+            command.process.kill()
+            await command.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# listen
+
+
+async def test_listen_prints_each_event_as_a_json_line(server: FeedServer) -> None:
+    command = await start("listen", server.url, "--count", "3", env=environment(CHATFEED_TOKEN=TOKEN))
+    await server.wait_for_clients(timeout=CLI_WAIT)
+    sent = await server.push_message(content="hello", chat_id="17")
+    chat = await server.push_chat(title="A chat")
+    await server.push_error("slow down")
+    status, out, err = await command.finish()
+    assert status == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["type"] for line in lines] == ["new_message", "new_chat", "error"]
+    assert lines[0]["payload"]["chatId"] == "17"  # camelCase, as on the wire
+    assert chatfeed.Message.model_validate(lines[0]["payload"]) == sent
+    assert chatfeed.Chat.model_validate(lines[1]["payload"]) == chat
+    assert lines[2]["message"] == "slow down"
+    assert "connected to" in err
+    assert SECRET not in out + err
+
+
+async def test_listen_filters_by_type_and_chat(server: FeedServer) -> None:
+    command = await start(
+        "listen", server.url, "--type", "new_message", "--chat", "7", "--count", "2", "--token", TOKEN
+    )
+    await server.wait_for_clients(timeout=CLI_WAIT)
+    await server.push_chat(id="7")
+    await server.push_message(chat_id="8", content="other chat")
+    await server.push_message(chat_id="7", content="first")
+    await server.push_error("not a chat event")
+    await server.push_message(chat_id="7", content="second")
+    status, out, _ = await command.finish()
+    assert status == 0
+    assert [json.loads(line)["payload"]["content"] for line in out.splitlines()] == ["first", "second"]
+
+
+async def test_listen_pretty_format_without_colour(server: FeedServer) -> None:
+    command = await start(
+        "listen", server.url, "--format", "pretty", "--count", "1", env=environment(CHATFEED_TOKEN=TOKEN, NO_COLOR="1")
+    )
+    await server.wait_for_clients(timeout=CLI_WAIT)
+    await server.push_message(chat_id="17", role="assistant", content="Hi there", precis="greeting", fallback_used=True)
+    status, out, _ = await command.finish()
+    assert status == 0
+    assert re.fullmatch(r"\d\d:\d\d:\d\d \[chat 17\] assistant: Hi there \(precis: greeting; audio; fallback\)\n", out)
+    assert "\x1b[" not in out
+
+
+async def test_listen_reports_state_changes_on_stderr(server: FeedServer, command_cleanup: list[Command]) -> None:
+    command = await start("listen", server.url, env=environment(CHATFEED_TOKEN=TOKEN))
+    command_cleanup.append(command)
+    await command.stderr_line_matching("connected to")
+    await server.close_connections(1012, "restarting")
+    await command.stderr_line_matching(r"reconnecting in [0-9.]+ s")
+    await command.stderr_line_matching("reconnected to")
+    command.process.send_signal(signal.SIGINT)
+    status, out, err = await command.finish()
+    assert status == 0
+    assert out == ""
+    assert "1012" in err
+
+
+async def test_listen_exits_0_on_ctrl_c(server: FeedServer, command_cleanup: list[Command]) -> None:
+    command = await start("listen", server.url, env=environment(CHATFEED_TOKEN=TOKEN))
+    command_cleanup.append(command)
+    await server.wait_for_clients(timeout=CLI_WAIT)
+    command.process.send_signal(signal.SIGINT)
+    status, _, err = await command.finish()
+    assert status == 0
+    assert "Traceback" not in err
+    await server.wait_for_clients(0, timeout=WAIT)
+
+
+async def test_listen_with_a_rejected_token_exits_3(server: FeedServer) -> None:
+    status, out, err = await run("listen", server.url, env=environment(CHATFEED_TOKEN=BAD_TOKEN))
+    assert status == 3
+    assert out == ""
+    assert "authentication failed: Invalid token" in err
+    assert "CHATFEED_TOKEN" in err  # what to try
+    assert SECRET not in err
+    assert server.handshakes == 1
+
+
+async def test_listen_to_an_unreachable_server_without_reconnect_exits_4() -> None:
+    status, _, err = await run("listen", f"ws://127.0.0.1:{free_port()}", "--no-reconnect", "--token", TOKEN)
+    assert status == 4
+    assert "cannot reach the feed" in err
+    assert "Is the server running" in err
+
+
+async def test_listen_gives_up_after_max_attempts_with_4() -> None:
+    status, _, err = await run(
+        "listen", f"ws://127.0.0.1:{free_port()}", "--max-attempts", "2", env=environment(CHATFEED_TOKEN=TOKEN)
+    )
+    assert status == 4
+    assert len(re.findall("reconnecting in", err)) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "the following arguments are required: url"),
+        (("ws://127.0.0.1:1", "--count", "0"), "must be at least 1"),
+        (("ws://127.0.0.1:1", "--format", "xml"), "invalid choice"),
+        (("ws://127.0.0.1:1",), "no token"),
+        (("http://127.0.0.1:1", "--token", TOKEN), "ws:// or wss://"),
+    ],
+)
+async def test_listen_bad_usage_exits_2(args: Sequence[str], message: str) -> None:
+    status, out, err = await run("listen", *args)
+    assert status == 2
+    assert out == ""
+    assert message in err
+    assert "Traceback" not in err
+
+
+async def test_listen_help_recommends_the_environment_variable() -> None:
+    status, out, _ = await run("listen", "--help")
+    assert status == 0
+    assert "CHATFEED_TOKEN" in out
+    assert "visible" in out
+
+
+# serve
+
+
+async def test_serve_pushes_a_synthetic_conversation(command_cleanup: list[Command]) -> None:
+    command = await start("serve", "--port", "0", "--rate", "50", "--seed", "3")
+    command_cleanup.append(command)
+    url = (await command.stderr_line_matching(r"serving the chat feed on (ws://\S+)")).group(1)
+    token = (await command.stderr_line_matching(r"token: (\S+)")).group(1)
+    client = chatfeed.Client(url, token=token)
+    async with client:
+        stream = client.events()
+        events = [await asyncio.wait_for(anext(stream), WAIT) for _ in range(8)]
+    kinds = {event.type for event in events}
+    assert kinds == {"new_chat", "new_message"}
+    messages = [event.payload for event in events if isinstance(event, chatfeed.NewMessage)]
+    assert {message.role for message in messages} == {chatfeed.Role.USER, chatfeed.Role.ASSISTANT}
+    answers = [message for message in messages if message.role is chatfeed.Role.ASSISTANT]
+    assert all(message.precis and message.audio_url for message in answers)
+    command.process.send_signal(signal.SIGINT)
+    status, _, err = await command.finish()
+    assert status == 0, err
+    assert "Traceback" not in err
+
+
+async def test_serve_accepts_only_the_given_tokens(command_cleanup: list[Command]) -> None:
+    port = free_port()
+    command = await start("serve", "--port", str(port), "--token", TOKEN, "--token", "second-token")
+    command_cleanup.append(command)
+    await command.stderr_line_matching("serving the chat feed")
+    async with chatfeed.Client(f"ws://127.0.0.1:{port}", token="second-token") as client:
+        assert client.connected
+    with pytest.raises(chatfeed.AuthenticationError):
+        await asyncio.wait_for(chatfeed.Client(f"ws://127.0.0.1:{port}", token=BAD_TOKEN).run(), WAIT)
+    command.process.send_signal(signal.SIGTERM)
+    status, _, err = await command.finish()
+    assert status == 0
+    assert "token:" not in err  # nothing generated, nothing printed
+
+
+async def test_serve_on_a_busy_port_says_so() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        status, _, err = await run("serve", "--port", str(busy.getsockname()[1]))
+    assert status == 2
+    assert "cannot listen on" in err
+
+
+# demo and the entry points
+
+
+async def test_demo_shows_events_and_a_reconnect_then_a_summary() -> None:
+    status, out, err = await run("demo", "--duration", "2", env=environment(NO_COLOR="1"))
+    assert status == 0, err
+    assert re.search(r"\[chat \d+\] (user|assistant): ", out)
+    assert "reconnected after" in err
+    summary = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"chatfeed: demo done: \d+ events received, 1 reconnect\(s\), [0-9.]+ s away", summary)
+    assert int(summary.split()[3]) > 0
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("chatfeed")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=CLI_WAIT, check=False)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"chatfeed {chatfeed.__version__}"
