@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -285,3 +286,34 @@ def test_console_script_is_installed() -> None:
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=CLI_WAIT, check=False)
     assert result.returncode == 0
     assert result.stdout.strip() == f"chatfeed {chatfeed.__version__}"
+
+
+async def test_serve_works_for_a_front_end_written_from_the_guide(command_cleanup: list[Command]) -> None:
+    node = shutil.which("node")
+    assert node, "Node.js is needed to run a browser-style WebSocket client"
+    command = await start("serve", "--port", "0", "--rate", "50")
+    command_cleanup.append(command)
+    url = (await command.stderr_line_matching(r"serving the chat feed on (ws://\S+)")).group(1)
+    token = (await command.stderr_line_matching(r"token: (\S+)")).group(1)
+    front_end = await asyncio.create_subprocess_exec(
+        node,
+        "--experimental-websocket",
+        "--no-warnings",
+        str(Path(__file__).with_name("js") / "guide_client.mjs"),
+        url,
+        token,
+        "6",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(front_end.communicate(), CLI_WAIT)
+    assert front_end.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[0] == "authenticated"
+    events = lines[1:7]
+    assert all(re.fullmatch(r"new_message \d+ (user|assistant)|new_chat \d+ 1", line) for line in events), events
+    assert {"user", "assistant"} <= {line.split()[-1] for line in events}
+    assert lines[7:] == ["closed 1005"]  # the guide's client closes without a code
+    command.process.send_signal(signal.SIGINT)
+    status, _, _ = await command.finish()
+    assert status == 0
