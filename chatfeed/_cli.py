@@ -211,7 +211,7 @@ class _Printer:
         self._color = self._pretty and not no_color and "NO_COLOR" not in os.environ and out.isatty()
 
     def __call__(self, event: FeedEvent) -> None:
-        line = self._pretty_line(event) if self._pretty else event.model_dump_json(by_alias=True)
+        line = self._pretty_line(event) if self._pretty else event.model_dump_json(by_alias=True, exclude_unset=True)
         self._out.write(line + "\n")
         self._out.flush()
 

@@ -133,7 +133,7 @@ class Client:
             environment (websockets' default), ``None`` for none.
         auth_retries: How many ``auth_error`` answers in a row are retried with
             a fresh token when ``token`` is a function. A static token is
-            never retried.
+            never retried, and nothing is with ``reconnect=False``.
 
     Raises:
         UsageError: An argument is invalid.

@@ -392,6 +392,14 @@ class FeedServer:
         """
         await self._wait_until(lambda: self.handshakes >= count, timeout)
 
+    async def wait_for_auth_frames(self, count: int, *, timeout: float | None = 10.0) -> None:
+        """Wait until ``count`` auth frames have been received in all (see :attr:`received_tokens`).
+
+        Raises:
+            TimeoutError: Not within ``timeout`` seconds.
+        """
+        await self._wait_until(lambda: len(self.received_tokens) >= count, timeout)
+
     async def _wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout

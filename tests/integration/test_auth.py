@@ -98,16 +98,6 @@ async def test_auth_error_on_async_with_raises_and_closes(server: FeedServer) ->
     assert server.handshakes == 1
 
 
-async def test_auth_error_when_server_keeps_connection_open() -> None:
-    server = FeedServer(tokens=[TOKEN], close_on_auth_error=False)
-    async with server:
-        client = make_client(server.url, token=BAD_TOKEN)
-        with pytest.raises(chatfeed.AuthenticationError):
-            await asyncio.wait_for(client.run(), WAIT)
-        await server.wait_for_handshakes(1)
-        assert server.clients == 0
-
-
 async def test_token_function_is_asked_for_a_fresh_token_after_auth_error(server: FeedServer) -> None:
     tokens = iter([BAD_TOKEN, TOKEN])
     client = make_client(server.url, token=lambda: next(tokens))

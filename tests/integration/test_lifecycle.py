@@ -17,17 +17,19 @@ from .conftest import WAIT, Recorder, chatfeed_tasks, make_client, running
 
 
 @contextlib.asynccontextmanager
-async def mute_server() -> AsyncIterator[str]:
-    """A TCP server that accepts connections and never says a word."""
+async def mute_server() -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """A TCP server that accepts connections and never says a word; the event is set on accept."""
     writers: list[asyncio.StreamWriter] = []
+    accepted = asyncio.Event()
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writers.append(writer)
+        accepted.set()
 
     server = await asyncio.start_server(accept, "127.0.0.1", 0)
     try:
         host, port = server.sockets[0].getsockname()[:2]
-        yield f"ws://{host}:{port}"
+        yield f"ws://{host}:{port}", accepted
     finally:
         for writer in writers:
             writer.transport.abort()
@@ -42,10 +44,10 @@ async def close_promptly(client: chatfeed.Client) -> None:
 
 
 async def test_close_while_opening_the_connection() -> None:
-    async with mute_server() as url:
+    async with mute_server() as (url, accepted):
         client = make_client(url, open_timeout=30.0)
         async with running(client):
-            await asyncio.sleep(0.05)  # let it get stuck in the WebSocket handshake
+            await asyncio.wait_for(accepted.wait(), WAIT)  # stuck in the WebSocket handshake
             await close_promptly(client)
 
 
@@ -53,17 +55,17 @@ async def test_close_while_authenticating(server: FeedServer) -> None:
     server.silent = True
     client = make_client(server.url, auth_timeout=30.0)
     async with running(client):
-        await server.wait_for_handshakes(1)
+        await server.wait_for_auth_frames(1)  # the client now waits for the answer
         await close_promptly(client)
 
 
 async def test_close_while_backing_off(server: FeedServer) -> None:
-    client = make_client(server.url, reconnect=chatfeed.Backoff(initial=30.0, maximum=30.0))
+    client = make_client(server.url)
     lifecycle = Recorder()
     client.on("disconnected")(lifecycle)
     async with running(client):
         await server.wait_for_clients()
-        server.drop_connections()
+        await server.close_connections(1013, "overloaded")  # a wait of at least 5 s
         [lost] = await lifecycle.wait_for(1)
         assert lost.will_retry
         await close_promptly(client)
@@ -150,7 +152,7 @@ async def test_cancelling_async_with_while_connecting_closes_the_client(server: 
             pytest.fail("never authenticated")
 
     task = asyncio.create_task(enter())
-    await server.wait_for_handshakes(1)
+    await server.wait_for_auth_frames(1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, WAIT)

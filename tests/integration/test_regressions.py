@@ -123,7 +123,7 @@ async def test_slow_consumer_loses_nothing_when_keepalive_is_on() -> None:
         async with client:
             stream = client.events(buffer=1)
             # A consumer busy elsewhere for many ping periods; the feed backs up meanwhile.
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(closed.wait(), 10 * ping)
             received = [content(await asyncio.wait_for(anext(stream), WAIT)) for _ in range(count)]
             assert not closed.is_set(), "the client dropped a live connection because its reader was slow"
@@ -266,8 +266,15 @@ async def test_cancelled_error_from_a_handler_does_not_stop_the_client(server: F
         both_seen = asyncio.create_task(seen.wait_for(2))
         await asyncio.wait([task, both_seen], timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
         both_seen.cancel()
-        assert not task.done(), "run() ended (as if closed) because a handler's await was cancelled"
-        assert [event.payload.content for event in seen.events] == ["first", "second"]
+        if sys.version_info >= (3, 11):
+            assert not task.done(), "run() ended (as if closed) because a handler's await was cancelled"
+            assert [event.payload.content for event in seen.events] == ["first", "second"]
+        else:
+            # Python 3.10 cannot tell this from a cancellation of the client
+            # (no Task.cancelling()): the client stops, and says why.
+            assert task.done()
+            with pytest.raises(chatfeed.UsageError, match="CancelledError"):
+                task.result()
 
 
 # close() while the feed is backpressured waits for close_timeout
