@@ -39,6 +39,21 @@ _WEBSOCKETS_LOGGER = FrameRedactingLogger(logging.getLogger("websockets.client")
 _USER_AGENT = f"chatfeed/{__version__} websockets/{websockets_version}"
 
 
+class _ClientConnection(ClientConnection):
+    """websockets' client connection, which gives up at once on a reply that is not HTTP.
+
+    When the reply to the opening handshake does not parse, websockets
+    half-closes and waits for the server to close the TCP connection; a peer
+    that keeps it open would hold the attempt until open_timeout, and the
+    timeout would then be retried as if the server were merely slow.
+    """
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.response is None and self.protocol.handshake_exc is not None:
+            self.transport.abort()
+
+
 class Connection:
     """An open WebSocket connection to the feed."""
 
@@ -93,6 +108,7 @@ class Connection:
                 close_timeout=close_timeout,
                 user_agent_header=_USER_AGENT,
                 logger=_WEBSOCKETS_LOGGER,
+                create_connection=_ClientConnection,
                 **kwargs,
             )
         except InvalidStatus as exc:

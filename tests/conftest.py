@@ -20,9 +20,12 @@ MS = 0.001 * float(os.environ.get("CHATFEED_TEST_TIME_FACTOR", "1"))
 SECRET = "sekrit"
 """Every token used in tests contains this; no log record may."""
 
-TOKEN = f"eyJhbGciOiJIUzI1NiJ9.{SECRET}-user-1.c2lnbmF0dXJl"
-OTHER_TOKEN = f"eyJhbGciOiJIUzI1NiJ9.{SECRET}-user-2.c2lnbmF0dXJl"
-BAD_TOKEN = f"eyJhbGciOiJIUzI1NiJ9.{SECRET}-expired.c2lnbmF0dXJl"
+SIGNATURE = "c2lnbmF0dXJl"
+"""The end of every test token: a log that elides the middle of a frame still shows it."""
+
+TOKEN = f"eyJhbGciOiJIUzI1NiJ9.{SECRET}-user-1.{SIGNATURE}"
+OTHER_TOKEN = f"eyJhbGciOiJIUzI1NiJ9.{SECRET}-user-2.{SIGNATURE}"
+BAD_TOKEN = f"eyJhbGciOiJIUzI1NiJ9.{SECRET}-expired.{SIGNATURE}"
 
 FAST = Backoff(initial=5 * MS, maximum=20 * MS, reset_after=1000 * MS)
 """A backoff short enough to go through in tests instead of sleeping it out."""
@@ -44,7 +47,9 @@ def _no_secret_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     yield
     for phase in ("setup", "call", "teardown"):
         for record in caplog.get_records(phase):
-            assert SECRET not in caplog.handler.format(record), f"a token appeared in a log record ({phase})"
+            text = caplog.handler.format(record)
+            assert SECRET not in text, f"a token appeared in a log record ({phase})"
+            assert SIGNATURE not in text, f"part of a token appeared in a log record ({phase})"
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 import chatfeed
+from chatfeed._logging import FrameRedactingLogger
 
 from ..conftest import FAST, TOKEN
 
@@ -87,7 +89,9 @@ def chatfeed_tasks() -> list[asyncio.Task[Any]]:
 @contextlib.asynccontextmanager
 async def raw_server(handler: Callable[[ServerConnection], Awaitable[None]]) -> AsyncIterator[Server]:
     """A bare websockets server on loopback, for servers FeedServer cannot imitate."""
-    async with serve(handler, "127.0.0.1", 0) as server:
+    # Frames logged by a bare websockets server would show the client's token.
+    logger = FrameRedactingLogger(logging.getLogger("websockets.server"))
+    async with serve(handler, "127.0.0.1", 0, logger=logger) as server:
         yield server
 
 
