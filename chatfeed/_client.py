@@ -364,7 +364,9 @@ class Client:
         if task is None:
             self._dispatcher.end_streams()
         elif task is asyncio.current_task():
-            pass  # a handler: the receive loop stops when it returns
+            # A handler: the receive loop stops when it returns.
+            if self._connection is not None:
+                self._connection.stop_receiving()
         elif not task.done():
             await cancel_and_wait(task)
         elif not task.cancelled():
@@ -570,19 +572,22 @@ class Client:
         await self._dispatcher.call_handlers(Connected(is_reconnect=is_reconnect, downtime=downtime))
 
     async def _receive(self, connection: Connection, protocol: FeedProtocol) -> None:
-        recv = connection.recv
         receive = protocol.receive
         dispatch = self._dispatcher.dispatch
-        while not self._stop_requested:
-            frame = await recv()
+
+        # Called for every frame: parse, then deliver, creating a coroutine
+        # only when a handler or a full buffer has to be awaited.
+        def handle(frame: str | bytes) -> Awaitable[None] | None:
             try:
                 event = receive(frame)
             except ProtocolError as exc:
                 self._protocol_errors += 1
                 logger.warning("dropped a frame that does not fit the protocol: %s", exc)
-                continue
-            if event is not None:
-                await dispatch(event)
+                return None
+            return None if event is None else dispatch(event)
+
+        if not self._stop_requested:
+            await connection.receive_forever(handle)
 
 
 def _positive(name: str, value: float) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as ssl_module
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -57,7 +58,7 @@ class _ClientConnection(ClientConnection):
 class Connection:
     """An open WebSocket connection to the feed."""
 
-    __slots__ = ("_keepalive", "_ping_timed_out", "_ws", "frames_received")
+    __slots__ = ("_keepalive", "_ping_timed_out", "_stopping", "_ws", "frames_received")
 
     def __init__(
         self,
@@ -68,6 +69,7 @@ class Connection:
     ) -> None:
         self._ws = ws
         self._ping_timed_out = False
+        self._stopping = False
         self.frames_received = 0
         self._keepalive: asyncio.Task[None] | None = None
         if ping_interval is not None:
@@ -157,6 +159,31 @@ class Connection:
             raise self._lost(exc) from exc
         self.frames_received += 1
         return frame
+
+    async def receive_forever(self, handle: Callable[[str | bytes], Awaitable[None] | None]) -> None:
+        """Pass every frame to ``handle``, awaiting what it returns, until :meth:`stop_receiving`.
+
+        The receive loop of a connection, kept here so that frames come
+        straight from websockets, with no wrapper per frame, while its
+        exceptions are still translated.
+
+        Raises:
+            ConnectionLostError: The connection closed, for whatever reason.
+        """
+        recv = self._ws.recv
+        try:
+            while not self._stopping:
+                frame = await recv()
+                self.frames_received += 1
+                pending = handle(frame)
+                if pending is not None:
+                    await pending
+        except ConnectionClosed as exc:
+            raise self._lost(exc) from exc
+
+    def stop_receiving(self) -> None:
+        """Make :meth:`receive_forever` return once the frame in hand is handled."""
+        self._stopping = True
 
     async def close(self) -> None:
         """Close the connection, politely if the peer can answer in time.

@@ -134,35 +134,31 @@ class Dispatcher:
                 stream.end(error)
         self._streams = ()
 
-    async def dispatch(self, event: FeedEvent) -> None:
-        """Deliver a server event to its handlers, then to every stream, in order."""
-        # The hot path: one dict lookup, no coroutine for an event nobody handles.
+    def dispatch(self, event: FeedEvent) -> Awaitable[None] | None:
+        """Deliver a server event to its handlers, then to every stream, in order.
+
+        Returns:
+            ``None`` when the event was delivered at once (no handler, room in
+            every buffer), else an awaitable that finishes the delivery. The
+            receive loop calls this for every frame: the common case creates
+            no coroutine at all.
+        """
         route = self._routes.get(event.__class__)
         if route is None:
             route = self._route(event.__class__)
         if route:
-            await self._call(route, event)
-        for ref in self._streams:
+            return self._deliver(route, event, self._streams)
+        streams = self._streams
+        for index, ref in enumerate(streams):
             stream = ref()
-            while stream is not None and not stream.offer(event):
-                waiter = stream.wait_for_space()
-                # The wait must not keep alive a stream whose reader is gone.
-                stream = None
-                await _wait_for_room(waiter)
-                stream = ref()
+            if stream is not None and not stream.offer(event):
+                return self._deliver((), event, streams[index:])
+        return None
 
-    async def call_handlers(self, event: Any) -> None:
-        """Call the handlers of ``event`` in order; a failing handler stops none of the others."""
-        route = self._routes.get(event.__class__)
-        if route is None:
-            route = self._route(event.__class__)
-        await self._call(route, event)
-
-    def _route(self, cls: type[Any]) -> tuple[_Entry, ...]:
-        route = self._routes[cls] = tuple(entry for base in cls.__mro__ for entry in self._handlers.get(base, ()))
-        return route
-
-    async def _call(self, route: tuple[_Entry, ...], event: Any) -> None:
+    async def _deliver(
+        self, route: tuple[_Entry, ...], event: Any, streams: tuple[weakref.ref[EventStream[Any]], ...]
+    ) -> None:
+        # One coroutine for the whole delivery: this runs once per event.
         for entry in route:
             try:
                 if entry.is_async:
@@ -178,6 +174,25 @@ class Dispatcher:
                     raise
                 # The handler awaited something that was cancelled, not us.
                 await self._report(exc, event, entry)
+        for ref in streams:
+            stream = ref()
+            while stream is not None and not stream.offer(event):
+                waiter = stream.wait_for_space()
+                # The wait must not keep alive a stream whose reader is gone.
+                stream = None
+                await _wait_for_room(waiter)
+                stream = ref()
+
+    async def call_handlers(self, event: Any) -> None:
+        """Call the handlers of ``event`` in order; a failing handler stops none of the others."""
+        route = self._routes.get(event.__class__)
+        if route is None:
+            route = self._route(event.__class__)
+        await self._deliver(route, event, ())
+
+    def _route(self, cls: type[Any]) -> tuple[_Entry, ...]:
+        route = self._routes[cls] = tuple(entry for base in cls.__mro__ for entry in self._handlers.get(base, ()))
+        return route
 
     async def _report(self, exc: BaseException, event: Any, entry: _Entry) -> None:
         self.handler_errors += 1

@@ -17,6 +17,14 @@ from chatfeed._protocol import FeedProtocol
 
 from ..integration.conftest import WAIT, Recorder, make_client, raw_server, running, url_of
 
+
+async def deliver(dispatcher: Dispatcher, event: Any) -> None:
+    """Dispatch ``event`` and wait until it is delivered, as the receive loop does."""
+    pending = dispatcher.dispatch(event)
+    if pending is not None:
+        await pending
+
+
 KNOWN_TYPES = ["auth_success", "auth_error", "new_message", "new_chat", "error"]
 
 json_values = st.recursive(
@@ -72,7 +80,7 @@ async def test_protocol_and_dispatch_survive_any_frames(batch: list[str | bytes]
             continue
         if event is not None:
             events += 1
-            await dispatcher.dispatch(event)
+            await deliver(dispatcher, event)
     assert calls == events
     assert len(delivered) == events - len(failing & set(range(events)))
     assert stream.pending() == events

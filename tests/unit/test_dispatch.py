@@ -15,6 +15,14 @@ from chatfeed import Connected, Disconnected, ErrorMessage, NewChat, NewMessage,
 from chatfeed._dispatch import EVENT_NAMES, Dispatcher, EventStream
 from chatfeed.testing import make_chat, make_message
 
+
+async def deliver(dispatcher: Dispatcher, event: Any) -> None:
+    """Dispatch ``event`` and wait until it is delivered, as the receive loop does."""
+    pending = dispatcher.dispatch(event)
+    if pending is not None:
+        await pending
+
+
 WAIT = 1.0
 """Seconds to wait for something that should happen at once; a guard against hangs, not a delay."""
 
@@ -104,7 +112,7 @@ async def test_dispatch_calls_the_handlers_of_server_events() -> None:
         dispatcher.add_handler(name, recorder)
 
     for name in recorders:
-        await dispatcher.dispatch(SAMPLES[name])
+        await deliver(dispatcher, SAMPLES[name])
 
     assert {name: recorder.events for name, recorder in recorders.items()} == {
         name: [SAMPLES[name]] for name in recorders
@@ -145,7 +153,7 @@ async def test_a_rejected_registration_adds_nothing() -> None:
     with pytest.raises(chatfeed.UsageError):
         dispatcher.add_handler("nope", Recorder())
 
-    await dispatcher.dispatch(new_message())
+    await deliver(dispatcher, new_message())
 
     assert dispatcher.handler_errors == 0
 
@@ -172,7 +180,7 @@ async def test_sync_and_async_handlers_run_in_registration_order_for_each_event(
     dispatcher.add_handler("new_message", sync_third)
 
     for content in ("one", "two"):
-        await dispatcher.dispatch(new_message(content))
+        await deliver(dispatcher, new_message(content))
 
     assert calls == [
         ("sync_first", "one"),
@@ -197,7 +205,7 @@ async def test_an_async_handler_finishes_before_the_next_one_starts() -> None:
     dispatcher.add_handler("new_message", slow)
     dispatcher.add_handler("new_message", lambda event: calls.append("next"))
 
-    task = asyncio.create_task(dispatcher.dispatch(new_message()))
+    task = asyncio.create_task(deliver(dispatcher, new_message()))
     await yield_to_loop()
     assert calls == ["slow started"]
 
@@ -219,7 +227,7 @@ async def test_a_sync_callable_returning_an_awaitable_is_awaited() -> None:
     dispatcher.add_handler("new_message", returns_coroutine)
     dispatcher.add_handler("new_message", functools.partial(record, "partial"))
 
-    await dispatcher.dispatch(new_message("x"))
+    await deliver(dispatcher, new_message("x"))
 
     assert seen == ["lambda:x", "partial:x"]
 
@@ -231,7 +239,7 @@ async def test_a_server_message_handler_receives_every_server_event() -> None:
     server_events: list[chatfeed.FeedEvent] = [new_message(), new_chat(), error_message(), unknown_message()]
 
     for event in server_events:
-        await dispatcher.dispatch(event)
+        await deliver(dispatcher, event)
     await dispatcher.call_handlers(SAMPLES["connected"])
     await dispatcher.call_handlers(SAMPLES["disconnected"])
 
@@ -245,7 +253,7 @@ async def test_handlers_for_a_class_and_for_server_message_both_run() -> None:
     dispatcher.add_handler("new_message", specific)
     event = new_message()
 
-    await dispatcher.dispatch(event)
+    await deliver(dispatcher, event)
 
     assert specific.events == [event]
     assert general.events == [event]
@@ -255,10 +263,10 @@ async def test_a_handler_added_after_dispatch_began_receives_later_events() -> N
     dispatcher = Dispatcher()
     first, late = Recorder(), Recorder()
     dispatcher.add_handler("new_message", first)
-    await dispatcher.dispatch(new_message("one"))
+    await deliver(dispatcher, new_message("one"))
 
     dispatcher.add_handler("new_message", late)
-    await dispatcher.dispatch(new_message("two"))
+    await deliver(dispatcher, new_message("two"))
 
     assert contents(first.events) == ["one", "two"]
     assert contents(late.events) == ["two"]
@@ -285,7 +293,7 @@ async def test_a_raising_handler_does_not_stop_the_others(caplog: pytest.LogCapt
     events = [new_message("one"), new_message("two")]
 
     for event in events:
-        await dispatcher.dispatch(event)
+        await deliver(dispatcher, event)
 
     assert before.events == events
     assert after.events == events
@@ -306,7 +314,7 @@ async def test_a_raising_sync_handler_is_reported_too(caplog: pytest.LogCaptureF
 
     dispatcher.add_handler("new_message", failing)
 
-    await dispatcher.dispatch(new_message())
+    await deliver(dispatcher, new_message())
 
     assert dispatcher.handler_errors == 1
     (record,) = chatfeed_errors(caplog)
@@ -322,7 +330,7 @@ async def test_the_failure_log_does_not_include_the_message_content(caplog: pyte
 
     dispatcher.add_handler("new_message", failing)
 
-    await dispatcher.dispatch(new_message("private words"))
+    await deliver(dispatcher, new_message("private words"))
 
     assert "private words" not in caplog.text
 
@@ -348,7 +356,7 @@ async def test_error_hooks_get_the_exception_and_the_event() -> None:
     dispatcher.add_error_hook(async_hook)
     event = new_message()
 
-    await dispatcher.dispatch(event)
+    await deliver(dispatcher, event)
 
     assert sync_calls == [(boom, event)]
     assert async_calls == [(boom, event)]
@@ -360,7 +368,7 @@ async def test_error_hooks_are_not_called_when_handlers_succeed() -> None:
     dispatcher.add_handler("new_message", Recorder())
     dispatcher.add_error_hook(lambda exc, event: calls.append(exc))
 
-    await dispatcher.dispatch(new_message())
+    await deliver(dispatcher, new_message())
 
     assert calls == []
     assert dispatcher.handler_errors == 0
@@ -390,7 +398,7 @@ async def test_a_raising_error_hook_is_logged_and_does_not_propagate(
     dispatcher.add_error_hook(lambda exc, event: later_hook_calls.append(exc))
     event = new_message()
 
-    await dispatcher.dispatch(event)
+    await deliver(dispatcher, event)
 
     assert after.events == [event]
     assert [str(exc) for exc in later_hook_calls] == ["handler bug"]
@@ -411,7 +419,7 @@ async def test_a_failing_handler_does_not_keep_streams_from_getting_the_event() 
     stream = dispatcher.subscribe(4)
     event = new_message()
 
-    await dispatcher.dispatch(event)
+    await deliver(dispatcher, event)
     dispatcher.end_streams()
 
     assert await drain(stream) == [event]
@@ -423,10 +431,10 @@ async def test_a_failing_handler_does_not_keep_streams_from_getting_the_event() 
 async def test_each_subscriber_gets_every_event_from_its_subscription_on() -> None:
     dispatcher = Dispatcher()
     early = dispatcher.subscribe(10)
-    await dispatcher.dispatch(new_message("one"))
+    await deliver(dispatcher, new_message("one"))
     late = dispatcher.subscribe(10)
-    await dispatcher.dispatch(new_message("two"))
-    await dispatcher.dispatch(new_message("three"))
+    await deliver(dispatcher, new_message("two"))
+    await deliver(dispatcher, new_message("three"))
 
     assert early.pending() == 3
     assert late.pending() == 2
@@ -449,7 +457,7 @@ async def test_streams_and_handlers_see_the_same_events_in_the_same_order() -> N
     ]
 
     for event in events:
-        await dispatcher.dispatch(event)
+        await deliver(dispatcher, event)
     dispatcher.end_streams()
 
     assert await drain(stream) == events
@@ -462,7 +470,7 @@ async def test_handlers_run_before_the_event_reaches_streams() -> None:
     seen_by_stream_at_handler_time: list[int] = []
     dispatcher.add_handler("new_message", lambda event: seen_by_stream_at_handler_time.append(stream.pending()))
 
-    await dispatcher.dispatch(new_message())
+    await deliver(dispatcher, new_message())
 
     assert seen_by_stream_at_handler_time == [0]
     assert stream.pending() == 1
@@ -476,7 +484,7 @@ async def test_a_waiting_reader_gets_the_next_event() -> None:
     assert not reader.done()
 
     event = new_message()
-    await dispatcher.dispatch(event)
+    await deliver(dispatcher, event)
 
     assert await asyncio.wait_for(reader, WAIT) is event
 
@@ -497,7 +505,7 @@ async def test_a_full_buffer_makes_dispatch_wait_for_the_reader() -> None:
 
     async def dispatch_three() -> None:
         for content in ("one", "two", "three"):
-            await dispatcher.dispatch(new_message(content))
+            await deliver(dispatcher, new_message(content))
 
     producer = asyncio.create_task(dispatch_three())
     await yield_to_loop()
@@ -521,7 +529,7 @@ async def test_a_full_stream_holds_back_the_other_streams_too() -> None:
 
     async def dispatch_two() -> None:
         for content in ("one", "two"):
-            await dispatcher.dispatch(new_message(content))
+            await deliver(dispatcher, new_message(content))
 
     producer = asyncio.create_task(dispatch_two())
     await yield_to_loop()
@@ -537,7 +545,7 @@ async def test_end_streams_lets_them_drain_then_stop() -> None:
     dispatcher = Dispatcher()
     stream = dispatcher.subscribe(10)
     for content in ("one", "two"):
-        await dispatcher.dispatch(new_message(content))
+        await deliver(dispatcher, new_message(content))
 
     dispatcher.end_streams()
 
@@ -563,7 +571,7 @@ async def test_end_streams_with_an_error_raises_it_after_draining() -> None:
     dispatcher = Dispatcher()
     stream = dispatcher.subscribe(10)
     for content in ("one", "two"):
-        await dispatcher.dispatch(new_message(content))
+        await deliver(dispatcher, new_message(content))
     fatal = chatfeed.AuthenticationError("Token expired")
 
     dispatcher.end_streams(fatal)
@@ -595,8 +603,8 @@ async def test_end_streams_with_an_error_wakes_a_waiting_reader_with_it() -> Non
 async def test_end_streams_unblocks_a_waiting_dispatch() -> None:
     dispatcher = Dispatcher()
     stream = dispatcher.subscribe(1)
-    await dispatcher.dispatch(new_message("one"))
-    producer = asyncio.create_task(dispatcher.dispatch(new_message("two")))
+    await deliver(dispatcher, new_message("one"))
+    producer = asyncio.create_task(deliver(dispatcher, new_message("two")))
     await yield_to_loop()
     assert not producer.done()
 
@@ -611,8 +619,8 @@ async def test_events_after_end_streams_do_not_reach_the_ended_streams() -> None
     stream = dispatcher.subscribe(1)
     dispatcher.end_streams()
 
-    await dispatcher.dispatch(new_message("after"))
-    await dispatcher.dispatch(new_message("and again"))
+    await deliver(dispatcher, new_message("after"))
+    await deliver(dispatcher, new_message("and again"))
 
     assert await drain(stream) == []
 
@@ -621,8 +629,8 @@ async def test_aclose_unsubscribes_and_unblocks_a_waiting_dispatch() -> None:
     dispatcher = Dispatcher()
     stream = dispatcher.subscribe(1)
     other = dispatcher.subscribe(10)
-    await dispatcher.dispatch(new_message("one"))
-    producer = asyncio.create_task(dispatcher.dispatch(new_message("two")))
+    await deliver(dispatcher, new_message("one"))
+    producer = asyncio.create_task(deliver(dispatcher, new_message("two")))
     await yield_to_loop()
     assert not producer.done()
 
@@ -631,7 +639,7 @@ async def test_aclose_unsubscribes_and_unblocks_a_waiting_dispatch() -> None:
     await asyncio.wait_for(producer, WAIT)
     assert dispatcher.streams() == [other]
     assert await drain(stream) == []
-    await dispatcher.dispatch(new_message("three"))
+    await deliver(dispatcher, new_message("three"))
     assert stream.pending() == 0
     assert other.pending() == 3
 
@@ -651,8 +659,8 @@ async def test_async_with_unsubscribes_and_unblocks_a_waiting_dispatch() -> None
 
     async with dispatcher.subscribe(1) as stream:
         assert dispatcher.streams() == [stream]
-        await dispatcher.dispatch(new_message("one"))
-        producer = asyncio.create_task(dispatcher.dispatch(new_message("two")))
+        await deliver(dispatcher, new_message("one"))
+        producer = asyncio.create_task(deliver(dispatcher, new_message("two")))
         await yield_to_loop()
         assert not producer.done()
 
@@ -674,8 +682,8 @@ async def test_async_with_unsubscribes_when_the_block_raises() -> None:
 async def test_dropping_a_stream_unsubscribes_it_and_unblocks_a_waiting_dispatch() -> None:
     dispatcher = Dispatcher()
     stream = dispatcher.subscribe(1)
-    await dispatcher.dispatch(new_message("one"))
-    producer = asyncio.create_task(dispatcher.dispatch(new_message("two")))
+    await deliver(dispatcher, new_message("one"))
+    producer = asyncio.create_task(deliver(dispatcher, new_message("two")))
     await yield_to_loop()
     assert not producer.done()
 
@@ -698,7 +706,7 @@ async def test_breaking_out_of_async_for_unsubscribes_and_unblocks_a_waiting_dis
 
     async def dispatch_three() -> None:
         for content in ("one", "two", "three"):
-            await dispatcher.dispatch(new_message(content))
+            await deliver(dispatcher, new_message(content))
 
     reading = asyncio.create_task(reader())
     await yield_to_loop()

@@ -1,0 +1,210 @@
+"""Run every benchmark of chatfeed and publish the results.
+
+    python benchmarks/run.py            # the full run: writes docs/benchmarks.md and docs/benchmarks.png
+    python benchmarks/run.py --smoke    # a few seconds, writes nothing: CI runs it so the benchmarks cannot rot
+
+Targets are ratios between consumers measured in the same run on the same
+machine, never absolute times. The full run needs the ``bench`` extra
+(matplotlib) for the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from scale import run_scale  # noqa: E402
+from throughput import firehose_server, measure_import, measure_latency, measure_throughput  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+DOCS = ROOT / "docs"
+
+FULL = {
+    "frames": 200_000,
+    "rounds": 5,
+    "latency": [(1_000.0, 5.0), (10_000.0, 3.0)],
+    "import_runs": 15,
+    "scale": [100, 1000, 2000],
+    "idle": 30.0,
+}
+SMOKE = {
+    "frames": 2_000,
+    "rounds": 1,
+    "latency": [(1_000.0, 0.2)],
+    "import_runs": 1,
+    "scale": [10],
+    "idle": 0.5,
+}
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        **{
+            name: metadata.version(name) for name in ("chatfeed", "websockets", "pydantic", "pydantic-core", "tenacity")
+        },
+    }
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    throughput = results["throughput"]
+    hand = throughput["hand"]["frames_per_second"]
+    rows = [
+        ("handler / hand loop, frames per second", throughput["handler"]["frames_per_second"] / hand, ">= 1.0"),
+        ("events() / hand loop, frames per second", throughput["events"]["frames_per_second"] / hand, ">= 0.95"),
+    ]
+    for rate, latency in results["latency"].items():
+        rows.append((f"p99 latency at {rate} frames/s, chatfeed / hand loop", latency["p99_ratio"], "<= 1.1"))
+    for scale in results["scale"]:
+        rows.append((f"memory per connection at {scale['connections']}, chatfeed / bare", scale["rss_ratio"], "<= 1.2"))
+        rows.append(
+            (f"reconnect spread over the jitter window at {scale['connections']}", scale["reconnect_spread"], ">= 0.8")
+        )
+    imports = results["import"]
+    rows.append(("import chatfeed / import its dependencies", imports["chatfeed"] / imports["dependencies"], "<= 1.15"))
+    checked = []
+    for name, value, target in rows:
+        bound = float(target.split()[1])
+        met = value >= bound if target.startswith(">=") else value <= bound
+        checked.append((name, value, target, met))
+    return checked
+
+
+def run(settings: dict[str, Any]) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": machine(), "settings": settings}
+    with firehose_server() as url:
+        print(f"throughput: {settings['rounds']} rounds of {settings['frames']:,} frames per consumer", flush=True)
+        results["throughput"] = measure_throughput(url, settings["frames"], settings["rounds"])
+        results["latency"] = {}
+        for rate, seconds in settings["latency"]:
+            print(f"latency at {rate:,.0f} frames/s", flush=True)
+            latency = measure_latency(url, rate, seconds)
+            latency["p99_ratio"] = latency["handler"]["p99"] / latency["hand"]["p99"]
+            results["latency"][f"{rate:,.0f}"] = latency
+    print("import time", flush=True)
+    results["import"] = measure_import(settings["import_runs"])
+    print(f"scale: {settings['scale']} connections, {settings['idle']} s idle", flush=True)
+    results["scale"] = run_scale(settings["scale"], settings["idle"])
+    results["targets"] = [
+        {"name": name, "value": value, "target": target, "met": met} for name, value, target, met in targets(results)
+    ]
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    """The results as Markdown tables."""
+    lines = ["| consumer | frames/s (median) | CPU µs/frame (median) | ratio to the hand loop |", "|---|---|---|---|"]
+    throughput = results["throughput"]
+    hand = throughput["hand"]["frames_per_second"]
+    labels = {
+        "hand": "hand-written loop (websockets + json.loads + if)",
+        "bare": "bare `await ws.recv()` (the ceiling)",
+        "handler": "chatfeed, one async handler",
+        "events": "chatfeed, `events()` iterator",
+    }
+    for name, label in labels.items():
+        values = throughput[name]
+        lines.append(
+            f"| {label} | {values['frames_per_second']:,.0f} | {values['cpu_us_per_frame']:.1f} | "
+            f"{values['frames_per_second'] / hand:.2f} |"
+        )
+    lines += ["", "| rate (frames/s) | consumer | p50 µs | p99 µs | p99.9 µs |", "|---|---|---|---|---|"]
+    for rate, latency in results["latency"].items():
+        for name in ("hand", "handler"):
+            values = latency[name]
+            lines.append(
+                f"| {rate} | {labels[name]} | {values['p50']:,.0f} | {values['p99']:,.0f} | {values['p99.9']:,.0f} |"
+            )
+    lines += [
+        "",
+        "| connections | chatfeed KiB/conn | bare KiB/conn | ratio | idle CPU % | all back after drop (s) | reconnect spread |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for scale in results["scale"]:
+        lines.append(
+            f"| {scale['connections']:,} | {scale['chatfeed_rss_per_connection_kib']:.1f} | "
+            f"{scale['bare_rss_per_connection_kib']:.1f} | {scale['rss_ratio']:.2f} | {scale['idle_cpu_percent']:.2f} | "
+            f"{scale['all_back_seconds']:.2f} | {scale['reconnect_spread']:.2f} |"
+        )
+    imports = results["import"]
+    lines += [
+        "",
+        "| import | median seconds |",
+        "|---|---|",
+        f"| `import chatfeed` | {imports['chatfeed']:.3f} |",
+        f"| `import websockets.asyncio.client, pydantic, tenacity` | {imports['dependencies']:.3f} |",
+        "",
+        "| target | value | wanted | met |",
+        "|---|---|---|---|",
+    ]
+    for target in results["targets"]:
+        lines.append(
+            f"| {target['name']} | {target['value']:.2f} | {target['target']} | {'yes' if target['met'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = ["hand", "bare", "handler", "events"]
+    rates = [results["throughput"][name]["frames_per_second"] / 1000 for name in names]
+    left.bar(names, rates, color=["#888", "#bbb", "#3a7", "#37a"])
+    left.set_ylabel("thousand frames per second (median)")
+    left.set_title("Throughput per consumer")
+    width = 0.2
+    percentiles = ["p50", "p99", "p99.9"]
+    for offset, (rate, latency) in enumerate(results["latency"].items()):
+        for shift, name in enumerate(("hand", "handler")):
+            position = [index + (offset * 2 + shift) * width for index in range(len(percentiles))]
+            right.bar(position, [latency[name][p] for p in percentiles], width, label=f"{name} at {rate}/s")
+    right.set_xticks([index + 1.5 * width for index in range(len(percentiles))], percentiles)
+    right.set_yscale("log")
+    right.set_ylabel("send-to-handler delay, µs")
+    right.set_title("Latency percentiles")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--smoke", action="store_true", help="a tiny run that checks the benchmarks work; writes nothing"
+    )
+    args = parser.parse_args()
+    results = run(SMOKE if args.smoke else FULL)
+    text = report(results)
+    print(text)
+    if not args.smoke:
+        (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        plot(results, DOCS / "benchmarks.png")
+        template = (ROOT / "benchmarks" / "benchmarks.md.in").read_text()
+        machine_lines = "\n".join(f"| {key} | {value} |" for key, value in results["machine"].items())
+        (DOCS / "benchmarks.md").write_text(template.format(machine=machine_lines, results=text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

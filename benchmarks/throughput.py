@@ -1,0 +1,166 @@
+"""Throughput, latency and import time: chatfeed against the loop a user would write by hand.
+
+The consumers, each reading frames from the firehose server (another process):
+
+- ``hand``: a websockets receive loop, ``json.loads`` and an ``if`` on ``type``;
+- ``bare``: ``await ws.recv()`` and nothing else, the ceiling for any client built on websockets;
+- ``handler``: chatfeed with one async handler;
+- ``events``: chatfeed's ``events()`` iterator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import connect
+
+import chatfeed
+
+FIREHOSE = Path(__file__).with_name("firehose.py")
+
+
+@contextmanager
+def firehose_server() -> Iterator[str]:
+    """Start the firehose server process; yield its URL."""
+    process = subprocess.Popen(
+        [sys.executable, str(FIREHOSE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# The consumers. Each reads `count` new_message frames sent with `token`.
+
+
+async def hand(url: str, token: str, count: int, on_frame: Callable[[Any], None] | None = None) -> None:
+    async with connect(url) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": token}))
+        json.loads(await ws.recv())
+        received = 0
+        while received < count:
+            message = json.loads(await ws.recv())
+            if message["type"] == "new_message":
+                received += 1
+                if on_frame is not None:
+                    on_frame(message["payload"]["content"])
+
+
+async def bare(url: str, token: str, count: int) -> None:
+    async with connect(url) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": token}))
+        await ws.recv()
+        for _ in range(count):
+            await ws.recv()
+
+
+async def handler(url: str, token: str, count: int, on_frame: Callable[[Any], None] | None = None) -> None:
+    client = chatfeed.Client(url, token=token, reconnect=False)
+    done = asyncio.Event()
+    received = 0
+
+    @client.on("new_message")
+    async def count_it(event: chatfeed.NewMessage) -> None:
+        nonlocal received
+        received += 1
+        if on_frame is not None:
+            on_frame(event.payload.content)
+        if received == count:
+            done.set()
+
+    async with client:
+        await done.wait()
+
+
+async def events(url: str, token: str, count: int) -> None:
+    client = chatfeed.Client(url, token=token, reconnect=False)
+    async with client:
+        received = 0
+        async for _ in client.events():
+            received += 1
+            if received == count:
+                break
+
+
+CONSUMERS: dict[str, Callable[[str, str, int], Awaitable[None]]] = {
+    "hand": hand,
+    "bare": bare,
+    "handler": handler,
+    "events": events,
+}
+
+
+def measure_throughput(url: str, frames: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Run every consumer ``rounds`` times, alternating; return medians per consumer."""
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in CONSUMERS}
+    for _ in range(rounds):
+        for name, consumer in CONSUMERS.items():
+            started, cpu = time.perf_counter(), cpu_seconds()
+            asyncio.run(consumer(url, f"firehose:{frames}", frames))
+            elapsed, used = time.perf_counter() - started, cpu_seconds() - cpu
+            samples[name].append((frames / elapsed, used / frames * 1e6))
+    return {
+        name: {
+            "frames_per_second": statistics.median(rate for rate, _ in values),
+            "cpu_us_per_frame": statistics.median(cpu for _, cpu in values),
+        }
+        for name, values in samples.items()
+    }
+
+
+def measure_latency(url: str, rate: float, seconds: float) -> dict[str, dict[str, float]]:
+    """Send-to-handler delay percentiles, in microseconds, for the hand loop and chatfeed."""
+    results = {}
+    count = int(rate * seconds)
+    for name, consumer in (("hand", hand), ("handler", handler)):
+        delays: list[int] = []
+
+        def record(content: str, delays: list[int] = delays) -> None:
+            delays.append(time.monotonic_ns() - int(content))
+
+        asyncio.run(consumer(url, f"paced:{rate}:{seconds}", count, record))
+        delays.sort()
+        results[name] = {
+            f"p{label}": delays[min(int(len(delays) * fraction), len(delays) - 1)] / 1000
+            for label, fraction in (("50", 0.50), ("99", 0.99), ("99.9", 0.999))
+        }
+    return results
+
+
+def measure_import(runs: int) -> dict[str, float]:
+    """Median wall time of a fresh interpreter importing chatfeed, and importing its dependencies alone."""
+    programs = {
+        "chatfeed": "import chatfeed",
+        "dependencies": "import websockets.asyncio.client, pydantic, tenacity",
+    }
+    samples: dict[str, list[float]] = {name: [] for name in programs}
+    for _ in range(runs):
+        for name, program in programs.items():
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", program], check=True)
+            samples[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in samples.items()}
