@@ -12,6 +12,12 @@ For each connection count N, this measures, against one
   clients are back, and how their reconnects spread over the backoff's jitter
   window (a thundering herd would put them all at its very start).
 
+A reconnect delay, as measured, is the backoff's random wait plus the
+connect and auth exchange plus any wait for the client process's CPU, which
+thousands of handshakes in one window can saturate; the waits the backoff drew
+are reported too (``details["scheduled_histogram"]``), to tell the policy's
+spread from the machine's.
+
 Servers and clients each run in a process of their own, started from this
 file, so that one side's CPU and memory never count for the other; they talk
 to the parent by JSON lines on stdout and commands on stdin. Every wait is
@@ -36,6 +42,7 @@ import os
 import resource
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +54,7 @@ if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
 
     import chatfeed
+    from chatfeed.testing import FeedServer
 
 __all__ = ["run_scale"]
 
@@ -71,8 +79,9 @@ def _connect_timeout(count: int) -> float:
 
 
 def _reconnect_timeout(count: int) -> float:
-    # Beyond the window a client only lands if an attempt failed and it
-    # waited again (up to 2 * initial), so this is generous.
+    # Clients land past the window when the process's CPU is the queue (about
+    # a second late at 2,000 on two cores) or when an attempt failed and they
+    # waited again (up to 2 * initial): this leaves room for both.
     return 30.0 + BACKOFF_MAXIMUM + count * 0.01
 
 
@@ -129,6 +138,35 @@ def _emit(event: str, **fields: object) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
+class _GcPauses:
+    """Times the garbage collector's pauses while installed.
+
+    With thousands of clients alive, a full collection walks every one of
+    their objects and holds the event loop meanwhile: a reconnect storm that
+    allocates enough to trigger one stalls every reconnect behind it.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.longest = 0.0
+        self._started = 0.0
+
+    def __enter__(self) -> _GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._started
+        self.total += pause
+        self.longest = max(self.longest, pause)
+
+
 def _other_tasks() -> int:
     return len([task for task in asyncio.all_tasks() if task is not asyncio.current_task()])
 
@@ -136,11 +174,29 @@ def _other_tasks() -> int:
 # The server process
 
 
+LISTEN_BACKLOG = 4096
+
+
+def _deepen_listen_queue(server: FeedServer) -> None:
+    # FeedServer listens with asyncio's default backlog of 100. Thousands of
+    # clients coming back within two seconds overflow it; the kernel then
+    # drops their SYNs and each waits a one-second retransmission, a delay of
+    # the test server (production servers listen with 511 to 4096) that would
+    # be charged to the client's reconnect. FeedServer has no backlog option,
+    # hence its private listener; listen() again only resizes the queue.
+    listener = server._server
+    for wrapped in listener.sockets if listener is not None else ():
+        # A duplicate of the descriptor: asyncio's wrapper has no listen().
+        with socket.fromfd(wrapped.fileno(), wrapped.family, wrapped.type) as sock:
+            sock.listen(LISTEN_BACKLOG)
+
+
 async def _serve(count: int) -> None:
     from chatfeed.testing import FeedServer
 
     server = FeedServer(tokens=[f"token-{i}" for i in range(count)], host=_HOST, port=0)
     await server.start()
+    _deepen_listen_queue(server)
     try:
         _emit("listening", port=server.port)
         loop = asyncio.get_running_loop()
@@ -153,8 +209,11 @@ async def _serve(count: int) -> None:
             command = line.decode().strip()
             if command == "drop":
                 clients = server.clients
+                cpu = _cpu_seconds()
                 server.drop_connections()
-                _emit("dropped", clients=clients)
+                _emit("dropped", clients=clients, cpu_seconds=cpu)
+            elif command == "cpu":
+                _emit("cpu", cpu_seconds=_cpu_seconds())
             elif command == "quit":
                 return
             else:
@@ -258,6 +317,7 @@ async def _measure_chatfeed(port: int, count: int, idle_seconds: float) -> None:
         await asyncio.sleep(idle_seconds)
         idle_cpu, idle_wall = _cpu_seconds() - cpu_start, time.monotonic() - wall_start
         tracker.armed = True
+        cpu_start = _cpu_seconds()
         _emit(
             "ready",
             idle_cpu_seconds=idle_cpu,
@@ -265,7 +325,8 @@ async def _measure_chatfeed(port: int, count: int, idle_seconds: float) -> None:
             early_disconnects=tracker.early_disconnects,
         )
 
-        await tracker.wait(tracker.all_back, _reconnect_timeout(count), "all back")
+        with _GcPauses() as gc_pauses:
+            await tracker.wait(tracker.all_back, _reconnect_timeout(count), "all back")
         lost = [at for at in tracker.lost_at if at is not None]
         back = [at for at in tracker.back_at if at is not None]
         pairs = zip(tracker.lost_at, tracker.back_at, strict=True)
@@ -273,6 +334,9 @@ async def _measure_chatfeed(port: int, count: int, idle_seconds: float) -> None:
         scheduled = [delay for delay in tracker.retry_in if delay is not None]
         _emit(
             "reconnected",
+            cpu_seconds=_cpu_seconds() - cpu_start,
+            gc_seconds=gc_pauses.total,
+            gc_longest_pause_seconds=gc_pauses.longest,
             all_back_seconds=max(back) - min(lost),
             delays=delays,
             scheduled_delays=scheduled,
@@ -323,7 +387,7 @@ async def _measure_bare(port: int, count: int) -> None:
         if pending:
             raise TimeoutError(f"{len(pending)} of {count} bare connections not open in time")
         for task in done:
-            task.result()  # raises the first failure
+            task.result()  # raises a failure, if any
         connect_seconds = loop.time() - started
         rss_after = _settled_rss_kib()
         _emit("connected", rss_before_kib=rss_before, rss_after_kib=rss_after, connect_seconds=connect_seconds)
@@ -462,8 +526,8 @@ def _client_args(kind: str, port: int, count: int, idle_seconds: float, deadline
 def _histogram(delays: list[float]) -> list[int]:
     buckets = [0] * HISTOGRAM_BUCKETS
     for delay in delays:
-        # A client whose first attempt failed lands past the window: it is
-        # counted in the last bucket here and reported in details.
+        # Late clients (CPU queueing, or a failed first attempt) are kept in
+        # the last bucket so that the counts add up to N; details say how many.
         index = min(max(int(delay / BACKOFF_INITIAL * HISTOGRAM_BUCKETS), 0), HISTOGRAM_BUCKETS - 1)
         buckets[index] += 1
     return buckets
@@ -478,6 +542,8 @@ def _run_chatfeed(start: _Start, python: str, count: int, idle_seconds: float) -
     server.send("drop")
     dropped = server.read("dropped", _COMMAND_TIMEOUT)
     reconnected = client.read("reconnected", _reconnect_timeout(count) + _COMMAND_TIMEOUT)
+    server.send("cpu")
+    server_cpu = server.read("cpu", _COMMAND_TIMEOUT)["cpu_seconds"] - dropped["cpu_seconds"]
     done = client.read("done", _CLOSE_TIMEOUT)
     client.finish()
     server.send("quit")
@@ -487,6 +553,7 @@ def _run_chatfeed(start: _Start, python: str, count: int, idle_seconds: float) -
         "ready": ready,
         "dropped": dropped["clients"],
         "reconnected": reconnected,
+        "server_reconnect_cpu_seconds": server_cpu,
         "leftover_tasks": done["leftover_tasks"],
     }
 
@@ -521,7 +588,7 @@ def run_scale(counts: list[int], idle_seconds: float, *, python: str = sys.execu
     Returns:
         One dict per count, in order: ``connections``,
         ``chatfeed_rss_per_connection_kib``, ``bare_rss_per_connection_kib``,
-        ``rss_ratio`` (chatfeed / bare), ``idle_cpu_seconds``,
+        ``rss_ratio`` (chatfeed / bare; None if bare grew nothing), ``idle_cpu_seconds``,
         ``idle_cpu_percent`` (of one core), ``all_back_seconds`` (first drop
         seen to last client back), ``reconnect_spread`` ((latest - earliest
         reconnect delay) / the jitter window), ``reconnect_histogram`` (10
@@ -551,7 +618,7 @@ def run_scale(counts: list[int], idle_seconds: float, *, python: str = sys.execu
                 "connections": count,
                 "chatfeed_rss_per_connection_kib": round(feed_kib, 2),
                 "bare_rss_per_connection_kib": round(bare_kib, 2),
-                "rss_ratio": round(feed_kib / bare_kib, 3) if bare_kib > 0 else math.nan,
+                "rss_ratio": round(feed_kib / bare_kib, 3) if bare_kib > 0 else None,
                 "idle_cpu_seconds": round(float(ready["idle_cpu_seconds"]), 4),
                 "idle_cpu_percent": round(100.0 * float(ready["idle_cpu_seconds"]) / idle_wall, 3),
                 "all_back_seconds": round(float(reconnected["all_back_seconds"]), 3),
@@ -570,6 +637,11 @@ def run_scale(counts: list[int], idle_seconds: float, *, python: str = sys.execu
                     "reconnect_delay_max_seconds": round(max(delays), 4),
                     "reconnects_past_window": sum(delay > BACKOFF_INITIAL for delay in delays),
                     "scheduled_spread": round((max(scheduled) - min(scheduled)) / BACKOFF_INITIAL, 3),
+                    "scheduled_histogram": _histogram(scheduled),
+                    "client_reconnect_cpu_seconds": round(float(reconnected["cpu_seconds"]), 3),
+                    "client_reconnect_gc_seconds": round(float(reconnected["gc_seconds"]), 3),
+                    "client_reconnect_gc_longest_pause_seconds": round(reconnected["gc_longest_pause_seconds"], 3),
+                    "server_reconnect_cpu_seconds": round(float(feed["server_reconnect_cpu_seconds"]), 3),
                     "leftover_tasks": {"chatfeed": feed["leftover_tasks"], "bare": bare["leftover_tasks"]},
                 },
             }
@@ -580,15 +652,24 @@ def run_scale(counts: list[int], idle_seconds: float, *, python: str = sys.execu
 def _table(results: list[dict[str, object]]) -> str:
     header = (
         f"{'N':>6} {'chatfeed KiB/conn':>18} {'bare KiB/conn':>14} {'ratio':>6} {'idle CPU s':>11} "
-        f"{'idle CPU %':>11} {'all back s':>11} {'spread':>7}  histogram"
+        f"{'idle CPU %':>11} {'all back s':>11} {'spread':>7}"
     )
     lines = [header, "-" * len(header)]
     for row in results:
         lines.append(
             f"{row['connections']:>6} {row['chatfeed_rss_per_connection_kib']:>18} "
             f"{row['bare_rss_per_connection_kib']:>14} {row['rss_ratio']:>6} {row['idle_cpu_seconds']:>11} "
-            f"{row['idle_cpu_percent']:>11} {row['all_back_seconds']:>11} {row['reconnect_spread']:>7}  "
-            f"{row['reconnect_histogram']}"
+            f"{row['idle_cpu_percent']:>11} {row['all_back_seconds']:>11} {row['reconnect_spread']:>7}"
+        )
+    lines.append("")
+    window = f"[0, {BACKOFF_INITIAL:g}] s"
+    lines.append(f"Reconnect delays, {HISTOGRAM_BUCKETS} buckets over {window} (later ones in the last):")
+    for row in results:
+        details = row["details"]
+        assert isinstance(details, dict)
+        lines.append(
+            f"{row['connections']:>6} seen {row['reconnect_histogram']}, {details['reconnects_past_window']} past the "
+            f"window; backoff drew {details['scheduled_histogram']}"
         )
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -27,29 +27,9 @@ import chatfeed
 from chatfeed.testing import FeedServer, make_message
 
 from ..conftest import BAD_TOKEN, FAST, MS, TOKEN
-from .conftest import WAIT, Recorder, content, make_client, raw_server, running, url_of
+from .conftest import WAIT, Counter, Recorder, content, make_client, raw_server, running, tcp_server, url_of
 
 T = TypeVar("T")
-
-
-class Counter:
-    """A count that a test can wait on without sleeping."""
-
-    def __init__(self) -> None:
-        self.value = 0
-        self._changed = asyncio.Event()
-
-    def bump(self) -> None:
-        self.value += 1
-        self._changed.set()
-
-    async def wait_for(self, count: int, timeout: float = WAIT) -> None:
-        async def wait() -> None:
-            while self.value < count:
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), timeout)
 
 
 class LogWatcher(logging.Handler):
@@ -77,28 +57,6 @@ def watch_log(needle: str) -> Iterator[LogWatcher]:
         yield watcher
     finally:
         logger.removeHandler(watcher)
-
-
-@contextlib.asynccontextmanager
-async def tcp_server(on_accept: Callable[[asyncio.StreamWriter], None]) -> AsyncIterator[tuple[str, Counter]]:
-    """A plain TCP server on loopback that counts connections and lets ``on_accept`` treat each."""
-    accepted = Counter()
-    writers: list[asyncio.StreamWriter] = []
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        on_accept(writer)
-        accepted.bump()
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    try:
-        host, port = server.sockets[0].getsockname()[:2]
-        yield f"ws://{host}:{port}", accepted
-    finally:
-        for writer in writers:
-            writer.transport.abort()
-        server.close()
-        await server.wait_closed()
 
 
 def free_port() -> int:

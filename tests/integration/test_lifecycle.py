@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,28 +11,7 @@ import chatfeed
 from chatfeed.testing import FeedServer
 
 from ..conftest import SECRET, TOKEN
-from .conftest import WAIT, Recorder, chatfeed_tasks, make_client, running
-
-
-@contextlib.asynccontextmanager
-async def mute_server() -> AsyncIterator[tuple[str, asyncio.Event]]:
-    """A TCP server that accepts connections and never says a word; the event is set on accept."""
-    writers: list[asyncio.StreamWriter] = []
-    accepted = asyncio.Event()
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        accepted.set()
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    try:
-        host, port = server.sockets[0].getsockname()[:2]
-        yield f"ws://{host}:{port}", accepted
-    finally:
-        for writer in writers:
-            writer.transport.abort()
-        server.close()
-        await server.wait_closed()
+from .conftest import WAIT, Recorder, chatfeed_tasks, make_client, running, tcp_server
 
 
 async def close_promptly(client: chatfeed.Client) -> None:
@@ -44,10 +21,10 @@ async def close_promptly(client: chatfeed.Client) -> None:
 
 
 async def test_close_while_opening_the_connection() -> None:
-    async with mute_server() as (url, accepted):
+    async with tcp_server(lambda writer: None) as (url, accepted):
         client = make_client(url, open_timeout=30.0)
         async with running(client):
-            await asyncio.wait_for(accepted.wait(), WAIT)  # stuck in the WebSocket handshake
+            await accepted.wait_for(1)  # the client is now stuck in the WebSocket handshake
             await close_promptly(client)
 
 

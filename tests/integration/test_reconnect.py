@@ -132,10 +132,16 @@ def attempts_logged(text: str) -> list[int]:
     return [int(match) for match in re.findall(r"\(attempt (\d+)\)", text)]
 
 
-async def test_backoff_keeps_growing_against_a_server_that_accepts_then_drops(
-    server: FeedServer, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("reset_after", "attempts"),
+    [(60.0, [1, 2, 3, 4]), (0.0, [1, 1, 1, 1])],
+    ids=["drops-at-once-keep-growing", "stable-connections-reset"],
+)
+async def test_backoff_resets_only_after_a_stable_connection(
+    server: FeedServer, caplog: pytest.LogCaptureFixture, reset_after: float, attempts: list[int]
 ) -> None:
-    client = make_client(server.url, reconnect=chatfeed.Backoff(initial=MS, maximum=5 * MS, reset_after=60))
+    # A server that accepts, authenticates, then drops at once, over and over.
+    client = make_client(server.url, reconnect=chatfeed.Backoff(initial=MS, maximum=5 * MS, reset_after=reset_after))
 
     @client.on("connected")
     def drop_at_once(event: chatfeed.Connected) -> None:
@@ -145,21 +151,7 @@ async def test_backoff_keeps_growing_against_a_server_that_accepts_then_drops(
     client.on("connected")(connected)
     async with running(client):
         await connected.wait_for(5)
-    assert attempts_logged(caplog.text)[:4] == [1, 2, 3, 4]
-
-
-async def test_backoff_resets_after_a_stable_connection(server: FeedServer, caplog: pytest.LogCaptureFixture) -> None:
-    client = make_client(server.url, reconnect=chatfeed.Backoff(initial=MS, maximum=5 * MS, reset_after=0))
-
-    @client.on("connected")
-    def drop_at_once(event: chatfeed.Connected) -> None:
-        server.drop_connections()
-
-    connected = Recorder()
-    client.on("connected")(connected)
-    async with running(client):
-        await connected.wait_for(4)
-    assert attempts_logged(caplog.text)[:3] == [1, 1, 1]
+    assert attempts_logged(caplog.text)[:4] == attempts
 
 
 async def test_dead_peer_is_detected_by_ping_and_replaced(server: FeedServer) -> None:
