@@ -61,8 +61,8 @@ async def firehose(ws: ServerConnection, count: int) -> None:
     chunk = FRAME * CHUNK
     for sent in range(0, count, CHUNK):
         transport.write(chunk if count - sent >= CHUNK else FRAME * (count - sent))
-        while transport.get_write_buffer_size() > WRITE_LIMIT:
-            await asyncio.sleep(0.0005)
+        if transport.get_write_buffer_size() > WRITE_LIMIT:
+            await ws.drain()  # websockets' flow control: returns once the client has read enough
 
 
 async def paced(ws: ServerConnection, rate: float, seconds: float) -> None:

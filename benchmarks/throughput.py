@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,7 @@ async def events(url: str, token: str, count: int) -> None:
                 break
 
 
-CONSUMERS: dict[str, Callable[[str, str, int], Awaitable[None]]] = {
+CONSUMERS: dict[str, Callable[[str, str, int], Coroutine[Any, Any, None]]] = {
     "hand": hand,
     "bare": bare,
     "handler": handler,
