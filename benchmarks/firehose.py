@@ -61,8 +61,9 @@ async def firehose(ws: ServerConnection, count: int) -> None:
     chunk = FRAME * CHUNK
     for sent in range(0, count, CHUNK):
         transport.write(chunk if count - sent >= CHUNK else FRAME * (count - sent))
-        if transport.get_write_buffer_size() > WRITE_LIMIT:
-            await ws.drain()  # websockets' flow control: returns once the client has read enough
+        # websockets' flow control, with the limits given to serve(): waits
+        # only while more than WRITE_LIMIT bytes are queued, until half is sent.
+        await ws.drain()
 
 
 async def paced(ws: ServerConnection, rate: float, seconds: float) -> None:
@@ -93,7 +94,9 @@ async def handler(ws: ServerConnection) -> None:
 
 
 async def main() -> None:
-    async with serve(handler, "127.0.0.1", 0, compression=None, max_queue=None) as server:
+    async with serve(
+        handler, "127.0.0.1", 0, compression=None, max_queue=None, write_limit=(WRITE_LIMIT, WRITE_LIMIT // 2)
+    ) as server:
         print(server.sockets[0].getsockname()[1], flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
 

@@ -248,7 +248,9 @@ class EventStream(Generic[E]):
             finally:
                 self._getter = None
         item = self._items.popleft()
-        if self._putter is not None:
+        # Wake a waiting receive loop only once half the buffer is free, so
+        # that it refills the buffer in one go instead of one item per wake.
+        if self._putter is not None and len(self._items) <= self._buffer // 2:
             _wake(self._putter)
         return item
 
@@ -310,17 +312,26 @@ class EventStream(Generic[E]):
 
 
 async def _wait_for_room(waiter: asyncio.Future[None]) -> None:
-    stalled = 0.0
-    while True:
-        done, _ = await asyncio.wait([waiter], timeout=STALL_WARNING_AFTER)
-        if done:
-            return
-        stalled += STALL_WARNING_AFTER
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    timer: asyncio.TimerHandle
+
+    def warn() -> None:
+        nonlocal timer
         logger.warning(
-            "an events() stream has not been read for %g s; the feed is not read until it is. A stream left "
+            "an events() stream has not been read for %.0f s; the feed is not read until it is. A stream left "
             "with `break` but still referenced stays subscribed: use `async with client.events() as stream:`",
-            stalled,
+            loop.time() - started,
         )
+        timer = loop.call_later(STALL_WARNING_AFTER, warn)
+
+    # A timer rather than a timeout on the wait: this runs whenever a buffer
+    # fills up, and a timer handle costs far less than asyncio.wait().
+    timer = loop.call_later(STALL_WARNING_AFTER, warn)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
 
 
 def _being_cancelled() -> bool:

@@ -17,7 +17,7 @@ import enum
 from datetime import datetime, timezone
 from typing import Annotated, ClassVar, Literal, TypeAlias
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, NaiveDatetime
 from pydantic.alias_generators import to_camel
 
 from .exceptions import ChatfeedError
@@ -48,7 +48,12 @@ def _assume_utc(value: datetime) -> datetime:
 
 
 Id = Annotated[str, Field(coerce_numbers_to_str=True)]
-Timestamp = Annotated[datetime, AfterValidator(_assume_utc)]
+# Aware timestamps, the protocol's promise and so the common case, are
+# validated without a Python call; only naive ones go through _assume_utc.
+Timestamp = Annotated[
+    AwareDatetime | Annotated[NaiveDatetime, AfterValidator(_assume_utc)],
+    Field(union_mode="left_to_right"),
+]
 
 
 class Role(str, enum.Enum):
