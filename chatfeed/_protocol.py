@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+from collections.abc import Callable
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
@@ -35,6 +36,8 @@ logger = logging.getLogger("chatfeed.protocol")
 _EVENT_CLASSES = (NewMessage, NewChat, ErrorMessage, UnknownMessage)
 
 _ADAPTER: TypeAdapter[AnyServerMessage] = TypeAdapter(_ServerMessageUnion)
+# The core validator itself: TypeAdapter.validate_json adds a Python call per frame.
+_validate_json: Callable[[str | bytes], AnyServerMessage] = _ADAPTER.validator.validate_json
 
 
 def parse_server_message(data: str | bytes) -> AnyServerMessage:
@@ -57,7 +60,7 @@ def parse_server_message(data: str | bytes) -> AnyServerMessage:
         ErrorMessage(type='error', message='busy')
     """
     try:
-        return _ADAPTER.validate_json(data)
+        return _validate_json(data)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
     # Raised outside the except block so that it is neither chained to nor
