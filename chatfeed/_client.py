@@ -1,8 +1,8 @@
 """The client: owns the connection loop and every task it starts.
 
 One supervisor task per client runs connect, authenticate, receive and
-reconnect in a loop; it is started by :meth:`Client.run` or ``async with`` and
-ended by :meth:`Client.close`. Each connection has one more task, its
+reconnect in a loop; it is started by [`Client.run`][chatfeed.Client.run] or ``async with`` and
+ended by [`Client.close`][chatfeed.Client.close]. Each connection has one more task, its
 keepalive. Nothing else is spawned: handlers run inline in the receive loop,
 one event at a time, in the order the frames arrived.
 """
@@ -78,7 +78,7 @@ class _State(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class ClientStatistics:
-    """A snapshot of what a client has done, from :meth:`Client.statistics`.
+    """A snapshot of what a client has done, from [`Client.statistics`][chatfeed.Client.statistics].
 
     Attributes:
         state: ``"unopened"``, ``"open"`` or ``"closed"``.
@@ -105,7 +105,7 @@ class Client:
     """A client of the chat feed.
 
     Connects, authenticates with a JWT, delivers every server event to the
-    handlers registered with :meth:`on` and to :meth:`events` iterators, and
+    handlers registered with [`on`][chatfeed.Client.on] and to [`events`][chatfeed.Client.events] iterators, and
     reconnects with backoff when the connection is lost.
 
     Args:
@@ -114,7 +114,7 @@ class Client:
         token: The JWT, or a zero-argument function (sync or async) returning
             one; a function is called before every connection attempt, so it
             can refresh an expired token.
-        reconnect: The :class:`~chatfeed.Backoff` between attempts; ``True``
+        reconnect: The [`Backoff`][chatfeed.Backoff] between attempts; ``True``
             for the default one; ``False`` to never reconnect (then the first
             failure or disconnection raises).
         auth_timeout: Seconds to wait for the answer to the auth frame.
@@ -122,7 +122,7 @@ class Client:
         ping_timeout: Seconds to wait for a pong before the connection is
             considered dead and dropped, or ``None`` to wait forever.
         open_timeout: Seconds allowed for TCP, TLS and the WebSocket handshake.
-        close_timeout: Seconds :meth:`close` waits for the server to
+        close_timeout: Seconds [`close`][chatfeed.Client.close] waits for the server to
             acknowledge the closing handshake before dropping the connection.
         max_size: Largest frame accepted, in bytes (after decompression). A
             larger one closes that connection with code 1009; the client
@@ -235,13 +235,13 @@ class Client:
             event: An event name (``"new_message"``, ``"new_chat"``,
                 ``"error"``, ``"unknown"``, ``"connected"``,
                 ``"disconnected"``) or the matching class;
-                :class:`~chatfeed.ServerMessage` receives every server event.
+                [`ServerMessage`][chatfeed.ServerMessage] receives every server event.
 
         Handlers may be sync or async; several may handle one kind, and run in
         registration order. They run one event at a time in the receive loop,
         so a slow handler slows reading (nothing is dropped); hand long work
         to a task of your own. An exception in a handler is logged and passed
-        to the :meth:`on_error` hooks; it stops nothing else.
+        to the [`on_error`][chatfeed.Client.on_error] hooks; it stops nothing else.
 
         Raises:
             UsageError: ``event`` is not an event chatfeed delivers.
@@ -301,7 +301,7 @@ class Client:
     # Running
 
     async def run(self) -> None:
-        """Connect and deliver events until :meth:`close` is called.
+        """Connect and deliver events until [`close`][chatfeed.Client.close] is called.
 
         Connection failures and disconnections are retried as ``reconnect``
         says; errors that a retry would meet again end the run.
@@ -329,7 +329,7 @@ class Client:
 
         Raises:
             AuthenticationError: The server rejected the token.
-            ConnectionFailedError: As for :meth:`run`.
+            ConnectionFailedError: As for [`run`][chatfeed.Client.run].
         """
         task = self._start(dispatch_now=False)
         assert self._authenticated is not None and self._dispatch_allowed is not None

@@ -1,7 +1,7 @@
 """The websockets adapter: one WebSocket connection, with chatfeed's exceptions.
 
 Everything websockets raises is translated here into the exceptions of
-:mod:`chatfeed.exceptions`, so that nothing above this module knows
+`chatfeed.exceptions`, so that nothing above this module knows
 websockets' exception tree. Keepalive is chatfeed's own: when a pong is late,
 the connection is aborted at once rather than closed politely, because a dead
 peer never answers the closing handshake and waiting for it would hold the
@@ -161,7 +161,7 @@ class Connection:
         return frame
 
     async def receive_forever(self, handle: Callable[[str | bytes], Awaitable[None] | None]) -> None:
-        """Pass every frame to ``handle``, awaiting what it returns, until :meth:`stop_receiving`.
+        """Pass every frame to ``handle``, awaiting what it returns, until `stop_receiving`.
 
         The receive loop of a connection, kept here so that frames come
         straight from websockets, with no wrapper per frame, while its
@@ -182,7 +182,7 @@ class Connection:
             raise self._lost(exc) from exc
 
     def stop_receiving(self) -> None:
-        """Make :meth:`receive_forever` return once the frame in hand is handled."""
+        """Make `receive_forever` return once the frame in hand is handled."""
         self._stopping = True
 
     async def close(self) -> None:

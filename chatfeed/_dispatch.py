@@ -1,7 +1,7 @@
 """Delivery of events: handlers in registration order, then every subscriber.
 
-The receive loop awaits :meth:`Dispatcher.dispatch` once per event, so events
-reach handlers and :class:`EventStream` subscribers in the order the frames
+The receive loop awaits `Dispatcher.dispatch` once per event, so events
+reach handlers and [`EventStream`][chatfeed.EventStream] subscribers in the order the frames
 arrived, with no task or queue hop in between. A subscriber whose buffer is
 full makes ``dispatch`` wait, which stops the loop reading from the socket:
 TCP backpressure instead of dropping or growing without bound.
@@ -212,7 +212,7 @@ class EventStream(Generic[E]):
     """The events of a client, from subscription on, through a bounded buffer.
 
     Returned by ``Client.events()``, for one reader at a time. Iterate it with
-    ``async for``. It unsubscribes when closed (:meth:`aclose`, or leaving
+    ``async for``. It unsubscribes when closed ([`aclose`][chatfeed.EventStream.aclose], or leaving
     ``async with client.events() as stream:``) or when nothing refers to it
     any more, as when ``async for event in client.events():`` is left with
     ``break``. A stream kept in a variable stays subscribed after ``break``,

@@ -1,7 +1,7 @@
 """When to reconnect, and how long to wait first.
 
-:func:`classify` is the whole retry policy: a pure function from the error that
-ended a connection attempt to a :class:`Verdict`. :class:`Backoff` turns the
+`classify` is the whole retry policy: a pure function from the error that
+ended a connection attempt to a `Verdict`. [`Backoff`][chatfeed.Backoff] turns the
 number of failures in a row into a wait (exponential, full jitter, capped).
 Neither does any I/O, so both are tested without a socket.
 """

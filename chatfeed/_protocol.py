@@ -1,7 +1,7 @@
 """The chat feed protocol without I/O: frames in, typed messages out.
 
-:func:`parse_server_message` turns one frame into a model in a single pydantic
-pass. :class:`FeedProtocol` keeps the handshake state of one connection: what
+[`parse_server_message`][chatfeed.parse_server_message] turns one frame into a model in a single pydantic
+pass. `FeedProtocol` keeps the handshake state of one connection: what
 to send first, and what each received frame means in that state. The client
 feeds it frames from the socket; tests feed it strings.
 """
@@ -47,7 +47,7 @@ def parse_server_message(data: str | bytes) -> AnyServerMessage:
         data: The frame, as text or as UTF-8 bytes.
 
     Returns:
-        The message: one class per known ``type``, :class:`~chatfeed.UnknownMessage`
+        The message: one class per known ``type``, [`UnknownMessage`][chatfeed.UnknownMessage]
         for any other.
 
     Raises:

@@ -1,6 +1,6 @@
 """Exceptions raised by chatfeed.
 
-Every exception chatfeed raises on purpose derives from :class:`ChatfeedError`.
+Every exception chatfeed raises on purpose derives from [`ChatfeedError`][chatfeed.ChatfeedError].
 Exceptions of the libraries underneath (websockets, pydantic, the OS) are
 translated where they occur and chained as ``__cause__``, so they never leak.
 
@@ -17,7 +17,7 @@ ChatfeedError
     └── ConnectionLostError     the WebSocket closed (close code and reason)
 ```
 
-Only :class:`UsageError` means "fix your code"; the others describe the
+Only [`UsageError`][chatfeed.UsageError] means "fix your code"; the others describe the
 outside world and carry structured attributes for deciding what to do.
 None of them ever includes the token or the content of a frame in its text.
 """
@@ -86,7 +86,7 @@ class ConnectError(ConnectionFailedError):
     """The connection failed before the WebSocket handshake completed.
 
     Refused or reset connections, DNS failures, timeouts and TLS errors.
-    The underlying :class:`OSError` or :class:`TimeoutError` is ``__cause__``.
+    The underlying `OSError` or `TimeoutError` is ``__cause__``.
     """
 
 

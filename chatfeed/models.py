@@ -1,12 +1,12 @@
 """Typed models of everything the chat feed delivers.
 
-Payload models (:class:`Message`, :class:`Chat`) and one class per server
+Payload models ([`Message`][chatfeed.Message], [`Chat`][chatfeed.Chat]) and one class per server
 message ``type`` are frozen pydantic models: attributes are snake_case, JSON is
 camelCase (``model_dump(by_alias=True)`` gives back the wire form), fields a
 newer server adds are kept rather than rejected, and values the SDK does not
 know (a new ``role`` or ``status``) are kept as plain strings.
 
-:class:`Connected` and :class:`Disconnected` are not sent by the server: the
+[`Connected`][chatfeed.Connected] and [`Disconnected`][chatfeed.Disconnected] are not sent by the server: the
 client emits them when a connection is authenticated and when it ends.
 """
 
@@ -133,7 +133,7 @@ class AuthSuccess(ServerMessage):
 
 
 class AuthError(ServerMessage):
-    """The server rejected the token. The client raises :class:`~chatfeed.AuthenticationError`."""
+    """The server rejected the token. The client raises [`AuthenticationError`][chatfeed.AuthenticationError]."""
 
     type: Literal["auth_error"]
     message: str = ""
@@ -192,7 +192,7 @@ _KnownMessage = Annotated[
 ]
 
 AnyServerMessage: TypeAlias = AuthSuccess | AuthError | NewMessage | NewChat | ErrorMessage | UnknownMessage
-"""Every frame the server may send, as :func:`~chatfeed.parse_server_message` returns it."""
+"""Every frame the server may send, as [`parse_server_message`][chatfeed.parse_server_message] returns it."""
 
 # Known types are picked by their tag in one pass; only a frame whose tag is
 # not known falls through to UnknownMessage.
@@ -217,7 +217,7 @@ class Connected:
 
 @dataclasses.dataclass(frozen=True)
 class Disconnected:
-    """An authenticated connection ended, other than by :meth:`~chatfeed.Client.close`.
+    """An authenticated connection ended, other than by [`Client.close`][chatfeed.Client.close].
 
     Attributes:
         code: The WebSocket close code (1006 when the connection dropped

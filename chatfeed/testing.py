@@ -1,6 +1,6 @@
 """A chat feed server for tests: the real protocol, on loopback, in your process.
 
-:class:`FeedServer` speaks the backend's protocol over a real WebSocket server
+[`FeedServer`][chatfeed.testing.FeedServer] speaks the backend's protocol over a real WebSocket server
 (websockets'): it checks the auth frame against the tokens it was given,
 answers ``auth_success`` or ``auth_error``, and pushes what you tell it to. It
 can also misbehave on purpose (reject the handshake with an HTTP status, stay
@@ -54,7 +54,7 @@ _ids = itertools.count(1)
 
 
 def make_message(**fields: Any) -> Message:
-    """Return a plausible assistant :class:`~chatfeed.Message`; ``fields`` override any field.
+    """Return a plausible assistant [`Message`][chatfeed.Message]; ``fields`` override any field.
 
     Example:
         >>> make_message(content="Hi", chat_id="7").content
@@ -76,7 +76,7 @@ def make_message(**fields: Any) -> Message:
 
 
 def make_chat(**fields: Any) -> Chat:
-    """Return a plausible :class:`~chatfeed.Chat`; ``fields`` override any field."""
+    """Return a plausible [`Chat`][chatfeed.Chat]; ``fields`` override any field."""
     now = datetime.now(timezone.utc)
     values: dict[str, Any] = {
         "id": str(next(_ids)),
@@ -189,10 +189,10 @@ class FeedServer:
     """A chat feed backend on a loopback port.
 
     Args:
-        tokens: The tokens it accepts; :attr:`tokens` can be changed later
+        tokens: The tokens it accepts; the `tokens` attribute can be changed later
             (remove one to make the next auth with it fail).
         host: The address to listen on.
-        port: The port; 0 picks a free one (see :attr:`url`).
+        port: The port; 0 picks a free one (see [`url`][chatfeed.testing.FeedServer.url]).
         close_on_auth_error: Close the connection (code 1008) after
             ``auth_error``, as most backends do.
         ssl: A server-side TLS context, to serve ``wss://``.
@@ -324,7 +324,7 @@ class FeedServer:
         """Send a ``new_message`` frame to every authenticated client.
 
         Args:
-            message: The message; by default :func:`make_message` with ``fields``.
+            message: The message; by default [`make_message`][chatfeed.testing.make_message] with ``fields``.
 
         Returns:
             The message sent.
@@ -334,7 +334,10 @@ class FeedServer:
         return message
 
     async def push_chat(self, chat: Chat | None = None, **fields: Any) -> Chat:
-        """Send a ``new_chat`` frame to every authenticated client; see :meth:`push_message`."""
+        """Send a ``new_chat`` frame to every authenticated client.
+
+        Works like [`push_message`][chatfeed.testing.FeedServer.push_message].
+        """
         chat = chat or make_chat(**fields)
         await self.send_raw(NewChat(type="new_chat", payload=chat).model_dump_json(by_alias=True))
         return chat
@@ -393,7 +396,9 @@ class FeedServer:
         await self._wait_until(lambda: self.handshakes >= count, timeout)
 
     async def wait_for_auth_frames(self, count: int, *, timeout: float | None = 10.0) -> None:
-        """Wait until ``count`` auth frames have been received in all (see :attr:`received_tokens`).
+        """Wait until ``count`` auth frames have been received in all.
+
+        See the `received_tokens` attribute.
 
         Raises:
             TimeoutError: Not within ``timeout`` seconds.
