@@ -35,9 +35,6 @@ class FrameRedactingLogger(_LoggerAdapter):
         if self.isEnabledFor(level):
             self.logger.log(level, msg, *_redact_args(msg, args), **kwargs)
 
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return msg, kwargs
-
 
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 

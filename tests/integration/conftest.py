@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -93,6 +94,14 @@ async def raw_server(handler: Callable[[ServerConnection], Awaitable[None]]) -> 
     logger = FrameRedactingLogger(logging.getLogger("websockets.server"))
     async with serve(handler, "127.0.0.1", 0, logger=logger) as server:
         yield server
+
+
+def free_port() -> int:
+    """A loopback port that nothing listens on (at the time of the call)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def url_of(server: Server) -> str:

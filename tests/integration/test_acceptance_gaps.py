@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -27,7 +26,7 @@ import chatfeed
 from chatfeed.testing import FeedServer, make_message
 
 from ..conftest import BAD_TOKEN, FAST, MS, TOKEN
-from .conftest import WAIT, Counter, Recorder, content, make_client, raw_server, running, tcp_server, url_of
+from .conftest import WAIT, Counter, Recorder, content, free_port, make_client, raw_server, running, tcp_server, url_of
 
 T = TypeVar("T")
 
@@ -57,13 +56,6 @@ def watch_log(needle: str) -> Iterator[LogWatcher]:
         yield watcher
     finally:
         logger.removeHandler(watcher)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def unfinished_tasks(before: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:

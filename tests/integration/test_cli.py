@@ -20,7 +20,7 @@ import chatfeed
 from chatfeed.testing import FeedServer
 
 from ..conftest import BAD_TOKEN, SECRET, TOKEN
-from .conftest import WAIT
+from .conftest import WAIT, free_port
 
 CLI_WAIT = 20.0
 """Seconds a command may take: starting Python and importing is part of it."""
@@ -85,13 +85,6 @@ async def command_cleanup() -> AsyncIterator[list[Command]]:
         if command.process.returncode is None:
             command.process.kill()
             await command.process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 pytestmark = pytest.mark.timeout(60)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 
 import pytest
 
@@ -13,14 +12,7 @@ from chatfeed._policy import TRY_AGAIN_LATER_DELAY
 from chatfeed.testing import FeedServer
 
 from ..conftest import FAST, MS, TOKEN
-from .conftest import WAIT, Recorder, make_client, running
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from .conftest import WAIT, Recorder, free_port, make_client, running
 
 
 @pytest.mark.parametrize("code", [1000, 1001, 1011, 1012, 1014, 3000, 4000, 4499])
