@@ -15,7 +15,7 @@ Example:
 """
 
 from ._client import Client, ClientStatistics, TokenSource
-from ._dispatch import EventStream
+from ._dispatch import EventName, EventStream
 from ._policy import Backoff
 from ._protocol import parse_server_message
 from ._version import __version__
@@ -66,6 +66,7 @@ __all__ = [
     "ConnectionLostError",
     "Disconnected",
     "ErrorMessage",
+    "EventName",
     "EventStream",
     "FeedEvent",
     "HandshakeError",

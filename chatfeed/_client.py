@@ -16,6 +16,7 @@ import inspect
 import ipaddress
 import logging
 import math
+import signal
 import ssl as ssl_module
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,7 @@ from typing import Any, Literal, TypeAlias, TypeVar, overload
 from typing_extensions import Self
 
 from ._connection import Connection, cancel_and_wait
-from ._dispatch import Dispatcher, ErrorHook, EventStream, Handler, resolve_event
+from ._dispatch import Dispatcher, ErrorHook, EventName, EventStream, Handler, resolve_event
 from ._logging import redact_url
 from ._policy import Backoff, classify
 from ._protocol import FeedProtocol, HandshakeState
@@ -198,6 +199,10 @@ class Client:
         # so that ``events()`` called right after sees every event.
         self._dispatch_allowed: asyncio.Event | None = None
         self._stop_requested = False
+        # The task inside ``async with client:``, cancelled if the client stops on an error.
+        self._host: asyncio.Task[Any] | None = None
+        self._in_block = False
+        self._cancelled_host = False
         self._connected = False
         self._connections = 0
         self._connection: Connection | None = None
@@ -226,16 +231,18 @@ class Client:
     @overload
     def on(self, event: type[ServerMessage]) -> Callable[[_OnServerMessage], _OnServerMessage]: ...
     @overload
-    def on(self, event: str) -> Callable[[_OnAny], _OnAny]: ...
+    def on(self, event: EventName) -> Callable[[_OnAny], _OnAny]: ...
 
-    def on(self, event: str | type[Any]) -> Callable[[_OnAny], _OnAny]:
+    def on(self, event: EventName | type[Any]) -> Callable[[_OnAny], _OnAny]:
         """Register the decorated function as a handler of one kind of event.
 
         Args:
             event: An event name (``"new_message"``, ``"new_chat"``,
                 ``"error"``, ``"unknown"``, ``"connected"``,
-                ``"disconnected"``) or the matching class;
-                [`ServerMessage`][chatfeed.ServerMessage] receives every server event.
+                ``"disconnected"``; see [`EventName`][chatfeed.EventName]) or the
+                matching class; [`ServerMessage`][chatfeed.ServerMessage] receives every
+                server event. A misspelt name is a type error for a type checker,
+                and a [`UsageError`][chatfeed.UsageError] at run time.
 
         Handlers may be sync or async; several may handle one kind, and run in
         registration order. They run one event at a time in the receive loop,
@@ -281,6 +288,11 @@ class Client:
         or ``await stream.aclose()``). The iterator ends when the client
         closes, raising the error that stopped the client, if any.
 
+        A stream may be created before the client starts (to start ``run()``
+        in a task next), but reading it while the client has never been
+        started raises [`UsageError`][chatfeed.UsageError] rather than waiting
+        forever for events that cannot come.
+
         Raises:
             UsageError: The client is closed, or ``buffer`` is not a positive int.
 
@@ -296,28 +308,41 @@ class Client:
             raise UsageError(f"buffer must be a positive int, not {buffer!r}")
         if self._state is _State.CLOSED:
             raise UsageError("the client is closed")
-        return self._dispatcher.subscribe(buffer)
+        return self._dispatcher.subscribe(buffer, never_started=self._never_started)
 
     # Running
 
-    async def run(self) -> None:
+    async def run(self, *, handle_signals: bool = False) -> None:
         """Connect and deliver events until [`close`][chatfeed.Client.close] is called.
 
         Connection failures and disconnections are retried as ``reconnect``
         says; errors that a retry would meet again end the run.
 
+        Args:
+            handle_signals: Also stop, and return normally, on SIGINT (Ctrl-C)
+                or SIGTERM, for a program whose whole job is this client:
+                ``asyncio.run(client.run(handle_signals=True))`` then ends
+                with exit status 0 instead of a ``KeyboardInterrupt``
+                traceback. Only the first signal is caught; a second Ctrl-C
+                interrupts as usual. Needs the main thread, on Unix.
+
         Raises:
             AuthenticationError: The server rejected the token.
             ConnectionFailedError: The feed cannot be reached, or a retry is not
                 worth it (a fatal close code, HTTP 4xx), or retries ran out.
-            UsageError: The client is already running or closed.
+            UsageError: The client is already running or closed, or
+                ``handle_signals`` cannot be honoured here.
         """
         task = self._start(dispatch_now=True)
+        restore = self._stop_on_signals(task) if handle_signals else None
         try:
             await asyncio.wait([task])
         except asyncio.CancelledError:
             await self.close()
             raise
+        finally:
+            if restore is not None:
+                restore()
         if task.cancelled():
             if self._stop_requested:
                 return
@@ -333,6 +358,7 @@ class Client:
         """
         task = self._start(dispatch_now=False)
         assert self._authenticated is not None and self._dispatch_allowed is not None
+        self._host = asyncio.current_task()
         try:
             await asyncio.wait([self._authenticated, task], return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -346,10 +372,34 @@ class Client:
         # No await between this and the caller's next line: a stream it opens
         # there is subscribed before the first event is dispatched.
         self._dispatch_allowed.set()
+        self._in_block = True
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: object
+    ) -> None:
+        """Close the client; raise the error that stopped it, unless the block already saw it.
+
+        As with a task group, an error that stops the client while the block
+        runs cancels the block, and the error is raised here in place of that
+        cancellation. When an ``events()`` loop in the block receives the
+        error itself, the block goes on as it decides, and the error is not
+        raised a second time.
+        """
+        self._in_block = False
+        cancelled_by_us, self._cancelled_host = self._cancelled_host, False
         await self.close()
+        error = self._fatal_error()
+        if cancelled_by_us:
+            uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python 3.11+
+            if uncancel is not None and uncancel() > 0:
+                return  # cancelled from outside too: that cancellation goes on
+            if exc is None or isinstance(exc, asyncio.CancelledError):
+                assert error is not None
+                error.__suppress_context__ = True  # the cancellation was ours, not news to the reader
+                raise error
+        elif exc is None and error is not None and not self._dispatcher.error_raised:
+            raise error
 
     async def close(self) -> None:
         """Stop the client: close the connection, end every task and every event stream.
@@ -373,6 +423,42 @@ class Client:
             # The client stopped on a fatal error, which run(), the event
             # streams and the Disconnected event have already reported.
             task.exception()
+
+    def _fatal_error(self) -> ChatfeedError | None:
+        """The error that stopped the client, once its task has ended on one."""
+        task = self._task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        error = task.exception()
+        return error if isinstance(error, ChatfeedError) else None
+
+    def _never_started(self) -> bool:
+        return self._state is _State.UNOPENED
+
+    def _stop_on_signals(self, task: asyncio.Task[None]) -> Callable[[], None]:
+        """Make the first SIGINT or SIGTERM stop the client; return what undoes it."""
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+
+        def restore() -> None:
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+
+        def stop(signum: signal.Signals) -> None:
+            logger.info("received %s: closing the client", signum.name)
+            restore()  # a second Ctrl-C interrupts as usual
+            self._state = _State.CLOSED
+            self._stop_requested = True
+            task.cancel()
+
+        try:
+            for signum in signals:
+                loop.add_signal_handler(signum, stop, signum)
+        except (NotImplementedError, RuntimeError, ValueError) as exc:
+            restore()
+            task.cancel()
+            raise UsageError(f"handle_signals=True needs the main thread of a Unix process ({exc})") from None
+        return restore
 
     @property
     def connected(self) -> bool:
@@ -419,11 +505,19 @@ class Client:
         finally:
             self._state = _State.CLOSED
             self._connected = False
+            reader_told = self._dispatcher.has_waiting_reader()
             self._dispatcher.end_streams(error)
+            host = self._host
+            if error is not None and self._in_block and not reader_told and host is not None and not host.done():
+                # A task group's rule: the block stops, and __aexit__ raises the
+                # error. Unless an events() reader is about to get the error itself.
+                self._cancelled_host = True
+                host.cancel()
 
     async def _connect_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        failures = 0  # attempts in a row that failed, or ended before reset_after
+        failures = 0  # attempts in a row that failed, or ended before reset_after: the backoff's count
+        failed_attempts = 0  # attempts in a row that did not authenticate: max_attempts' count
         auth_failures = 0  # auth_error answers in a row
         lost_at: float | None = None
         while True:
@@ -434,12 +528,15 @@ class Client:
             if session_start is not None:
                 lost_at = now
                 auth_failures = 0
+                failed_attempts = 0
                 if self._backoff is not None and now - session_start >= self._backoff.reset_after:
                     failures = 0
+            else:
+                failed_attempts += 1
             failures += 1
             if isinstance(error, AuthenticationError):
                 auth_failures += 1
-            delay = self._retry_delay(error, failures, auth_failures)
+            delay = self._retry_delay(error, failures, failed_attempts, auth_failures)
 
             if session_start is not None:
                 logger.info("connection to %s lost: %s", redact_url(self._url), error)
@@ -456,7 +553,12 @@ class Client:
                 if self._stop_requested and delay is not None:
                     return
             if delay is None:
-                logger.warning("giving up on %s after %d failed attempt(s): %s", redact_url(self._url), failures, error)
+                if failed_attempts:
+                    logger.warning(
+                        "giving up on %s after %d failed attempt(s): %s", redact_url(self._url), failed_attempts, error
+                    )
+                else:
+                    logger.warning("giving up on %s: %s", redact_url(self._url), error)
                 raise error
             logger.info("reconnecting in %.3f s (attempt %d): %s", delay, failures, error)
             await asyncio.sleep(delay)
@@ -474,6 +576,7 @@ class Client:
             token = await self._fetch_token()
             connection = await Connection.open(
                 self._url,
+                secret=token,
                 open_timeout=self._open_timeout,
                 max_size=self._max_size,
                 ssl=self._ssl,
@@ -498,17 +601,19 @@ class Client:
             return exc, session_start
         return None, session_start
 
-    def _retry_delay(self, error: ChatfeedError, failures: int, auth_failures: int) -> float | None:
+    def _retry_delay(
+        self, error: ChatfeedError, failures: int, failed_attempts: int, auth_failures: int
+    ) -> float | None:
         """Return the wait before the next attempt, or ``None`` to give up."""
         backoff = self._backoff
-        if backoff is None or backoff.exhausted(failures):
+        if backoff is None or backoff.exhausted(failed_attempts):
             return None
         if isinstance(error, AuthenticationError):
             # Only a token function can do better next time, and only so often.
             if not callable(self._token) or auth_failures > self._auth_retries:
                 return None
             return backoff.delay(failures)
-        verdict = classify(error)
+        verdict = classify(error, connected_before=self._connections > 0)
         if not verdict.retry:
             return None
         return max(backoff.delay(failures), verdict.min_delay)
@@ -523,8 +628,10 @@ class Client:
                 value = await value
         except Exception as exc:
             raise TokenProviderError(f"the token function raised {type(exc).__name__}") from exc
-        if not isinstance(value, str) or not value:
-            raise UsageError(f"the token function must return a non-empty str, not a {type(value).__name__}")
+        if not isinstance(value, str):
+            raise UsageError(f"the token function must return a str, not a {type(value).__name__}")
+        if not value:
+            raise UsageError("the token function returned an empty string")
         return value
 
     async def _authenticate(self, connection: Connection, protocol: FeedProtocol, token: str) -> None:

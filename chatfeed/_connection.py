@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as ssl_module
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,13 +25,14 @@ from websockets.exceptions import (
     InvalidProxy,
     InvalidStatus,
     InvalidURI,
+    SecurityError,
 )
 from websockets.version import version as websockets_version
 
-from ._logging import FrameRedactingLogger
+from ._logging import FrameRedactingLogger, Scrubber, redact_url
 from ._policy import parse_retry_after
 from ._version import __version__
-from .exceptions import ConnectError, ConnectionLostError, HandshakeError, UsageError
+from .exceptions import ChatfeedError, ConnectError, ConnectionLostError, HandshakeError, UsageError
 
 __all__ = ["Connection", "cancel_and_wait"]
 
@@ -58,16 +60,18 @@ class _ClientConnection(ClientConnection):
 class Connection:
     """An open WebSocket connection to the feed."""
 
-    __slots__ = ("_keepalive", "_ping_timed_out", "_stopping", "_ws", "frames_received")
+    __slots__ = ("_keepalive", "_ping_timed_out", "_scrub", "_stopping", "_ws", "frames_received")
 
     def __init__(
         self,
         ws: ClientConnection,
+        scrub: Scrubber,
         *,
         ping_interval: float | None,
         ping_timeout: float | None,
     ) -> None:
         self._ws = ws
+        self._scrub = scrub
         self._ping_timed_out = False
         self._stopping = False
         self.frames_received = 0
@@ -82,6 +86,7 @@ class Connection:
         cls,
         url: str,
         *,
+        secret: str,
         open_timeout: float,
         max_size: int,
         ssl: ssl_module.SSLContext | None,
@@ -92,16 +97,24 @@ class Connection:
     ) -> Connection:
         """Open the TCP connection and complete the WebSocket handshake.
 
+        Args:
+            url: The feed's address.
+            secret: The token this connection will send. It is scrubbed from
+                everything the server says (close reasons, redirect targets)
+                before that reaches an exception or a log record.
+
         Raises:
             ConnectError: The server could not be reached (or its TLS certificate
                 was refused, or it hung up during the handshake).
-            HandshakeError: The server answered, but not with a WebSocket upgrade.
+            HandshakeError: The server answered, but not with a WebSocket upgrade,
+                or redirected to another origin.
         """
+        scrub = Scrubber(secret)
         kwargs: dict[str, Any] = {}
         if ssl is not None:
             kwargs["ssl"] = ssl
         try:
-            ws = await connect(
+            ws = await _SameOriginConnect(
                 url,
                 open_timeout=open_timeout,
                 max_size=max_size,
@@ -113,28 +126,13 @@ class Connection:
                 create_connection=_ClientConnection,
                 **kwargs,
             )
-        except InvalidStatus as exc:
-            response = exc.response
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            raise HandshakeError(response.status_code, retry_after=retry_after) from exc
-        except InvalidMessage as exc:
-            if isinstance(exc.__cause__, EOFError):
-                raise ConnectError("server closed the connection during the WebSocket handshake") from exc
-            raise HandshakeError(None) from exc
-        except InvalidURI:
-            # Not chained, and not quoted: a URL may carry credentials.
-            raise UsageError("the url is not a valid WebSocket address") from None
-        except InvalidProxy:
-            raise UsageError("the proxy is not a valid proxy address") from None
-        except InvalidHandshake as exc:
-            raise HandshakeError(None) from exc
-        except ssl_module.SSLCertVerificationError as exc:
-            raise ConnectError(f"TLS certificate verification failed: {exc.verify_message}") from exc
-        except (TimeoutError, asyncio.TimeoutError) as exc:  # distinct before Python 3.11
-            raise ConnectError(f"timed out after {open_timeout:g} s opening the connection") from exc
-        except OSError as exc:
-            raise ConnectError(f"could not connect: {exc.strerror or exc}") from exc
-        return cls(ws, ping_interval=ping_interval, ping_timeout=ping_timeout)
+        except Exception as exc:
+            error = _translate_open_error(exc, url, open_timeout, scrub)
+            if error is None:
+                raise
+            # Not chained when the chain would quote the token back, or the url.
+            raise error from (None if isinstance(error, UsageError) or _chain_leaks(exc, scrub) else exc)
+        return cls(ws, scrub, ping_interval=ping_interval, ping_timeout=ping_timeout)
 
     async def send(self, text: str) -> None:
         """Send one text frame.
@@ -145,7 +143,7 @@ class Connection:
         try:
             await self._ws.send(text)
         except ConnectionClosed as exc:
-            raise self._lost(exc) from exc
+            raise self._lost(exc) from self._safe_cause(exc)
 
     async def recv(self) -> str | bytes:
         """Return the next frame: ``str`` for a text frame, ``bytes`` for a binary one.
@@ -156,7 +154,7 @@ class Connection:
         try:
             frame = await self._ws.recv()
         except ConnectionClosed as exc:
-            raise self._lost(exc) from exc
+            raise self._lost(exc) from self._safe_cause(exc)
         self.frames_received += 1
         return frame
 
@@ -179,7 +177,7 @@ class Connection:
                 if pending is not None:
                     await pending
         except ConnectionClosed as exc:
-            raise self._lost(exc) from exc
+            raise self._lost(exc) from self._safe_cause(exc)
 
     def stop_receiving(self) -> None:
         """Make `receive_forever` return once the frame in hand is handled."""
@@ -209,14 +207,22 @@ class Connection:
         self._ws.transport.abort()
 
     def _lost(self, exc: ConnectionClosed) -> ConnectionLostError:
+        """Translate websockets' closed-connection exception, with the close reason scrubbed.
+
+        Chained to websockets' exception (and so to a TCP reset under it)
+        only when its text, which quotes the reason, does not hold the token.
+        """
         if self._ping_timed_out:
             return ConnectionLostError(1006, "no pong within ping_timeout", local=True)
         rcvd, sent = exc.rcvd, exc.sent
         if rcvd is not None and (sent is None or exc.rcvd_then_sent):
-            return ConnectionLostError(rcvd.code, rcvd.reason)
+            return ConnectionLostError(rcvd.code, self._scrub(rcvd.reason))
         if sent is not None:
-            return ConnectionLostError(sent.code, sent.reason, local=True)
+            return ConnectionLostError(sent.code, self._scrub(sent.reason), local=True)
         return ConnectionLostError(1006)
+
+    def _safe_cause(self, exc: BaseException) -> BaseException | None:
+        return None if _chain_leaks(exc, self._scrub) else exc
 
     async def _run_keepalive(self, interval: float, timeout: float | None) -> None:
         while True:
@@ -240,6 +246,104 @@ class Connection:
                 # Frames are still arriving, or the client stopped reading
                 # because its consumers are behind: the pong is queued behind
                 # data, not lost. A dead peer sends nothing at all.
+
+
+class _SameOriginConnect(connect):
+    """websockets' ``connect``, following redirects only within the feed's origin.
+
+    Browsers' WebSocket follows no redirect at all. websockets follows them
+    to any host, and the auth frame, so the token, would go there. A redirect
+    that keeps scheme, host and port (a new path) is harmless and followed.
+    """
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        if isinstance(exc, InvalidStatus) and "Location" in exc.response.headers:
+            target = urllib.parse.urljoin(self.uri, exc.response.headers["Location"])
+            if _origin(target) != _origin(self.uri):
+                return _CrossOriginRedirect(exc.response.status_code, target)
+        return super().process_redirect(exc)
+
+
+class _CrossOriginRedirect(Exception):
+    def __init__(self, status_code: int, target: str) -> None:
+        super().__init__(status_code, target)
+        self.status_code = status_code
+        self.target = target
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return ("", url, None)
+    scheme = parts.scheme.lower()
+    default = {"ws": 80, "http": 80, "wss": 443, "https": 443}.get(scheme)
+    return (scheme, (parts.hostname or "").lower(), port or default)
+
+
+# ssl.SSLError reasons that mean the peer answered something other than TLS.
+_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"})
+
+_MAY_NOT_SPEAK_TLS = "the server may not be speaking TLS (a wss:// address for a plain ws:// server?)"
+
+
+def _translate_open_error(exc: Exception, url: str, open_timeout: float, scrub: Scrubber) -> ChatfeedError | None:
+    """Return the chatfeed exception for what ``connect`` raised, or ``None`` to let it through."""
+    if isinstance(exc, _CrossOriginRedirect):
+        return HandshakeError(
+            exc.status_code,
+            detail=(
+                f"redirect to another origin ({scrub(redact_url(exc.target))}) refused: "
+                "chatfeed follows redirects only to the same scheme, host and port"
+            ),
+        )
+    if isinstance(exc, InvalidStatus):
+        response = exc.response
+        return HandshakeError(response.status_code, retry_after=parse_retry_after(response.headers.get("Retry-After")))
+    if isinstance(exc, SecurityError):
+        if isinstance(exc.__cause__, InvalidStatus):  # a redirect from wss:// to ws://
+            return HandshakeError(
+                exc.__cause__.response.status_code, detail="redirect from wss:// to ws:// refused: never downgraded"
+            )
+        return HandshakeError(None, detail="the WebSocket handshake broke a limit (too many redirects, or too large)")
+    if isinstance(exc, InvalidMessage):
+        if isinstance(exc.__cause__, EOFError):
+            return ConnectError("server closed the connection during the WebSocket handshake")
+        return HandshakeError(None)
+    if isinstance(exc, InvalidURI):
+        return UsageError("the url is not a valid WebSocket address")
+    if isinstance(exc, InvalidProxy):
+        return UsageError("the proxy is not a valid proxy address")
+    if isinstance(exc, InvalidHandshake):
+        return HandshakeError(None)
+    if isinstance(exc, ssl_module.SSLCertVerificationError):
+        return ConnectError(f"TLS certificate verification failed: {exc.verify_message}", tls=True)
+    if isinstance(exc, ssl_module.SSLError):
+        reason = exc.reason or type(exc).__name__
+        hint = f"; {_MAY_NOT_SPEAK_TLS}" if reason in _NOT_TLS_REASONS else ""
+        return ConnectError(f"TLS handshake failed ({reason}){hint}", tls=True)
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):  # distinct before Python 3.11
+        return ConnectError(f"timed out after {open_timeout:g} s opening the connection")
+    if isinstance(exc, ConnectionResetError) and exc.errno is None and _origin(url)[0] == "wss":
+        # asyncio's TLS layer reports a connection lost mid-handshake as a bare
+        # ConnectionResetError(); a reset from the network carries an errno.
+        return ConnectError(f"connection closed during the TLS handshake; {_MAY_NOT_SPEAK_TLS}", tls=True)
+    if isinstance(exc, OSError):
+        return ConnectError(f"could not connect: {exc.strerror or str(exc) or type(exc).__name__}")
+    return None
+
+
+def _chain_leaks(exc: BaseException, scrub: Scrubber) -> bool:
+    """Whether the text of ``exc`` or of an exception it was raised from quotes the secret."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if scrub.leaks(str(current)) or scrub.leaks(repr(current.args)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:

@@ -12,27 +12,30 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import difflib
 import inspect
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeAlias, TypeVar, get_args
 
 from typing_extensions import Self
 
 from .exceptions import UsageError
 from .models import (
+    Chat,
     Connected,
     Disconnected,
     ErrorMessage,
     FeedEvent,
+    Message,
     NewChat,
     NewMessage,
     ServerMessage,
     UnknownMessage,
 )
 
-__all__ = ["EVENT_NAMES", "Dispatcher", "ErrorHook", "EventStream", "Handler"]
+__all__ = ["EVENT_NAMES", "Dispatcher", "ErrorHook", "EventName", "EventStream", "Handler"]
 
 logger = logging.getLogger("chatfeed")
 
@@ -43,6 +46,9 @@ Handler = Callable[[E], "Awaitable[None] | None"]
 
 ErrorHook = Callable[[Exception, Any], "Awaitable[None] | None"]
 """Called with the exception a handler raised and the event it was handling."""
+
+EventName: TypeAlias = Literal["new_message", "new_chat", "error", "unknown", "connected", "disconnected"]
+"""The names ``Client.on`` accepts; a type checker rejects any other string."""
 
 EVENT_NAMES: dict[str, type[Any]] = {
     "new_message": NewMessage,
@@ -58,6 +64,10 @@ STALL_WARNING_AFTER = 30.0
 """Seconds a full event stream may hold the receive loop up before each warning."""
 
 _EVENT_CLASSES = frozenset(EVENT_NAMES.values()) | {ServerMessage}
+assert set(get_args(EventName)) == set(EVENT_NAMES)
+
+# Payloads mistaken for the events that carry them.
+_EVENT_OF_PAYLOAD: dict[type[Any], str] = {Message: "NewMessage", Chat: "NewChat"}
 
 
 def resolve_event(event: str | type[Any]) -> type[Any]:
@@ -71,9 +81,17 @@ def resolve_event(event: str | type[Any]) -> type[Any]:
             return EVENT_NAMES[event]
         except KeyError:
             names = ", ".join(repr(name) for name in EVENT_NAMES)
-            raise UsageError(f"unknown event {event!r}; expected one of {names}, or an event class") from None
+            close = difflib.get_close_matches(event, EVENT_NAMES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UsageError(f"unknown event {event!r}; {hint}expected one of {names}, or an event class") from None
     if isinstance(event, type) and event in _EVENT_CLASSES:
         return event
+    if event in _EVENT_OF_PAYLOAD:
+        carrier = _EVENT_OF_PAYLOAD[event]
+        raise UsageError(
+            f"chatfeed.{event.__name__} is the payload of an event, not an event: register "
+            f"chatfeed.{carrier}, whose .payload is the {event.__name__}"
+        )
     raise UsageError(f"cannot register a handler for {event!r}; expected an event name or class")
 
 
@@ -97,6 +115,8 @@ class Dispatcher:
         self._streams: tuple[weakref.ref[EventStream[Any]], ...] = ()
         self._error_hooks: list[ErrorHook] = []
         self.handler_errors = 0
+        # Whether a stream has raised the client's fatal error to its reader.
+        self.error_raised = False
 
     def add_handler(self, event: str | type[Any], func: Callable[[Any], Any]) -> None:
         if not callable(func):
@@ -109,8 +129,8 @@ class Dispatcher:
             raise UsageError(f"an error hook must be callable, not {hook!r}")
         self._error_hooks.append(hook)
 
-    def subscribe(self, buffer: int) -> EventStream[Any]:
-        stream: EventStream[Any] = EventStream(self, buffer)
+    def subscribe(self, buffer: int, *, never_started: Callable[[], bool] = lambda: False) -> EventStream[Any]:
+        stream: EventStream[Any] = EventStream(self, buffer, never_started)
         # Weak, so that a stream its reader dropped (leaving ``async for``
         # early) is collected, and unsubscribed, at once.
         self._streams = (*self._streams, weakref.ref(stream, self._forget))
@@ -125,6 +145,10 @@ class Dispatcher:
     def streams(self) -> list[EventStream[Any]]:
         """Return the open streams."""
         return [stream for stream in (ref() for ref in self._streams) if stream is not None]
+
+    def has_waiting_reader(self) -> bool:
+        """Whether a task is waiting for the next event of a stream."""
+        return any(stream.waiting() for stream in self.streams())
 
     def end_streams(self, error: BaseException | None = None) -> None:
         """End every open stream: after what they hold, with ``error`` if given."""
@@ -221,8 +245,9 @@ class EventStream(Generic[E]):
     raising the client's fatal error if it stopped on one.
     """
 
-    def __init__(self, dispatcher: Dispatcher, buffer: int) -> None:
+    def __init__(self, dispatcher: Dispatcher, buffer: int, never_started: Callable[[], bool]) -> None:
         self._dispatcher: Dispatcher | None = dispatcher
+        self._never_started = never_started
         self._buffer = buffer
         self._items: collections.deque[E] = collections.deque()
         self._ended = False
@@ -240,8 +265,18 @@ class EventStream(Generic[E]):
             if self._ended:
                 if self._error is not None:
                     error, self._error = self._error, None
+                    if self._dispatcher is not None:
+                        self._dispatcher.error_raised = True
                     raise error
                 raise StopAsyncIteration
+            if self._never_started():
+                await asyncio.sleep(0)  # lets a run() task created just before start
+                if self._never_started():
+                    raise UsageError(
+                        "events() is read but the client was never started: use `async with client:`, "
+                        "or start `client.run()` in a task"
+                    )
+                continue
             self._getter = asyncio.get_running_loop().create_future()
             try:
                 await self._getter
@@ -284,6 +319,10 @@ class EventStream(Generic[E]):
     def pending(self) -> int:
         """Return how many events wait in the buffer."""
         return len(self._items)
+
+    def waiting(self) -> bool:
+        """Return whether a reader is waiting for the next event."""
+        return self._getter is not None
 
     async def aclose(self) -> None:
         """Unsubscribe and drop what the buffer holds."""

@@ -1,14 +1,15 @@
-"""Logging helpers that keep secrets and user content out of log records."""
+"""Logging helpers that keep secrets and user content out of log records and error text."""
 
 from __future__ import annotations
 
+import http
 import logging
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from websockets.frames import Frame
 
-__all__ = ["FrameRedactingLogger", "redact_url"]
+__all__ = ["FrameRedactingLogger", "Scrubber", "redact_url"]
 
 
 if TYPE_CHECKING:
@@ -17,15 +18,80 @@ else:  # subscriptable at run time only from Python 3.11
     _LoggerAdapter = logging.LoggerAdapter
 
 
+REDACTED = "***"
+
+
+class Scrubber:
+    """Removes one secret, whole or in part, from text that came from the server.
+
+    A server may quote the token back in a close reason, an ``error`` frame,
+    an HTTP reason phrase, a header or a body, whole or cut short. Any run of
+    `WINDOW` or more characters of the token is replaced by ``***``: a
+    fragment that long identifies the token (a JWT's signature, its payload).
+    Only texts from the server go through this, never the feed's events, so
+    its cost is paid on error paths alone.
+
+    Example:
+        >>> Scrubber("eyJhbGciOi.eyJzdWIiOiIxIn0.c2lnbmF0dXJl")("token c2lnbmF0dXJl revoked")
+        'token *** revoked'
+    """
+
+    WINDOW = 8
+    """The shortest run of the token's characters that is removed; a shorter token is removed only whole."""
+
+    SHORTEST = 4
+    """A token shorter than this (a test's ``"t"``) is not looked for: it would hide ordinary words."""
+
+    __slots__ = ("_grams", "_secret")
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+        width = self.WINDOW
+        self._grams = frozenset(secret[i : i + width] for i in range(len(secret) - width + 1))
+
+    def __call__(self, text: str) -> str:
+        """Return ``text`` with every part of the secret replaced by ``***``."""
+        secret = self._secret
+        if len(secret) < self.SHORTEST or not text:
+            return text
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+        grams, width = self._grams, self.WINDOW
+        if not grams or len(text) < width:
+            return text
+        hidden = [False] * len(text)
+        found = False
+        for start in range(len(text) - width + 1):
+            if text[start : start + width] in grams:
+                hidden[start : start + width] = [True] * width
+                found = True
+        if not found:
+            return text
+        pieces: list[str] = []
+        for index, char in enumerate(text):
+            if not hidden[index]:
+                pieces.append(char)
+            elif index == 0 or not hidden[index - 1]:
+                pieces.append(REDACTED)
+        return "".join(pieces)
+
+    def leaks(self, text: str) -> bool:
+        """Return whether ``text`` holds the secret or a part of it that `__call__` would remove."""
+        return self(text) != text
+
+
 class FrameRedactingLogger(_LoggerAdapter):
     """A logger for websockets that keeps secrets and message bodies out of its records.
 
     websockets logs at DEBUG every frame with the start of its data (the auth
     frame, so the token, and message bodies), the request line (a URL may
-    carry a token in its query) and every header (``Authorization`` holds the
-    credentials of a ``wss://user:password@host`` URL). Passed as websockets'
-    ``logger``, this adapter logs a frame as its opcode and length, a request
-    target without its query values, and sensitive headers without values.
+    carry a token in its query), every header, and the reason phrase of the
+    HTTP status line. Passed as websockets' ``logger``, this adapter logs a
+    frame as its opcode and length, a request target without its query
+    values, the values of an allow-list of headers only (any other header,
+    ``Authorization`` or a ``WWW-Authenticate`` that echoes the token, is
+    logged as ``***``), and the standard reason phrase of a status code
+    instead of the server's own.
     """
 
     def __init__(self, logger: logging.Logger) -> None:
@@ -36,13 +102,45 @@ class FrameRedactingLogger(_LoggerAdapter):
             self.logger.log(level, msg, *_redact_args(msg, args), **kwargs)
 
 
-_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
+# Headers of the WebSocket handshake whose values hold nothing secret and
+# help to diagnose a failed upgrade. Every other header's value is hidden.
+_LOGGED_HEADERS = frozenset(
+    {
+        "connection",
+        "content-length",
+        "content-type",
+        "date",
+        "host",
+        "retry-after",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-version",
+        "server",
+        "transfer-encoding",
+        "upgrade",
+        "user-agent",
+    }
+)
+_HEADER_MESSAGES = frozenset({"> %s: %s", "< %s: %s"})
+_STATUS_MESSAGES = frozenset({"> HTTP/1.1 %d %s", "< HTTP/1.1 %d %s"})
 
 
 def _redact_args(msg: object, args: tuple[object, ...]) -> tuple[object, ...]:
-    if msg in ("> %s: %s", "< %s: %s") and len(args) == 2 and str(args[0]).lower() in _SECRET_HEADERS:
-        return (args[0], "***")
+    if msg in _HEADER_MESSAGES and len(args) == 2:
+        name, value = args
+        if str(name).lower() in _LOGGED_HEADERS:
+            return (name, value)
+        return (name, REDACTED)
+    if msg in _STATUS_MESSAGES and len(args) == 2:
+        return (args[0], _standard_phrase(args[0]))
     return tuple(_redact(arg) for arg in args)
+
+
+def _standard_phrase(code: object) -> str:
+    try:
+        return http.HTTPStatus(code).phrase if isinstance(code, int) else "(reason not logged)"
+    except ValueError:
+        return "(reason not logged)"
 
 
 def _redact(arg: object) -> object:
@@ -59,12 +157,15 @@ def _summary(frame: Frame) -> str:
 
 def redact_url(url: str) -> str:
     """Return ``url`` (or a request target) without credentials or query values, for logs and reprs."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return REDACTED
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rpartition("@")[2]
     query = parts.query
     if query:
         keys = [key for key, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)]
-        query = "&".join(f"{key}=***" for key in keys) if keys else "***"
+        query = "&".join(f"{key}=***" for key in keys) if keys else REDACTED
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))

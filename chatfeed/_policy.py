@@ -55,17 +55,23 @@ RETRY = Verdict(retry=True)
 STOP = Verdict(retry=False)
 
 
-def classify(error: ChatfeedError) -> Verdict:
+def classify(error: ChatfeedError, *, connected_before: bool = False) -> Verdict:
     """Decide whether the error that ended a connection is worth a retry.
 
     Transient conditions (network errors, timeouts, server restarts, overload,
     HTTP 5xx and 429) are retried; conditions that the same request would meet
-    again (a rejected token, HTTP 4xx, a close code that blames the client, an
-    untrusted certificate) are not. Authentication errors are not retried here:
-    the client retries them only with a fresh token.
+    again (a rejected token, HTTP 4xx and 3xx, a close code that blames the
+    client, an untrusted certificate, a server that does not speak TLS) are
+    not. Authentication errors are not retried here: the client retries them
+    only with a fresh token.
 
     Args:
         error: The translated exception that ended the attempt.
+        connected_before: Whether a connection to this address has been
+            authenticated before. A failed TLS handshake (other than an
+            untrusted certificate) is then a passing fault of a server that
+            does speak TLS, such as a restart mid-handshake, and is retried;
+            before, it means the address is wrong, and it is final.
 
     Returns:
         The verdict, with a minimum wait for 1013 and ``Retry-After``.
@@ -75,8 +81,12 @@ def classify(error: ChatfeedError) -> Verdict:
     if isinstance(error, HandshakeError):
         return _classify_status(error.status_code, error.retry_after)
     if isinstance(error, ConnectError):
+        if not error.tls:
+            return RETRY
         # A certificate that fails verification fails the same way next time.
-        return STOP if isinstance(error.__cause__, ssl.SSLCertVerificationError) else RETRY
+        if isinstance(error.__cause__, ssl.SSLCertVerificationError) or not connected_before:
+            return STOP
+        return RETRY
     if isinstance(error, (AuthTimeoutError, TokenProviderError)):
         return RETRY
     return STOP

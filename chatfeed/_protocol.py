@@ -11,11 +11,14 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import re
 from collections.abc import Callable
+from typing import NoReturn
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
+from ._logging import Scrubber
 from .exceptions import AuthenticationError, ProtocolError
 from .models import (
     AnyServerMessage,
@@ -38,6 +41,11 @@ _EVENT_CLASSES = (NewMessage, NewChat, ErrorMessage, UnknownMessage)
 _ADAPTER: TypeAdapter[AnyServerMessage] = TypeAdapter(_ServerMessageUnion)
 # The core validator itself: TypeAdapter.validate_json adds a Python call per frame.
 _validate_json: Callable[[str | bytes], AnyServerMessage] = _ADAPTER.validator.validate_json
+_validate_python: Callable[[object], AnyServerMessage] = _ADAPTER.validator.validate_python
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def parse_server_message(data: str | bytes) -> AnyServerMessage:
@@ -63,9 +71,49 @@ def parse_server_message(data: str | bytes) -> AnyServerMessage:
         return _validate_json(data)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
+    if errors[0]["type"] == "json_invalid":
+        # Off the fast path: JSON that only Python's parser accepts.
+        document = _lenient_json(data)
+        if document is not None:
+            try:
+                return _validate_python(document)
+            except ValidationError as exc:
+                errors = exc.errors(include_url=False, include_input=False)
     # Raised outside the except block so that it is neither chained to nor
     # carries as context the ValidationError, whose text quotes the frame.
     raise ProtocolError(_describe(errors))
+
+
+def _lenient_json(data: str | bytes) -> object | None:
+    """Parse JSON that holds a lone surrogate escape (``"\\ud83d"``), with U+FFFD in its place.
+
+    A JavaScript backend that cuts a string in the middle of an emoji sends
+    one: ``JSON.stringify`` writes it and ``JSON.parse`` reads it, while
+    pydantic's parser refuses the frame. Returns ``None`` when the frame is
+    invalid for another reason.
+    """
+    pattern = _SURROGATE_ESCAPE if isinstance(data, str) else _SURROGATE_ESCAPE_BYTES
+    if pattern.search(data) is None:  # type: ignore[arg-type]
+        return None
+    try:
+        document = json.loads(data, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        return None
+    return _replace_surrogates(document)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _replace_surrogates(value: object) -> object:
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_replace_surrogates(key): _replace_surrogates(item) for key, item in value.items()}
+    return value
 
 
 def _describe(errors: list[ErrorDetails]) -> str:
@@ -110,18 +158,18 @@ class FeedProtocol:
         <HandshakeState.OPEN: 'open'>
     """
 
-    __slots__ = ("_token", "state")
+    __slots__ = ("_scrub", "state")
 
     def __init__(self) -> None:
         self.state: HandshakeState = HandshakeState.AWAITING_AUTH
-        self._token = ""
+        self._scrub = Scrubber("")
 
     def __repr__(self) -> str:
         return f"<FeedProtocol state={self.state.value}>"
 
     def auth_frame(self, token: str) -> str:
         """Return the frame to send first on a new connection."""
-        self._token = token
+        self._scrub = Scrubber(token)
         return json.dumps({"type": "auth", "token": token})
 
     def receive(self, data: str | bytes) -> FeedEvent | None:
@@ -135,20 +183,44 @@ class FeedProtocol:
         Raises:
             ProtocolError: The frame does not parse; the connection can go on.
             AuthenticationError: The server sent ``auth_error``, during the
-                handshake or later (a token that expired mid-session).
+                handshake or later (a token that expired mid-session),
+                whatever else the frame holds.
         """
-        message = parse_server_message(data)
+        try:
+            message = parse_server_message(data)
+        except ProtocolError:
+            if _is_auth_error(data):
+                self._reject("")
+            raise
         if isinstance(message, _EVENT_CLASSES) and self.state is HandshakeState.OPEN:
+            if isinstance(message, ErrorMessage) and message.message:
+                # Servers that quote the token would put it in the application's logs.
+                text = self._scrub(message.message)
+                if text != message.message:
+                    return message.model_copy(update={"message": text})
             return message
         if isinstance(message, AuthError):
-            self.state = HandshakeState.REJECTED
-            # Servers that quote the rejected token would put it in the logs.
-            text = message.message.replace(self._token, "***") if self._token else message.message
-            raise AuthenticationError(text)
+            self._reject(message.message)
         if isinstance(message, AuthSuccess):
             self.state = HandshakeState.OPEN
             return None
         if self.state is not HandshakeState.OPEN:
-            logger.warning("ignored a %r frame received before auth_success", message.type[:40])
+            logger.warning("ignored a %r frame received before auth_success", self._scrub(message.type[:40]))
             return None
         return message
+
+    def _reject(self, text: str) -> NoReturn:
+        self.state = HandshakeState.REJECTED
+        # Servers that quote the rejected token would put it in the logs.
+        raise AuthenticationError(self._scrub(text))
+
+
+def _is_auth_error(data: str | bytes) -> bool:
+    """Whether a frame that did not parse still says ``auth_error``: a rejection is never dropped."""
+    if ("auth_error" if isinstance(data, str) else b"auth_error") not in data:  # type: ignore[operator]
+        return False
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(document, dict) and document.get("type") == "auth_error"

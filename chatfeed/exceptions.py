@@ -87,25 +87,44 @@ class ConnectError(ConnectionFailedError):
 
     Refused or reset connections, DNS failures, timeouts and TLS errors.
     The underlying `OSError` or `TimeoutError` is ``__cause__``.
+
+    Attributes:
+        tls: True when the TLS handshake failed: an untrusted certificate, or
+            a server that does not speak TLS (a ``wss://`` address for a plain
+            ``ws://`` server). Retrying the same address cannot succeed, so
+            these end the client (see [`Backoff`][chatfeed.Backoff]).
     """
+
+    def __init__(self, message: str, *, tls: bool = False) -> None:
+        self.tls = tls
+        super().__init__(message)
 
 
 class HandshakeError(ConnectionFailedError):
     """The server answered the WebSocket handshake with something other than 101.
 
+    Also raised for a redirect that chatfeed does not follow: to another
+    origin (scheme, host or port), or from ``wss://`` to ``ws://``.
+
     Attributes:
         status_code: The HTTP status, or ``None`` when the reply was not HTTP.
         retry_after: Seconds the server asked to wait (``Retry-After``), if any.
+        detail: What was wrong beyond the status, when chatfeed knows.
     """
 
-    def __init__(self, status_code: int | None, *, retry_after: float | None = None) -> None:
+    def __init__(self, status_code: int | None, *, retry_after: float | None = None, detail: str = "") -> None:
         self.status_code = status_code
         self.retry_after = retry_after
+        self.detail = detail
         if status_code is None:
-            text = "server did not answer the WebSocket handshake with valid HTTP"
+            text = (
+                "WebSocket handshake failed"
+                if detail
+                else "server did not answer the WebSocket handshake with valid HTTP"
+            )
         else:
             text = f"server rejected the WebSocket handshake with HTTP {status_code}"
-        super().__init__(text)
+        super().__init__(f"{text}: {detail}" if detail else text)
 
 
 class AuthTimeoutError(ConnectionFailedError):

@@ -8,17 +8,40 @@ know (a new ``role`` or ``status``) are kept as plain strings.
 
 [`Connected`][chatfeed.Connected] and [`Disconnected`][chatfeed.Disconnected] are not sent by the server: the
 client emits them when a connection is authenticated and when it ends.
+
+What may be missing: a message is kept whenever a client can still use it.
+Without ``id``, ``chatId``, ``role`` or ``createdAt`` a message cannot be
+told apart, placed in its chat, attributed or ordered, so such a frame is
+dropped and reported; a missing or null ``content`` is ``""``, a missing or
+null ``fallbackUsed`` is ``False``, and ``precis``, ``audioUrl`` and
+``status`` may be ``None``. A chat needs ``id``, ``userId`` and ``createdAt``;
+a missing or null ``title`` is ``""``, ``summary`` may be ``None``, and a
+missing ``updatedAt`` is ``createdAt``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+import re
 from datetime import datetime, timezone
-from typing import Annotated, ClassVar, Literal, TypeAlias
+from typing import Annotated, Any, ClassVar, Literal, TypeAlias
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, NaiveDatetime
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    JsonValue,
+    NaiveDatetime,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import CoreSchema, core_schema
 
 from .exceptions import ChatfeedError
 
@@ -47,13 +70,69 @@ def _assume_utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
+_HOURS_ONLY_OFFSET = re.compile(r"[+-]\d\d\Z")
+
+
+def _pad_hours_only_offset(value: object) -> object:
+    # ISO 8601 allows "+05" for "+05:00"; pydantic's parser does not.
+    if isinstance(value, str) and _HOURS_ONLY_OFFSET.search(value) and "T" in value:
+        return value + ":00"
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _NullAs:
+    """Accept ``null`` for a field and give it ``value`` instead.
+
+    The field keeps its plain type (``str``, ``bool``) for type checkers and
+    users. Validation tries the plain type first, in pydantic's core, so a
+    field that is present pays no Python call; only ``null`` does.
+    """
+
+    value: Any
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        value = self.value
+        return core_schema.union_schema(
+            [handler(source), core_schema.no_info_after_validator_function(lambda _: value, core_schema.none_schema())],
+            mode="left_to_right",
+        )
+
+
 Id = Annotated[str, Field(coerce_numbers_to_str=True)]
 # Aware timestamps, the protocol's promise and so the common case, are
-# validated without a Python call; only naive ones go through _assume_utc.
+# validated without a Python call; only naive ones go through _assume_utc,
+# and only an hours-only offset ("+05") through _pad_hours_only_offset.
 Timestamp = Annotated[
-    AwareDatetime | Annotated[NaiveDatetime, AfterValidator(_assume_utc)],
+    AwareDatetime
+    | Annotated[NaiveDatetime, AfterValidator(_assume_utc)]
+    | Annotated[AwareDatetime, BeforeValidator(_pad_hours_only_offset)],
     Field(union_mode="left_to_right"),
 ]
+
+
+def _as_text(value: object) -> str:
+    """Return a server's ``message`` as text, whatever JSON it was."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("message"), str):
+        return str(value["message"])  # an error object, as a Node backend writes `message: err`
+    if value in ({}, []):
+        return ""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _text_of_message(data: Any) -> Any:
+    """Take ``message`` as text; when it is absent or null, take ``payload.message``."""
+    if not isinstance(data, dict):
+        return data
+    message = data.get("message")
+    payload = data.get("payload")
+    if message is None and isinstance(payload, dict):
+        message = payload.get("message")
+    return {**data, "message": _as_text(message)}
 
 
 class Role(str, enum.Enum):
@@ -81,6 +160,7 @@ class _Model(BaseModel):
         extra="allow",
         alias_generator=to_camel,
         populate_by_name=True,
+        use_attribute_docstrings=True,
     )
 
 
@@ -97,31 +177,57 @@ class Message(_Model):
     """
 
     id: Id
+    """``id``: the message's identifier; a number on the wire becomes a string."""
     chat_id: Id
+    """``chatId``: the chat the message belongs to."""
     role: Annotated[Role | str, Field(union_mode="left_to_right")]
-    content: str
+    """``role``: who wrote it, a [`Role`][chatfeed.Role], or the plain string of a role this version does not know."""
+    content: Annotated[str, _NullAs("")] = ""
+    """``content``: the text; ``""`` when the server sent none (or null)."""
     precis: str | None = None
+    """``precis``: a short summary of the content, or ``None``."""
     audio_url: str | None = None
-    fallback_used: bool = False
+    """``audioUrl``: the URL of a spoken version, or ``None``."""
+    fallback_used: Annotated[bool, _NullAs(False)] = False
+    """``fallbackUsed``: True when a fallback model wrote the answer; ``False`` when absent or null."""
     status: Annotated[MessageStatus | str | None, Field(union_mode="left_to_right")] = None
+    """``status``: a [`MessageStatus`][chatfeed.MessageStatus], another (upper-case) state as a string, or ``None``."""
     created_at: Timestamp
+    """``createdAt``: when the message was created, always timezone-aware (a timestamp without a zone is UTC)."""
 
 
 class Chat(_Model):
     """A chat session, as pushed in a ``new_chat`` frame."""
 
     id: Id
+    """``id``: the chat's identifier; a number on the wire becomes a string."""
     user_id: Id
-    title: str
+    """``userId``: the user the chat belongs to."""
+    title: Annotated[str, _NullAs("")] = ""
+    """``title``: the chat's title; ``""`` when the server sent none (or null)."""
     summary: str | None = None
+    """``summary``: a summary of the chat, or ``None``."""
     created_at: Timestamp
+    """``createdAt``: when the chat was created, timezone-aware."""
     updated_at: Timestamp
+    """``updatedAt``: when the chat last changed, timezone-aware; ``createdAt`` when the server sent none."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _updated_at_defaults_to_created_at(cls, data: Any) -> Any:
+        # Chats are rare on the feed, so this Python call costs nothing measurable.
+        if isinstance(data, dict):
+            for updated, created in (("updatedAt", "createdAt"), ("updated_at", "created_at")):
+                if data.get(updated) is None and data.get(created) is not None:
+                    return {**data, updated: data[created]}
+        return data
 
 
 class ServerMessage(_Model):
     """Base class of every frame the server sends; ``type`` names its kind."""
 
     type: str
+    """``type``: the kind of frame."""
 
 
 class AuthSuccess(ServerMessage):
@@ -129,7 +235,9 @@ class AuthSuccess(ServerMessage):
 
     type: Literal["auth_success"]
     payload: JsonValue = None
-    message: str | None = None
+    """``payload``: whatever the server sent with it, as JSON."""
+    message: Annotated[str | None, BeforeValidator(lambda value: None if value is None else _as_text(value))] = None
+    """``message``: the server's text, if any (non-text JSON is kept as its JSON text)."""
 
 
 class AuthError(ServerMessage):
@@ -137,6 +245,9 @@ class AuthError(ServerMessage):
 
     type: Literal["auth_error"]
     message: str = ""
+    """``message`` (or ``payload.message``): the server's reason, as text; any JSON is accepted, ``""`` if none."""
+
+    _message_as_text = model_validator(mode="before")(_text_of_message)
 
 
 class NewMessage(ServerMessage):
@@ -144,6 +255,7 @@ class NewMessage(ServerMessage):
 
     type: Literal["new_message"]
     payload: Message
+    """``payload``: the new [`Message`][chatfeed.Message]."""
 
 
 class NewChat(ServerMessage):
@@ -151,6 +263,7 @@ class NewChat(ServerMessage):
 
     type: Literal["new_chat"]
     payload: Chat
+    """``payload``: the new [`Chat`][chatfeed.Chat]."""
 
 
 class ErrorMessage(ServerMessage):
@@ -158,6 +271,9 @@ class ErrorMessage(ServerMessage):
 
     type: Literal["error"]
     message: str = ""
+    """``message`` (or ``payload.message``): the server's text; any JSON is accepted, ``""`` if none."""
+
+    _message_as_text = model_validator(mode="before")(_text_of_message)
 
 
 _KNOWN_TYPES = frozenset({"auth_success", "auth_error", "new_message", "new_chat", "error"})
@@ -179,8 +295,11 @@ class UnknownMessage(ServerMessage):
     """
 
     type: Annotated[str, AfterValidator(_not_a_known_type)]
+    """``type``: the kind of frame, one this version does not know."""
     payload: JsonValue = None
+    """``payload``: as sent, as JSON."""
     message: JsonValue = None
+    """``message``: as sent, as JSON."""
 
 
 FeedEvent: TypeAlias = NewMessage | NewChat | ErrorMessage | UnknownMessage

@@ -98,7 +98,7 @@ def test_chat_summary_may_be_null() -> None:
     assert Chat.model_validate({**GUIDE_CHAT, "summary": None}).summary is None
 
 
-@pytest.mark.parametrize("field", ["id", "chatId", "role", "content", "createdAt"])
+@pytest.mark.parametrize("field", ["id", "chatId", "role", "createdAt"])
 def test_message_without_a_required_field_is_rejected(field: str) -> None:
     payload = {k: v for k, v in GUIDE_MESSAGE.items() if k != field}
 
@@ -106,6 +106,61 @@ def test_message_without_a_required_field_is_rejected(field: str) -> None:
         Message.model_validate(payload)
 
     assert [error["loc"] for error in excinfo.value.errors()] == [(field,)]
+
+
+@pytest.mark.parametrize("field", ["id", "chatId", "role", "createdAt"])
+def test_message_with_a_null_required_field_is_rejected(field: str) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        Message.model_validate({**GUIDE_MESSAGE, field: None})
+
+
+@pytest.mark.parametrize("absent", [False, True], ids=["null", "absent"])
+def test_message_keeps_what_a_client_can_live_without(absent: bool) -> None:
+    fields = ("content", "precis", "audioUrl", "fallbackUsed", "status")
+    payload = {k: v for k, v in GUIDE_MESSAGE.items() if k not in fields}
+    if not absent:
+        payload.update(dict.fromkeys(fields))
+
+    m = Message.model_validate_json(json.dumps(payload))
+
+    assert (m.content, m.precis, m.audio_url, m.fallback_used, m.status) == ("", None, None, False, None)
+
+
+def test_chat_keeps_what_a_client_can_live_without() -> None:
+    c = Chat.model_validate_json(json.dumps({**GUIDE_CHAT, "title": None, "summary": None, "updatedAt": None}))
+
+    assert (c.title, c.summary, c.updated_at) == ("", None, c.created_at)
+    absent = Chat.model_validate({k: v for k, v in GUIDE_CHAT.items() if k not in ("title", "updatedAt")})
+    assert (absent.title, absent.updated_at) == ("", absent.created_at)
+
+
+@pytest.mark.parametrize("field", ["id", "userId", "createdAt"])
+def test_chat_without_a_required_field_is_rejected(field: str) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        Chat.model_validate({k: v for k, v in GUIDE_CHAT.items() if k != field})
+
+
+@pytest.mark.parametrize(
+    ("stamp", "hours"),
+    [("2025-10-07T12:00:00+05", 5), ("2025-10-07T12:00:00.000+00", 0), ("2025-10-07T12:00:00-03", -3)],
+)
+def test_timestamps_with_an_hours_only_offset_are_accepted(stamp: str, hours: int) -> None:
+    m = Message.model_validate_json(json.dumps({**GUIDE_MESSAGE, "createdAt": stamp}))
+
+    assert m.created_at.utcoffset() == timedelta(hours=hours)
+    assert m.created_at == datetime(2025, 10, 7, 12, tzinfo=timezone(timedelta(hours=hours)))
+
+
+@pytest.mark.parametrize("stamp", ["2025-10-07T12:00:00+5", "2025-10-07T12:00:00+055", "12:00:00+05"])
+def test_malformed_offsets_are_still_rejected(stamp: str) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        Message.model_validate({**GUIDE_MESSAGE, "createdAt": stamp})
+
+
+def test_every_field_of_the_models_has_a_description() -> None:
+    for model in (Message, Chat):
+        missing = [name for name, field in model.model_fields.items() if not field.description]
+        assert missing == [], f"{model.__name__} fields without a docstring"
 
 
 # Names: camelCase on the wire, snake_case in Python

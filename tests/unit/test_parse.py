@@ -306,9 +306,10 @@ def test_new_message_names_every_missing_field() -> None:
         parse_server_message(frame(type="new_message", payload={"id": "1"}))
 
     text = str(excinfo.value)
-    for field in ("payload.chatId", "payload.role", "payload.content", "payload.createdAt"):
+    for field in ("payload.chatId", "payload.role", "payload.createdAt"):
         assert field in text
     assert "payload.id" not in text
+    assert "payload.content" not in text  # a message may come without text
 
 
 @pytest.mark.parametrize(
@@ -339,16 +340,81 @@ def test_new_message_without_a_payload_names_it() -> None:
 
 
 def test_new_chat_with_a_bad_payload_names_the_field() -> None:
-    payload = {k: v for k, v in CHAT_PAYLOAD.items() if k != "updatedAt"}
+    payload = {k: v for k, v in CHAT_PAYLOAD.items() if k != "createdAt"}
 
-    with pytest.raises(ProtocolError, match=r"new_chat.*payload\.updatedAt"):
+    with pytest.raises(ProtocolError, match=r"new_chat.*payload\.createdAt"):
         parse_server_message(frame(type="new_chat", payload=payload))
 
 
-@pytest.mark.parametrize("kind", ["auth_error", "error", "auth_success"])
-def test_known_type_with_a_mistyped_message_is_not_passed_off_as_unknown(kind: str) -> None:
-    with pytest.raises(ProtocolError, match=rf"{kind}.*message"):
-        parse_server_message(frame(type=kind, message={"text": "x"}))
+@pytest.mark.parametrize(
+    ("message", "text"),
+    [
+        (None, ""),
+        ({"text": "x"}, '{"text": "x"}'),
+        # What a Node backend sends when it writes `message: err` for a jsonwebtoken error.
+        ({"name": "TokenExpiredError", "message": "jwt expired", "expiredAt": "2025-10-07"}, "jwt expired"),
+        ({}, ""),
+        (["a", 1], '["a", 1]'),
+        (42, "42"),
+        (True, "true"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["auth_error", "error"])
+def test_a_message_of_any_json_type_is_kept_as_text(kind: str, message: object, text: str) -> None:
+    parsed = parse_server_message(frame(type=kind, message=message))
+
+    assert isinstance(parsed, (chatfeed.AuthError, chatfeed.ErrorMessage))
+    assert parsed.message == text
+
+
+@pytest.mark.parametrize("kind", ["auth_error", "error"])
+def test_the_text_under_payload_is_taken_when_message_is_absent_or_null(kind: str) -> None:
+    for fields in (
+        {"payload": {"message": "token expired"}},
+        {"message": None, "payload": {"message": "token expired"}},
+    ):
+        parsed = parse_server_message(frame(type=kind, **fields))
+
+        assert isinstance(parsed, (chatfeed.AuthError, chatfeed.ErrorMessage))
+        assert parsed.message == "token expired"
+
+
+def test_the_top_level_message_wins_over_the_one_under_payload() -> None:
+    parsed = parse_server_message(frame(type="error", message="top", payload={"message": "nested"}))
+
+    assert isinstance(parsed, chatfeed.ErrorMessage)
+    assert parsed.message == "top"
+
+
+def test_auth_success_with_an_unexpected_message_is_still_auth_success() -> None:
+    parsed = parse_server_message(frame(type="auth_success", message={"user": 1}, payload=[1]))
+
+    assert isinstance(parsed, chatfeed.AuthSuccess)
+    assert parsed.message == '{"user": 1}'
+
+
+@both_forms
+def test_a_lone_surrogate_escape_becomes_the_replacement_character(encode: bool) -> None:
+    # Node's JSON.stringify writes one for a string cut in the middle of an emoji.
+    data = frame(type="new_message", payload={**MESSAGE_PAYLOAD, "content": "cut \ud83d"})
+    assert "\\ud83d" in data
+
+    parsed = parse(data, encode=encode)
+
+    assert isinstance(parsed, chatfeed.NewMessage)
+    assert parsed.payload.content == "cut \ufffd"
+
+
+def test_a_surrogate_pair_escape_is_still_one_character() -> None:
+    parsed = parse_server_message('{"type": "error", "message": "\\ud83d\\ude00 and a lone \\udc00"}')
+
+    assert isinstance(parsed, chatfeed.ErrorMessage)
+    assert parsed.message == "\U0001f600 and a lone \ufffd"
+
+
+def test_invalid_json_with_a_surrogate_escape_is_still_invalid() -> None:
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        parse_server_message('{"type": "error", "message": "\\ud83d", }')
 
 
 # The error never quotes the frame
@@ -370,8 +436,9 @@ FRAMES_WITH_MARKER: list[str | bytes] = [
     frame(type="new_message", payload={**MESSAGE_PAYLOAD, "fallbackUsed": MARKER}),
     frame(type="new_message", payload=MARKER),
     frame(type="new_chat", payload={**CHAT_PAYLOAD, "updatedAt": MARKER}),
-    frame(type="error", message=[MARKER]),
-    frame(type="auth_error", message={"reason": MARKER}),
+    frame(type="new_chat", payload={**CHAT_PAYLOAD, "userId": [MARKER]}),
+    frame(type="new_message", payload={**MESSAGE_PAYLOAD, "content": {MARKER: 1}}),
+    '{"type": "new_message", "payload": "\\ud83d' + MARKER + '"}',
     f'["{MARKER}", ' + "[" * 200_000,
 ]
 

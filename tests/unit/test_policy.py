@@ -108,11 +108,24 @@ def test_connect_error_from_other_tls_errors_retries() -> None:
     assert classify(error).retry is True
 
 
-def test_connect_error_from_an_untrusted_certificate_stops() -> None:
-    error = ConnectError("TLS certificate verification failed")
+@pytest.mark.parametrize("connected_before", [False, True])
+def test_connect_error_from_an_untrusted_certificate_stops(connected_before: bool) -> None:
+    error = ConnectError("TLS certificate verification failed", tls=True)
     error.__cause__ = ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed certificate")
 
+    assert classify(error, connected_before=connected_before).retry is False
+
+
+def test_a_failed_tls_handshake_is_final_for_an_address_never_seen_speaking_tls() -> None:
+    error = ConnectError("TLS handshake failed (WRONG_VERSION_NUMBER)", tls=True)
+
     assert classify(error).retry is False
+    # Once the address has spoken TLS, the same failure is a server restarting mid-handshake.
+    assert classify(error, connected_before=True).retry is True
+
+
+def test_other_connect_errors_are_retried() -> None:
+    assert classify(ConnectError("could not connect: Connection refused")).retry is True
 
 
 @pytest.mark.parametrize(
