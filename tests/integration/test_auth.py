@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from websockets.exceptions import ConnectionClosed
 import chatfeed
 from chatfeed.testing import FeedServer
 
-from ..conftest import BAD_TOKEN, FAST, TOKEN
+from ..conftest import BAD_TOKEN, FAST, MS, TOKEN
 from .conftest import WAIT, Recorder, make_client, raw_server, running, url_of
 
 
@@ -62,7 +63,7 @@ async def test_nothing_is_dispatched_before_auth_success() -> None:
 
 async def test_no_answer_to_auth_is_a_failed_attempt_and_retried(server: FeedServer) -> None:
     server.silent = True
-    client = make_client(server.url, auth_timeout=0.05)
+    client = make_client(server.url, auth_timeout=50 * MS)
     async with running(client) as task:
         await server.wait_for_handshakes(3)
         assert not task.done()
@@ -71,10 +72,10 @@ async def test_no_answer_to_auth_is_a_failed_attempt_and_retried(server: FeedSer
 
 async def test_no_answer_to_auth_without_reconnect_raises(server: FeedServer) -> None:
     server.silent = True
-    client = make_client(server.url, auth_timeout=0.05, reconnect=False)
+    client = make_client(server.url, auth_timeout=50 * MS, reconnect=False)
     with pytest.raises(chatfeed.AuthTimeoutError) as caught:
         await asyncio.wait_for(client.run(), WAIT)
-    assert caught.value.timeout == 0.05
+    assert caught.value.timeout == 50 * MS
     assert server.handshakes == 1
 
 
@@ -87,6 +88,30 @@ async def test_auth_error_with_static_token_is_final(server: FeedServer) -> None
     assert server.received_tokens == [BAD_TOKEN]
     with pytest.raises(chatfeed.UsageError, match="closed"):
         await client.run()
+
+
+async def test_auth_error_makes_the_client_close_a_connection_the_server_leaves_open() -> None:
+    closed = asyncio.Event()
+    handshakes = 0
+
+    async def handler(ws: ServerConnection) -> None:
+        nonlocal handshakes
+        handshakes += 1
+        await ws.recv()
+        await ws.send(json.dumps({"type": "auth_error", "message": "Invalid token"}))
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in ws:
+                pass
+        closed.set()
+
+    async with raw_server(handler) as server:
+        client = make_client(url_of(server), token=BAD_TOKEN)
+        with pytest.raises(chatfeed.AuthenticationError) as caught:
+            await asyncio.wait_for(client.run(), WAIT)
+        # Still inside the server's context: only the client can have closed it.
+        await asyncio.wait_for(closed.wait(), WAIT)
+    assert caught.value.message == "Invalid token"
+    assert handshakes == 1
 
 
 async def test_auth_error_on_async_with_raises_and_closes(server: FeedServer) -> None:
@@ -126,12 +151,22 @@ async def test_async_token_function_is_called_before_every_attempt(server: FeedS
     assert server.received_tokens == [TOKEN, TOKEN]
 
 
-@pytest.mark.parametrize("auth_retries", [0, 1, 3])
-async def test_auth_retries_with_a_token_function_are_bounded(server: FeedServer, auth_retries: int) -> None:
-    client = make_client(server.url, token=lambda: BAD_TOKEN, auth_retries=auth_retries)
+@pytest.mark.parametrize("auth_retries", [None, 0, 1, 3], ids=["default", "0", "1", "3"])
+async def test_auth_retries_with_a_token_function_are_bounded(server: FeedServer, auth_retries: int | None) -> None:
+    calls = 0
+
+    def always_bad() -> str:
+        nonlocal calls
+        calls += 1
+        return BAD_TOKEN
+
+    options = {} if auth_retries is None else {"auth_retries": auth_retries}
+    client = make_client(server.url, token=always_bad, **options)
     with pytest.raises(chatfeed.AuthenticationError):
         await asyncio.wait_for(client.run(), WAIT)
-    assert server.received_tokens == [BAD_TOKEN] * (auth_retries + 1)
+    retries = 1 if auth_retries is None else auth_retries  # the default is one retry
+    assert calls == retries + 1
+    assert server.received_tokens == [BAD_TOKEN] * (retries + 1)
 
 
 async def test_token_revoked_mid_session_stops_a_static_token_client(server: FeedServer) -> None:
@@ -183,3 +218,64 @@ async def test_auth_error_quoting_the_token_does_not_repeat_it() -> None:
             await asyncio.wait_for(client.run(), WAIT)
     assert caught.value.message == "expired token ***"
     assert TOKEN not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        ('{"type": "auth_error", "message": null}', ""),
+        ('{"type": "auth_error"}', ""),
+        (
+            '{"type": "auth_error", "message": {"name": "JsonWebTokenError", "message": "jwt malformed"}}',
+            "jwt malformed",
+        ),
+        ('{"type": "auth_error", "message": {}}', ""),
+        ('{"type": "auth_error", "payload": {"message": "jwt expired"}}', "jwt expired"),
+        ('{"type": "auth_error", "message": 401, "payload": "x", "extra": [1]}', "401"),
+    ],
+    ids=["null", "absent", "error-object", "empty-object", "under-payload", "number"],
+)
+async def test_any_auth_error_frame_is_a_rejection_not_a_timeout(frame: str, message: str) -> None:
+    # A frame dropped as unparseable would leave the handshake to time out,
+    # and a timeout is retried: forever, with a static token.
+    auth_frames = 0
+
+    async def handler(ws: ServerConnection) -> None:
+        nonlocal auth_frames
+        await ws.recv()
+        auth_frames += 1
+        await ws.send(frame)
+        await ws.wait_closed()
+
+    async with raw_server(handler) as server:
+        client = make_client(url_of(server), auth_timeout=WAIT * 2)
+        with pytest.raises(chatfeed.AuthenticationError) as caught:
+            await asyncio.wait_for(client.run(), WAIT)
+    assert caught.value.message == message
+    assert auth_frames == 1
+
+
+async def test_auth_success_with_an_unexpected_message_authenticates() -> None:
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        await ws.send('{"type": "auth_success", "message": {"userId": 1}, "payload": [1, 2]}')
+        await ws.send('{"type": "error", "message": "after auth"}')
+        await ws.wait_closed()
+
+    async with raw_server(handler) as server:
+        client = make_client(url_of(server))
+        seen = Recorder()
+        client.on("error")(seen)
+        async with client:
+            [event] = await seen.wait_for(1)
+    assert event.message == "after auth"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("", "returned an empty string"), (b"jwt", "must return a str, not a bytes"), (None, "not a NoneType")],
+)
+async def test_a_token_function_returning_a_bad_value_says_what_was_wrong(value: object, message: str) -> None:
+    client = make_client("ws://127.0.0.1:9", token=lambda: value)
+    with pytest.raises(chatfeed.UsageError, match=message):
+        await asyncio.wait_for(client.run(), WAIT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 
@@ -89,19 +90,21 @@ async def test_unknown_role_and_status_are_delivered_not_dropped(server: FeedSer
     assert message.model_extra == {"tokens": 12}
 
 
+@pytest.mark.parametrize(("option", "max_size"), [(4096, 4096), (None, 2**20)], ids=["4096", "default-1-MiB"])
 async def test_frame_up_to_max_size_is_accepted_and_a_larger_one_closes_the_connection(
-    server: FeedServer, caplog: pytest.LogCaptureFixture
+    server: FeedServer, caplog: pytest.LogCaptureFixture, option: int | None, max_size: int
 ) -> None:
-    max_size = 4096
-    client = make_client(server.url, max_size=max_size)
+    client = make_client(server.url) if option is None else make_client(server.url, max_size=option)
     seen, lifecycle = Recorder(), Recorder()
     client.on("error")(seen)
     client.on("connected")(lifecycle)
     client.on("disconnected")(lifecycle)
 
     def error_frame(size: int) -> str:
-        frame = json.dumps({"type": "error", "message": ""})
-        return json.dumps({"type": "error", "message": "x" * (size - len(frame))})
+        empty = json.dumps({"type": "error", "message": ""})
+        frame = json.dumps({"type": "error", "message": "x" * (size - len(empty))})
+        assert len(frame.encode()) == size
+        return frame
 
     async with running(client):
         await lifecycle.wait_for(1)
@@ -109,10 +112,12 @@ async def test_frame_up_to_max_size_is_accepted_and_a_larger_one_closes_the_conn
         await seen.wait_for(1)
         await server.send_raw(error_frame(max_size + 1))
         await lifecycle.wait_for(3)  # disconnected, then connected again
-    assert len(seen.events[0].message) > max_size - 40
+    [accepted] = seen.events
+    assert len(accepted.message) > max_size - 40
     lost = lifecycle.events[1]
     assert (lost.code, lost.will_retry) == (1009, True)
     assert lost.error.local
+    assert lifecycle.events[2].is_reconnect
     assert "1009" in caplog.text
 
 
@@ -149,3 +154,35 @@ async def test_auth_error_after_authentication_is_handled_as_a_rejection(server:
         await server.send_raw(json.dumps({"type": "auth_error", "message": "token expired"}))
         with pytest.raises(chatfeed.AuthenticationError, match="token expired"):
             await task
+
+
+async def test_frames_from_a_javascript_backend_are_kept_whole(server: FeedServer) -> None:
+    # What a Node backend may send: a string cut mid-emoji (a lone surrogate
+    # escape, which JSON.parse accepts), an hours-only offset, nulls where the
+    # client can do without a value, error text in an object.
+    frames = [
+        '{"type": "new_message", "payload": {"id": 1, "chatId": 2, "role": "assistant", "content": "cut \\ud83d",'
+        ' "precis": null, "audioUrl": null, "fallbackUsed": null, "status": null,'
+        ' "createdAt": "2025-10-07T12:00:00+05"}}',
+        '{"type": "new_message", "payload": {"id": "3", "chatId": "2", "role": "user", "content": null,'
+        ' "createdAt": "2025-10-07T12:00:00.000+00"}}',
+        '{"type": "new_chat", "payload": {"id": 4, "userId": 1, "title": null, "createdAt": "2025-10-07T12:00:00Z"}}',
+        '{"type": "error", "message": {"message": "rate limited", "code": 429}}',
+    ]
+    client = make_client(server.url)
+    seen = Recorder()
+    client.on(chatfeed.ServerMessage)(seen)
+    async with client:
+        for frame in frames:
+            await server.send_raw(frame)
+        first, second, chat, error = await seen.wait_for(4)
+
+    assert isinstance(first, chatfeed.NewMessage) and isinstance(second, chatfeed.NewMessage)
+    assert first.payload.content == "cut \ufffd"
+    assert first.payload.created_at.utcoffset() == datetime.timedelta(hours=5)
+    assert (first.payload.fallback_used, first.payload.precis, first.payload.status) == (False, None, None)
+    assert second.payload.content == ""
+    assert isinstance(chat, chatfeed.NewChat)
+    assert (chat.payload.title, chat.payload.updated_at) == ("", chat.payload.created_at)
+    assert isinstance(error, chatfeed.ErrorMessage) and error.message == "rate limited"
+    assert client.statistics().protocol_errors == 0

@@ -4,52 +4,152 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 
 import chatfeed
 from chatfeed.testing import FeedServer
 
-from ..conftest import SECRET, TOKEN
-from .conftest import WAIT, Recorder, chatfeed_tasks, make_client, running, tcp_server
+from ..conftest import MS, SECRET, TOKEN
+from .conftest import WAIT, Recorder, chatfeed_tasks, content, make_client, running, tcp_server
+
+T = TypeVar("T")
 
 
-async def close_promptly(client: chatfeed.Client) -> None:
-    await asyncio.wait_for(client.close(), 1.0)
-    assert chatfeed_tasks() == []
+class ThreadedFeedServer:
+    """A FeedServer running on its own event loop in another thread.
+
+    The test's loop then holds only the client's tasks, so "close() leaves no
+    task running" can be checked against every task, not just named ones.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self.server = FeedServer(**options)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="feed-server", daemon=True)
+
+    def __enter__(self) -> ThreadedFeedServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(WAIT)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(WAIT)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(WAIT)
+            self._loop.close()
+
+    async def call(self, make: Callable[[], Awaitable[T]]) -> T:
+        """Await ``make()`` on the server's loop."""
+
+        async def run() -> T:
+            return await make()
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self._loop))
+
+
+@pytest.fixture
+def feed() -> Iterator[ThreadedFeedServer]:
+    with ThreadedFeedServer(tokens=[TOKEN]) as feed:
+        yield feed
+
+
+def unfinished_tasks(before: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+    """Tasks of this loop, other than the current one, started after ``before`` and still running."""
+    current = asyncio.current_task()
+    return [task for task in asyncio.all_tasks() - before if task is not current and not task.done()]
+
+
+async def close_promptly(client: chatfeed.Client, run: asyncio.Task[None], before: set[asyncio.Task[Any]]) -> None:
+    """Close ``client`` within a second; check that ``run`` and an open iterator end, and that no task is left.
+
+    Every task of the loop started since ``before`` counts, whatever its name.
+    """
+    stream = client.events()
+    await asyncio.wait_for(client.close(), 1000 * MS)
+    await asyncio.wait_for(run, WAIT)
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(anext(stream), WAIT)
+    assert unfinished_tasks(before) == []
     assert client.statistics().state == "closed"
 
 
 async def test_close_while_opening_the_connection() -> None:
+    before = asyncio.all_tasks()
     async with tcp_server(lambda writer: None) as (url, accepted):
-        client = make_client(url, open_timeout=30.0)
-        async with running(client):
-            await accepted.wait_for(1)  # the client is now stuck in the WebSocket handshake
-            await close_promptly(client)
+        client = make_client(url, open_timeout=30_000 * MS)
+        run = asyncio.create_task(client.run())
+        await accepted.wait_for(1)  # the client is now stuck in the WebSocket handshake
+        await close_promptly(client, run, before)
 
 
-async def test_close_while_authenticating(server: FeedServer) -> None:
-    server.silent = True
-    client = make_client(server.url, auth_timeout=30.0)
-    async with running(client):
-        await server.wait_for_auth_frames(1)  # the client now waits for the answer
-        await close_promptly(client)
+async def test_close_while_an_async_token_function_is_pending(server: FeedServer) -> None:
+    entered = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def slow_token() -> str:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return TOKEN
+
+    before = asyncio.all_tasks()
+    client = make_client(server.url, token=slow_token)
+    run = asyncio.create_task(client.run())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    await close_promptly(client, run, before)
+    assert cancelled.is_set()
+    assert server.handshakes == 0
 
 
-async def test_close_while_backing_off(server: FeedServer) -> None:
-    client = make_client(server.url)
-    lifecycle = Recorder()
-    client.on("disconnected")(lifecycle)
-    async with running(client):
-        await server.wait_for_clients()
-        await server.close_connections(1013, "overloaded")  # a wait of at least 5 s
-        [lost] = await lifecycle.wait_for(1)
-        assert lost.will_retry
-        await close_promptly(client)
+async def test_close_while_authenticating(feed: ThreadedFeedServer) -> None:
+    feed.server.silent = True
+    before = asyncio.all_tasks()
+    client = make_client(feed.server.url, auth_timeout=30_000 * MS)
+    run = asyncio.create_task(client.run())
+    await feed.call(lambda: feed.server.wait_for_auth_frames(1, timeout=WAIT))  # the client now waits for the answer
+    await close_promptly(client, run, before)
 
 
-async def test_close_while_a_handler_is_running(server: FeedServer) -> None:
-    client = make_client(server.url)
+async def test_close_while_connected(feed: ThreadedFeedServer) -> None:
+    before = asyncio.all_tasks()
+    client = make_client(feed.server.url)  # the default ping_interval: a keepalive task runs
+    connected = Recorder()
+    client.on("connected")(connected)
+    run = asyncio.create_task(client.run())
+    await connected.wait_for(1)
+    await close_promptly(client, run, before)
+
+
+async def test_close_while_backing_off(feed: ThreadedFeedServer) -> None:
+    before = asyncio.all_tasks()
+    client = make_client(feed.server.url)
+    connected, disconnected = Recorder(), Recorder()
+    client.on("connected")(connected)
+    client.on("disconnected")(disconnected)
+    run = asyncio.create_task(client.run())
+    await connected.wait_for(1)
+    await feed.call(lambda: feed.server.close_connections(1013, "overloaded"))  # a wait of at least 5 s
+    [lost] = await disconnected.wait_for(1)
+    assert lost.will_retry
+    await close_promptly(client, run, before)
+
+
+async def test_close_while_a_handler_is_running(feed: ThreadedFeedServer) -> None:
+    before = asyncio.all_tasks()
+    client = make_client(feed.server.url)
+    connected = Recorder()
+    client.on("connected")(connected)
     entered = asyncio.Event()
     cancelled = asyncio.Event()
 
@@ -62,11 +162,11 @@ async def test_close_while_a_handler_is_running(server: FeedServer) -> None:
             cancelled.set()
             raise
 
-    async with running(client):
-        await server.wait_for_clients()
-        await server.push_message()
-        await asyncio.wait_for(entered.wait(), WAIT)
-        await close_promptly(client)
+    run = asyncio.create_task(client.run())
+    await connected.wait_for(1)
+    await feed.call(lambda: feed.server.push_message())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    await close_promptly(client, run, before)
     assert cancelled.is_set()
 
 
@@ -101,11 +201,107 @@ async def test_close_ends_every_iterator(server: FeedServer) -> None:
 
 async def test_fatal_error_ends_iterators_with_that_error(server: FeedServer) -> None:
     client = make_client(server.url)
-    async with client:
-        stream = client.events()
+    stream = client.events()  # subscribed before the client starts
+    async with running(client):
+        await server.wait_for_clients()
         await server.close_connections(1008, "policy")
         with pytest.raises(chatfeed.ConnectionLostError):
             await asyncio.wait_for(anext(stream), WAIT)
+
+
+async def test_async_with_raises_a_fatal_error_that_stopped_the_client_while_the_block_worked(
+    server: FeedServer,
+) -> None:
+    client = make_client(server.url)
+    body_cancelled = False
+
+    async def block() -> None:
+        nonlocal body_cancelled
+        async with client:
+            try:
+                await server.close_connections(4501, "banned")
+                await asyncio.sleep(WAIT)  # other work: cut short, as in a task group
+            except asyncio.CancelledError:
+                body_cancelled = True
+                raise
+
+    with pytest.raises(chatfeed.ConnectionLostError) as excinfo:
+        await block()
+    assert body_cancelled
+    assert excinfo.value.code == 4501
+    assert client.statistics().state == "closed"
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
+    assert cancelling is None or cancelling() == 0  # the cancellation it used is taken back
+
+
+async def test_async_with_raises_the_fatal_error_once_when_the_block_read_it_from_events(server: FeedServer) -> None:
+    client = make_client(server.url)
+    closing: list[asyncio.Future[None]] = []
+
+    async def block() -> None:
+        async with client:
+            stream = client.events()
+            await server.push_message(content="first")
+            async for _ in stream:  # waiting here for the next event when the client stops
+                closing.append(asyncio.ensure_future(server.close_connections(1008, "policy")))
+
+    with pytest.raises(chatfeed.ConnectionLostError) as excinfo:
+        await block()
+    await asyncio.wait_for(closing[0], WAIT)
+    assert excinfo.value.code == 1008
+    # The body raised it from the stream: the block was not cancelled for it.
+    assert not isinstance(excinfo.value.__context__, asyncio.CancelledError)
+
+
+async def test_async_with_does_not_raise_again_an_error_the_block_handled(server: FeedServer) -> None:
+    client = make_client(server.url)
+    seen: list[int] = []
+    async with client:
+        stream = client.events()
+        waiting = asyncio.ensure_future(anext(stream))
+        await server.push_message(content="first")
+        assert content(await asyncio.wait_for(waiting, WAIT)) == "first"
+        reader = asyncio.ensure_future(anext(stream))
+        await server.close_connections(1008, "policy")
+        try:
+            await asyncio.wait_for(reader, WAIT)
+        except chatfeed.ConnectionLostError as exc:
+            seen.append(exc.code)
+    assert seen == [1008]
+
+
+async def test_outside_cancellation_of_an_async_with_block_stays_a_cancellation(server: FeedServer) -> None:
+    client = make_client(server.url)
+    entered = asyncio.Event()
+
+    async def block() -> None:
+        async with client:
+            entered.set()
+            await asyncio.sleep(WAIT)
+
+    task = asyncio.create_task(block())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT)
+    assert client.statistics().state == "closed"
+
+
+async def test_reading_events_of_a_client_never_started_is_a_usage_error() -> None:
+    client = make_client("ws://127.0.0.1:9")
+    stream = client.events()
+    with pytest.raises(chatfeed.UsageError, match="never started"):
+        await asyncio.wait_for(anext(stream), WAIT)
+
+
+async def test_events_read_just_before_run_starts_in_a_task_wait_for_events(server: FeedServer) -> None:
+    client = make_client(server.url)
+    stream = client.events()
+    async with running(client):  # run() in a task created after the stream, before the read
+        waiting = asyncio.ensure_future(anext(stream))
+        await server.wait_for_clients()
+        await server.push_message(content="hello")
+        assert content(await asyncio.wait_for(waiting, WAIT)) == "hello"
 
 
 async def test_cancelling_run_closes_the_client(server: FeedServer) -> None:
@@ -122,7 +318,7 @@ async def test_cancelling_run_closes_the_client(server: FeedServer) -> None:
 
 async def test_cancelling_async_with_while_connecting_closes_the_client(server: FeedServer) -> None:
     server.silent = True
-    client = make_client(server.url, auth_timeout=30.0)
+    client = make_client(server.url, auth_timeout=30_000 * MS)
 
     async def enter() -> None:
         async with client:
@@ -193,7 +389,7 @@ def test_bad_arguments_are_usage_errors(url: str, options: dict[str, object], me
 def test_unknown_event_name_is_an_error_at_registration() -> None:
     client = chatfeed.Client("ws://localhost", token=TOKEN)
     with pytest.raises(chatfeed.UsageError, match="new_message"):
-        client.on("new_mesage")
+        client.on("new_mesage")  # type: ignore[call-overload]
 
 
 def test_plain_ws_to_a_remote_host_warns(caplog: pytest.LogCaptureFixture) -> None:
@@ -203,3 +399,60 @@ def test_plain_ws_to_a_remote_host_warns(caplog: pytest.LogCaptureFixture) -> No
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "in clear" in r.getMessage()]
     assert len(warnings) == 1
     assert "feed.example.com" in warnings[0].getMessage()
+
+
+_SIGNALLED_PROGRAM = """
+import asyncio, sys
+import chatfeed
+
+async def main() -> None:
+    client = chatfeed.Client(sys.argv[1], token=sys.argv[2])
+    client.on("connected")(lambda event: print("connected", flush=True))
+    await client.run(handle_signals=True)
+    print("stopped cleanly", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_run_with_handle_signals_stops_cleanly_on_a_signal(server: FeedServer, signum: signal.Signals) -> None:
+    program = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _SIGNALLED_PROGRAM,
+        server.url,
+        TOKEN,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert program.stdout is not None
+        assert await asyncio.wait_for(program.stdout.readline(), WAIT * 2) == b"connected\n"
+        program.send_signal(signum)
+        stdout, stderr = await asyncio.wait_for(program.communicate(), WAIT)
+    finally:
+        if program.returncode is None:
+            program.kill()
+            await program.wait()
+    assert program.returncode == 0, stderr.decode()
+    assert stdout == b"stopped cleanly\n"
+    assert b"Traceback" not in stderr
+    await server.wait_for_clients(0)
+
+
+def test_handle_signals_outside_the_main_thread_is_a_usage_error() -> None:
+    errors: list[BaseException] = []
+
+    def in_thread() -> None:
+        client = make_client("ws://127.0.0.1:9")
+        try:
+            asyncio.run(asyncio.wait_for(client.run(handle_signals=True), WAIT))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join(WAIT)
+    assert len(errors) == 1 and isinstance(errors[0], chatfeed.UsageError), errors
+    assert "main thread" in str(errors[0])

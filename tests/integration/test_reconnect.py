@@ -12,7 +12,7 @@ from chatfeed._policy import TRY_AGAIN_LATER_DELAY
 from chatfeed.testing import FeedServer
 
 from ..conftest import FAST, MS, TOKEN
-from .conftest import WAIT, Recorder, free_port, make_client, running
+from .conftest import WAIT, Recorder, free_port, make_client, running, watch_log
 
 
 @pytest.mark.parametrize("code", [1000, 1001, 1011, 1012, 1014, 3000, 4000, 4499])
@@ -58,15 +58,20 @@ async def test_try_again_later_waits_at_least_a_few_seconds(server: FeedServer) 
     assert lost.retry_in >= TRY_AGAIN_LATER_DELAY
 
 
-async def test_server_down_at_start_is_retried_until_it_comes_up() -> None:
+async def test_server_down_at_start_up_is_retried_after_refused_connections() -> None:
     port = free_port()
     client = make_client(f"ws://127.0.0.1:{port}")
     connected = Recorder()
     client.on("connected")(connected)
-    async with running(client) as task, FeedServer(tokens=[TOKEN], port=port) as server:
-        await connected.wait_for(1)
-        assert server.clients == 1
-        assert not task.done()
+    with watch_log("reconnecting in") as retries:
+        async with running(client) as task:
+            await retries.counter.wait_for(2)  # two refused attempts, for sure
+            assert not task.done()
+            async with FeedServer(tokens=[TOKEN], port=port) as server:
+                [first] = await connected.wait_for(1)
+                assert server.clients == 1
+    assert all("could not connect" in message for message in retries.messages[:2])
+    assert first == chatfeed.Connected(is_reconnect=False, downtime=None)
 
 
 async def test_without_reconnect_the_first_failure_raises() -> None:
@@ -84,6 +89,29 @@ async def test_without_reconnect_a_lost_connection_ends_run(server: FeedServer) 
             await asyncio.wait_for(asyncio.shield(task), WAIT)
     assert caught.value.code == 1006
     assert server.handshakes == 1
+
+
+async def test_max_attempts_counts_failed_attempts_not_quick_restarts(server: FeedServer) -> None:
+    # A rolling deploy: the server takes each connection and drops it soon
+    # after, more times than max_attempts. Each of those connections did
+    # authenticate, so none is a failed attempt and the client goes on.
+    backoff = chatfeed.Backoff(initial=MS, maximum=5 * MS, reset_after=1000 * MS, max_attempts=2)
+    client = make_client(server.url, reconnect=backoff)
+    connected = Recorder()
+    client.on("connected")(connected)
+    task = asyncio.create_task(client.run())
+    try:
+        for restart in range(1, 5):
+            await connected.wait_for(restart)
+            await server.close_connections(1012, "restarting")
+        await connected.wait_for(5)
+        assert not task.done()
+        # Now the server is gone: two failed attempts in a row end the run.
+        await server.stop()
+        with pytest.raises(chatfeed.ConnectError):
+            await asyncio.wait_for(task, WAIT)
+    finally:
+        await client.close()
 
 
 async def test_max_attempts_gives_up_with_the_last_error() -> None:
@@ -126,7 +154,7 @@ def attempts_logged(text: str) -> list[int]:
 
 @pytest.mark.parametrize(
     ("reset_after", "attempts"),
-    [(60.0, [1, 2, 3, 4]), (0.0, [1, 1, 1, 1])],
+    [(60_000 * MS, [1, 2, 3, 4]), (0.0, [1, 1, 1, 1])],
     ids=["drops-at-once-keep-growing", "stable-connections-reset"],
 )
 async def test_backoff_resets_only_after_a_stable_connection(
@@ -150,7 +178,7 @@ async def test_dead_peer_is_detected_by_ping_and_replaced(server: FeedServer) ->
     # A close_timeout far beyond the ping budget: if the client waited for the
     # dead peer's closing handshake, the reconnect would come too late.
     ping = 100 * MS
-    client = make_client(server.url, ping_interval=ping, ping_timeout=ping, close_timeout=10.0)
+    client = make_client(server.url, ping_interval=ping, ping_timeout=ping, close_timeout=10_000 * MS)
     lifecycle = Recorder()
     client.on("connected")(lifecycle)
     client.on("disconnected")(lifecycle)
@@ -159,13 +187,13 @@ async def test_dead_peer_is_detected_by_ping_and_replaced(server: FeedServer) ->
         await lifecycle.wait_for(1)
         server.freeze_connections()
         frozen_at = loop.time()
-        await lifecycle.wait_for(3, timeout=5.0)
+        await lifecycle.wait_for(3)
         back_after = loop.time() - frozen_at
     lost = lifecycle.events[1]
     assert lost.code == 1006
     assert lost.error.local
     assert "pong" in lost.reason
-    assert back_after < 2 * ping + 1.0
+    assert back_after < 2 * ping + 1000 * MS
 
 
 async def test_keepalive_leaves_a_live_connection_alone(server: FeedServer) -> None:

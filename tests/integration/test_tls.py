@@ -55,3 +55,37 @@ async def test_certificate_trusted_through_an_explicit_context(
 def test_ssl_context_with_plain_ws_is_a_usage_error() -> None:
     with pytest.raises(chatfeed.UsageError, match="wss://"):
         chatfeed.Client("ws://localhost", token=TOKEN, ssl=ssl.create_default_context())
+
+
+async def test_wss_to_a_plain_websocket_server_is_final_and_says_why(server: FeedServer) -> None:
+    url = server.url.replace("ws://", "wss://")
+    client = make_client(url)
+    with pytest.raises(chatfeed.ConnectError, match="may not be speaking TLS") as caught:
+        await asyncio.wait_for(client.run(), WAIT)
+    assert caught.value.tls
+    assert server.handshakes == 0
+
+
+async def test_wss_to_a_plain_http_server_is_final_and_says_why() -> None:
+    accepted = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.read(100)  # the TLS ClientHello, taken for a bad request
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    plain = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        port = plain.sockets[0].getsockname()[1]
+        client = make_client(f"wss://127.0.0.1:{port}")
+        with pytest.raises(chatfeed.ConnectError, match=r"WRONG_VERSION_NUMBER.*may not be speaking TLS") as caught:
+            await asyncio.wait_for(client.run(), WAIT)
+    finally:
+        plain.close()
+        await plain.wait_closed()
+    assert caught.value.tls
+    assert accepted == 1
+
