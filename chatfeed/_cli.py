@@ -22,7 +22,7 @@ from ._logging import redact_url
 from ._policy import Backoff
 from ._version import __version__
 from .exceptions import AuthenticationError, ChatfeedError, ConnectionFailedError, HandshakeError, UsageError
-from .models import Connected, Disconnected, FeedEvent, NewChat, NewMessage
+from .models import Connected, Disconnected, FeedEvent, NewChat, NewMessage, UnknownMessage
 from .testing import FeedServer, synthetic_conversation
 
 __all__ = ["main"]
@@ -34,13 +34,17 @@ EXIT_UNREACHABLE = 4
 
 _TOKEN_VARIABLE = "CHATFEED_TOKEN"
 
+_EVENT_TYPES = ("new_message", "new_chat", "error", "unknown")
+"""What ``--type`` accepts: ``unknown`` stands for every type this version does not know."""
+
 _LISTEN_EPILOG = f"""\
 The token is read from ${_TOKEN_VARIABLE} unless --token is given. Prefer the
 variable: a command line is visible to every user of the machine (ps).
 
-exit status: 0 on Ctrl-C or when --count is reached, 2 on bad usage, 3 when
-the server rejects the token, 4 when the server cannot be reached and
-reconnection is off or exhausted (or the server refuses the client for good).
+exit status: 0 on Ctrl-C, when --count is reached or when the reader of the
+output goes away (| head), 2 on bad usage, 3 when the server rejects the
+token, 4 when the server cannot be reached and reconnection is off or exhausted
+(or the server refuses the client for good).
 """
 
 
@@ -55,8 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(EXIT_USAGE, f"chatfeed: error: {exc}\n")
     except BrokenPipeError:
         # The reader of our output went away (``| head``): not an error.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_further_output(sys.stdout)
         return EXIT_OK
 
 
@@ -83,8 +86,12 @@ def _parser() -> argparse.ArgumentParser:
         "--type",
         dest="types",
         action="append",
+        choices=_EVENT_TYPES,
         metavar="TYPE",
-        help="print only events of this type (new_message, new_chat, error, or any other); repeatable",
+        help=(
+            "print only events of this type: new_message, new_chat, error, or unknown (any type this "
+            "version of chatfeed does not know); repeatable"
+        ),
     )
     listen.add_argument("--chat", metavar="ID", help="print only messages of this chat, and the chat itself")
     listen.add_argument("--count", type=_positive_int, metavar="N", help="exit after printing N events")
@@ -201,7 +208,11 @@ async def _until_interrupted(command: Awaitable[int]) -> int:
 
 
 class _Printer:
-    """Writes events to standard output as JSON lines or readable lines."""
+    """Writes events to standard output as JSON lines or readable lines.
+
+    When the reader of the output goes away (``chatfeed listen ... | head -1``),
+    the printer stops writing and sets `closed`, for the command to stop.
+    """
 
     _COLORS: ClassVar[dict[str, str]] = {"user": "32", "assistant": "35", "new_chat": "36", "error": "31", "dim": "2"}
 
@@ -209,11 +220,18 @@ class _Printer:
         self._out = out
         self._pretty = (output_format or ("pretty" if out.isatty() else "jsonl")) == "pretty"
         self._color = self._pretty and not no_color and "NO_COLOR" not in os.environ and out.isatty()
+        self.closed = asyncio.Event()
 
     def __call__(self, event: FeedEvent) -> None:
+        if self.closed.is_set():
+            return
         line = self._pretty_line(event) if self._pretty else event.model_dump_json(by_alias=True, exclude_unset=True)
-        self._out.write(line + "\n")
-        self._out.flush()
+        try:
+            self._out.write(line + "\n")
+            self._out.flush()
+        except BrokenPipeError:
+            _discard_further_output(self._out)
+            self.closed.set()
 
     def _paint(self, text: str, key: str) -> str:
         code = self._COLORS.get(key)
@@ -241,9 +259,28 @@ class _Printer:
         return f"{self._paint(event.type, 'dim')}: {event.model_dump_json(by_alias=True)}"
 
 
+def _discard_further_output(stream: TextIO) -> None:
+    """Point ``stream``'s file descriptor at the null device, once its reader has gone away."""
+    # What is still buffered is flushed again when Python exits; into a closed
+    # pipe, that would print a second BrokenPipeError after we exited cleanly.
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+
+
+def _not_giving_up(record: logging.LogRecord) -> bool:
+    # listen explains the error that stopped the client, with what to do about
+    # it, just before exiting: the client's own warning would say it twice.
+    return not getattr(record, "chatfeed_gave_up", False)
+
+
 def _log_to_stderr(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("chatfeed: %(message)s"))
+    handler.addFilter(_not_giving_up)
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
@@ -260,7 +297,8 @@ def _say(text: str) -> None:
 
 
 def _wanted(event: FeedEvent, types: set[str] | None, chat: str | None) -> bool:
-    if types is not None and event.type not in types:
+    type_name = "unknown" if isinstance(event, UnknownMessage) else event.type
+    if types is not None and type_name not in types:
         return False
     if chat is None:
         return True
@@ -281,7 +319,7 @@ async def _listen(args: argparse.Namespace) -> int:
     printer = _Printer(args.format, no_color=args.no_color)
     types = set(args.types) if args.types else None
     printed = 0
-    done = asyncio.Event()
+    counted = asyncio.Event()
 
     @client.on("new_message")
     @client.on("new_chat")
@@ -294,17 +332,18 @@ async def _listen(args: argparse.Namespace) -> int:
         printer(event)
         printed += 1
         if printed == args.count:
-            done.set()
+            counted.set()
 
     _say(f"connecting to {redact_url(args.url)}")
     running = asyncio.ensure_future(client.run())
-    finished = asyncio.ensure_future(done.wait())
+    finished = [asyncio.ensure_future(counted.wait()), asyncio.ensure_future(printer.closed.wait())]
     try:
-        await asyncio.wait([running, finished], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([running, *finished], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        finished.cancel()
+        for waiter in finished:
+            waiter.cancel()
         await client.close()
-        await asyncio.wait([running])
+        await asyncio.wait([running, *finished])
     if running.cancelled() or running.exception() is None:
         return EXIT_OK
     return _explain(running.exception(), args.url)
@@ -384,13 +423,21 @@ async def _demo(args: argparse.Namespace) -> int:
         async with client:
             feed = asyncio.ensure_future(server.play(synthetic_conversation(), rate=4.0))
             try:
-                await asyncio.sleep(args.duration / 2)
-                _say("restarting the server")
-                await server.restart()
-                await asyncio.sleep(args.duration / 2)
+                # Nobody to show the rest to once the output's reader has gone (``| head``).
+                if not await _wait_until_set(printer.closed, args.duration / 2):
+                    _say("restarting the server")
+                    await server.restart()
+                    await _wait_until_set(printer.closed, args.duration / 2)
             finally:
                 feed.cancel()
                 await asyncio.wait([feed])
 
     _say(f"demo done: {received} events received, {reconnects} reconnect(s), {away:.2f} s away")
     return EXIT_OK
+
+
+async def _wait_until_set(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until ``event`` is set or ``timeout`` seconds have passed; return whether it is set."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+    return event.is_set()

@@ -553,12 +553,19 @@ class Client:
                 if self._stop_requested and delay is not None:
                     return
             if delay is None:
+                # Marked, so that a program that reports the error itself (the
+                # command line) can leave this record out.
+                marker = {"chatfeed_gave_up": True}
                 if failed_attempts:
                     logger.warning(
-                        "giving up on %s after %d failed attempt(s): %s", redact_url(self._url), failed_attempts, error
+                        "giving up on %s after %d failed attempt(s): %s",
+                        redact_url(self._url),
+                        failed_attempts,
+                        error,
+                        extra=marker,
                     )
                 else:
-                    logger.warning("giving up on %s: %s", redact_url(self._url), error)
+                    logger.warning("giving up on %s: %s", redact_url(self._url), error, extra=marker)
                 raise error
             logger.info("reconnecting in %.3f s (attempt %d): %s", delay, failures, error)
             await asyncio.sleep(delay)
