@@ -15,7 +15,11 @@ import pytest
 from chatfeed import Backoff
 from chatfeed.testing import FeedServer
 
-MS = 0.001 * float(os.environ.get("CHATFEED_TEST_TIME_FACTOR", "1"))
+TIME_FACTOR = float(os.environ.get("CHATFEED_TEST_TIME_FACTOR", "1"))
+"""How much to stretch every time constant of the suite, pytest-timeout's included."""
+
+MS = 0.001 * TIME_FACTOR
+"""One millisecond, stretched: every timeout, delay and time window in a test is a multiple of it."""
 
 SECRET = "sekrit"
 """Every token used in tests contains this; no log record may."""
@@ -31,6 +35,24 @@ FAST = Backoff(initial=5 * MS, maximum=20 * MS, reset_after=1000 * MS)
 """A backoff short enough to go through in tests instead of sleeping it out."""
 
 _PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "ws_proxy", "wss_proxy", "no_proxy")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Stretch each test's pytest-timeout limit, its own marker's or the configured one, by TIME_FACTOR."""
+    if TIME_FACTOR == 1:
+        return
+    configured = config.getoption("timeout", None) or os.environ.get("PYTEST_TIMEOUT") or config.getini("timeout")
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        if marker is None:
+            seconds, args, kwargs = configured, (), {}
+        else:
+            kwargs = dict(marker.kwargs)
+            seconds = kwargs.pop("timeout", None) or (marker.args[0] if marker.args else None)
+            args = marker.args[1:]
+        if seconds:  # none, or 0, means no limit: nothing to stretch
+            # Prepended, so that it is the closest marker, ahead of the test's own.
+            item.add_marker(pytest.mark.timeout(float(seconds) * TIME_FACTOR, *args, **kwargs), append=False)
 
 
 @pytest.fixture(autouse=True)

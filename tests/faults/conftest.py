@@ -10,7 +10,7 @@ import pytest
 
 from chatfeed.testing import FeedServer
 
-from ..integration.conftest import chatfeed_tasks
+from ..integration.conftest import WAIT, chatfeed_tasks
 from .proxy import FaultProxy
 
 
@@ -54,7 +54,7 @@ class TcpServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return f"ws://127.0.0.1:{port}"
 
-    async def wait_for_accepted(self, count: int, *, timeout: float = 5.0) -> None:
+    async def wait_for_accepted(self, count: int, *, timeout: float = WAIT) -> None:
         """Wait until ``count`` connections have been accepted in all."""
         await asyncio.wait_for(self._wait_until(lambda: self.accepted >= count), timeout)
 
@@ -94,7 +94,7 @@ class TcpServer:
         for transport in list(self._transports):
             transport.abort()
         # Sockets close when their transports report connection_lost, a turn later.
-        await asyncio.wait_for(self._wait_until(lambda: not self._transports), 5.0)
+        await asyncio.wait_for(self._wait_until(lambda: not self._transports), WAIT)
         await self._server.wait_closed()
 
 

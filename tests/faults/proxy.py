@@ -41,7 +41,9 @@ from collections.abc import Callable
 
 from typing_extensions import Self
 
-__all__ = ["FaultProxy"]
+from ..integration.conftest import WAIT
+
+__all__ = ["FaultProxy", "abort_with_reset"]
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 """SO_LINGER on, with a zero timeout: closing the socket sends RST, not FIN."""
@@ -61,7 +63,8 @@ class _Mode(enum.Enum):
     LATENCY = "latency"
 
 
-def _abort_with_reset(transport: asyncio.Transport) -> None:
+def abort_with_reset(transport: asyncio.Transport) -> None:
+    """Close ``transport`` with a TCP RST rather than a FIN."""
     sock = transport.get_extra_info("socket")
     if sock is not None and not transport.is_closing():
         with contextlib.suppress(OSError):  # already disconnected: nothing left to reset
@@ -249,7 +252,7 @@ class _Pipe:
             if side.transport is None:
                 continue
             if reset:
-                _abort_with_reset(side.transport)
+                abort_with_reset(side.transport)
             else:
                 side.transport.close()
         self.proxy._cancel_connect(self)
@@ -306,7 +309,7 @@ class FaultProxy:
                 side.transport.abort()
         # Transports report connection_lost (and close their sockets) on a
         # later turn of the loop; wait for it, or the sockets would leak.
-        await self._wait_until(lambda: not self._sides, timeout=5.0)
+        await self._wait_until(lambda: not self._sides, timeout=WAIT)
         if server is not None:
             await server.wait_closed()
 
@@ -371,7 +374,7 @@ class FaultProxy:
 
     # Waiting
 
-    async def wait_for_connections(self, count: int, *, timeout: float = 5.0) -> None:
+    async def wait_for_connections(self, count: int, *, timeout: float = WAIT) -> None:
         """Wait until ``count`` client connections have been accepted in all.
 
         Raises:

@@ -13,11 +13,12 @@ from websockets.asyncio.server import ServerConnection
 
 from chatfeed.testing import FeedServer
 
+from ..conftest import MS
 from ..integration.conftest import Recorder, content, make_client, raw_server, running, url_of
 
 TOTAL = 100_000
-PAUSE = 1.0
-"""Seconds the consumer stops reading: the "slow" in slow consumer, not a synchronisation."""
+PAUSE = 1000 * MS
+"""How long the consumer stops reading: the "slow" in slow consumer, not a synchronisation."""
 
 
 @pytest.mark.timeout(120)
@@ -66,7 +67,7 @@ async def test_slow_consumer_of_100000_messages_gets_each_once_in_order_in_bound
             received.append(content(event))
             if len(received) == TOTAL:
                 break
-        await asyncio.wait_for(pusher, 10)
+        await asyncio.wait_for(pusher, 10_000 * MS)
 
     assert received == [str(index) for index in range(TOTAL)]
     assert buffered <= 100

@@ -27,7 +27,7 @@ from chatfeed.testing import FeedServer
 from ..conftest import MS
 from ..integration.conftest import WAIT, Recorder, content, make_client, raw_server, running, url_of
 from .conftest import tcp_server
-from .proxy import FaultProxy
+from .proxy import FaultProxy, abort_with_reset
 
 
 def lifecycle(client: chatfeed.Client) -> Recorder:
@@ -102,7 +102,7 @@ async def test_half_open_connection_is_detected_within_the_ping_budget_and_repla
     ping = 100 * MS
     # A close_timeout far beyond the ping budget: waiting for the closing
     # handshake of a peer that cannot hear it would show in the timing.
-    client = make_client(proxy.url, ping_interval=ping, ping_timeout=ping, close_timeout=10.0)
+    client = make_client(proxy.url, ping_interval=ping, ping_timeout=ping, close_timeout=10_000 * MS)
     events = lifecycle(client)
     messages = Recorder()
     client.on("new_message")(messages)
@@ -195,6 +195,19 @@ async def test_reply_cut_during_the_handshake_is_retried_until_the_path_heals(
     assert len(retries) >= 2
     assert [attempt for attempt, _, _ in retries] == list(range(1, len(retries) + 1))
     assert all("closed the connection during the WebSocket handshake" in error for _, _, error in retries[:2])
+
+
+async def test_connections_reset_during_the_handshake_are_retried(caplog: pytest.LogCaptureFixture) -> None:
+    async with tcp_server(abort_with_reset) as resetting:
+        client = make_client(resetting.url)
+        async with running(client) as task:
+            await resetting.wait_for_accepted(3)
+            assert not task.done()
+            assert not client.connected
+    retries = retries_logged(caplog)
+    assert len(retries) >= 2
+    assert [attempt for attempt, _, _ in retries] == list(range(1, len(retries) + 1))
+    assert all("closed the connection during the WebSocket handshake" in error for _, _, error in retries)
 
 
 # Peers that are no WebSocket server

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -15,10 +15,10 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 import chatfeed
 from chatfeed._logging import FrameRedactingLogger
 
-from ..conftest import FAST, TOKEN
+from ..conftest import FAST, MS, TOKEN
 
-WAIT = 5.0
-"""Seconds a test waits for something that should happen almost at once."""
+WAIT = 5000 * MS
+"""How long a test waits for something that should happen almost at once: a guard against hangs, not a delay."""
 
 
 class Recorder:
@@ -56,9 +56,9 @@ def make_client(url: str, **options: Any) -> chatfeed.Client:
     """A client with test-friendly defaults: fast backoff, short timeouts."""
     options.setdefault("token", TOKEN)
     options.setdefault("reconnect", FAST)
-    options.setdefault("auth_timeout", 2.0)
-    options.setdefault("open_timeout", 2.0)
-    options.setdefault("close_timeout", 0.5)
+    options.setdefault("auth_timeout", 2000 * MS)
+    options.setdefault("open_timeout", 2000 * MS)
+    options.setdefault("close_timeout", 500 * MS)
     return chatfeed.Client(url, **options)
 
 
@@ -127,6 +127,34 @@ class Counter:
                 await self._changed.wait()
 
         await asyncio.wait_for(wait(), timeout)
+
+
+class LogWatcher(logging.Handler):
+    """Keeps the records of the ``chatfeed`` logger whose message contains ``needle``, for a test to wait on."""
+
+    def __init__(self, needle: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.needle = needle
+        self.messages: list[str] = []
+        self.counter = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.needle in message:
+            self.messages.append(message)
+            self.counter.bump()
+
+
+@contextlib.contextmanager
+def watch_log(needle: str) -> Iterator[LogWatcher]:
+    """Watch the ``chatfeed`` logger for records containing ``needle`` for the duration of the block."""
+    watcher = LogWatcher(needle)
+    logger = logging.getLogger("chatfeed")
+    logger.addHandler(watcher)
+    try:
+        yield watcher
+    finally:
+        logger.removeHandler(watcher)
 
 
 @contextlib.asynccontextmanager

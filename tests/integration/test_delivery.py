@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
+import os
 from typing import Any
 
 import pytest
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 
 import chatfeed
 from chatfeed.testing import FeedServer
 
+from ..conftest import MS
 from .conftest import WAIT, Recorder, content, make_client, raw_server, running, url_of
 
 
@@ -86,6 +91,10 @@ async def test_failing_handler_stops_nothing_else(server: FeedServer, caplog: py
     seen = Recorder()
     hook_calls: list[tuple[Exception, Any]] = []
 
+    @client.on("connected")
+    async def broken_on_connect(event: chatfeed.Connected) -> None:
+        raise RuntimeError("handler bug")
+
     @client.on("new_message")
     def flaky(event: chatfeed.NewMessage) -> None:
         if int(event.payload.content) % 3 == 0:
@@ -103,15 +112,19 @@ async def test_failing_handler_stops_nothing_else(server: FeedServer, caplog: py
             await server.push_message(content=str(index))
         received = [await asyncio.wait_for(anext(stream), WAIT) for _ in range(9)]
         await seen.wait_for(9)
-        assert client.statistics().handler_errors == 3
+        assert client.statistics().handler_errors == 4
+        assert client.connected
 
     assert [content(event) for event in received] == [str(index) for index in range(9)]
     assert [event.payload.content for event in seen.events] == [str(index) for index in range(9)]
-    assert [event.payload.content for _, event in hook_calls] == ["0", "3", "6"]
-    assert all(isinstance(exc, ValueError) for exc, _ in hook_calls)
+    (connect_error, connected), *message_failures = hook_calls
+    assert isinstance(connect_error, RuntimeError)
+    assert isinstance(connected, chatfeed.Connected)
+    assert [event.payload.content for _, event in message_failures] == ["0", "3", "6"]
+    assert all(isinstance(exc, ValueError) for exc, _ in message_failures)
     errors = [record for record in caplog.records if record.name == "chatfeed" and record.levelname == "ERROR"]
-    assert len(errors) == 3
-    assert all(record.exc_info and record.exc_info[0] is ValueError for record in errors)
+    assert [record.exc_info[0] if record.exc_info else None for record in errors] == [RuntimeError] + [ValueError] * 3
+    assert server.handshakes == 1
 
 
 async def test_async_with_then_events_sees_frames_sent_with_auth_success() -> None:
@@ -128,15 +141,20 @@ async def test_async_with_then_events_sees_frames_sent_with_auth_success() -> No
         ws.send_data()
         await ws.wait_closed()
 
-    async with raw_server(handler) as server:
-        client = make_client(url_of(server))
+    async def first_two(client: chatfeed.Client) -> list[str]:
+        received: list[str] = []
+        # Written as an application would: `async for` straight after `async with`, no stream variable.
         async with client:
-            stream = client.events()
-            first = await asyncio.wait_for(anext(stream), WAIT)
-            second = await asyncio.wait_for(anext(stream), WAIT)
-    assert isinstance(first, chatfeed.ErrorMessage)
-    assert isinstance(second, chatfeed.ErrorMessage)
-    assert (first.message, second.message) == ("first", "second")
+            async for event in client.events():
+                assert isinstance(event, chatfeed.ErrorMessage)
+                received.append(event.message)
+                if len(received) == 2:
+                    break
+        return received
+
+    async with raw_server(handler) as server:
+        received = await asyncio.wait_for(first_two(make_client(url_of(server))), WAIT)
+    assert received == ["first", "second"]
 
 
 async def test_several_iterators_each_get_everything_in_order(server: FeedServer) -> None:
@@ -160,19 +178,49 @@ async def test_several_iterators_each_get_everything_in_order(server: FeedServer
     assert results == [[str(index) for index in range(50)]] * 3
 
 
-async def test_full_buffer_applies_backpressure_and_loses_nothing(server: FeedServer) -> None:
-    client = make_client(server.url)
-    async with client:
-        stream = client.events(buffer=1)
-        for index in range(200):
-            await server.push_message(content=str(index))
-        received = []
-        async for event in stream:
-            assert isinstance(event, chatfeed.NewMessage)
-            received.append(event.payload.content)
-            if len(received) == 200:
-                break
-    assert received == [str(index) for index in range(200)]
+async def test_unread_stream_stops_the_client_reading_the_socket_and_loses_nothing() -> None:
+    # The server sends many large frames, then a ping. While nobody reads the
+    # stream, the client must neither take frames off the connection (beyond
+    # the stream's buffer and the one being delivered) nor read as far as the
+    # ping; once the stream is read, everything arrives, in order, and the
+    # pong goes back. A client that buffered without bound would do both.
+    count = 100
+    # Incompressible: with permessage-deflate, repetitive text would shrink the
+    # whole feed into one TCP read, which websockets parses in one go.
+    fillers = [base64.b64encode(os.urandom(48 * 1024)).decode() for _ in range(count)]
+    pong_received = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "auth_success"}))
+        for index in range(count):
+            await ws.send(json.dumps({"type": "error", "message": f"{index}:{fillers[index]}"}))
+        pong = await ws.ping()
+        with contextlib.suppress(ConnectionClosed):
+            await pong
+            pong_received.set()
+            await ws.wait_closed()
+
+    async with raw_server(handler) as server:
+        client = make_client(url_of(server), ping_interval=None)
+        async with client:
+            stream = client.events(buffer=1)
+            observe = asyncio.create_task(pong_received.wait())
+            # The observation window: on a slow machine it can only make the
+            # assertions easier to meet, never fail a correct client.
+            done, _ = await asyncio.wait([observe], timeout=500 * MS)
+            stalled_frames = client.statistics().frames_received
+            assert not done, "the client read the whole feed although nobody read its events() stream"
+            # auth_success, the event in the buffer, the event waiting for room
+            assert stalled_frames <= 3, f"the client took {stalled_frames} frames off a connection nobody reads"
+            received = []
+            async for event in stream:
+                assert isinstance(event, chatfeed.ErrorMessage)
+                received.append(int(event.message.partition(":")[0]))
+                if len(received) == count:
+                    break
+            await asyncio.wait_for(observe, WAIT)
+    assert received == list(range(count))
 
 
 async def test_handlers_only_client_never_blocks(server: FeedServer) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import logging
 import subprocess
 import sys
 import textwrap
@@ -22,8 +21,18 @@ import chatfeed
 import chatfeed._dispatch
 from chatfeed.testing import FeedServer, make_message
 
-from ..conftest import SECRET, TOKEN
-from .conftest import WAIT, Recorder, chatfeed_tasks, content, make_client, raw_server, running, url_of
+from ..conftest import MS, SECRET, TOKEN
+from .conftest import (
+    WAIT,
+    Recorder,
+    chatfeed_tasks,
+    content,
+    make_client,
+    raw_server,
+    running,
+    url_of,
+    watch_log,
+)
 
 
 def frame(**fields: Any) -> str:
@@ -58,7 +67,7 @@ async def mute_server() -> AsyncIterator[str]:
 
 async def test_close_while_async_with_is_entering_does_not_leak_cancelled_error(server: FeedServer) -> None:
     server.silent = True
-    client = make_client(server.url, auth_timeout=30.0)
+    client = make_client(server.url, auth_timeout=30_000 * MS)
     entering = asyncio.create_task(client.__aenter__())
     await server.wait_for_handshakes(1)
     await asyncio.wait_for(client.close(), WAIT)
@@ -118,13 +127,17 @@ async def test_slow_consumer_loses_nothing_when_keepalive_is_on() -> None:
         closed.set()
 
     async with raw_server(handler) as server:
-        ping = 0.05
+        ping = 50 * MS
         client = make_client(url_of(server), ping_interval=ping, ping_timeout=ping)
         async with client:
             stream = client.events(buffer=1)
             # A consumer busy elsewhere for many ping periods; the feed backs up meanwhile.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(closed.wait(), 10 * ping)
+            # It did back up: the client stopped taking frames off the connection (so the
+            # server's pongs, queued behind them, went unread) for longer than the ping budget.
+            stalled_frames = client.statistics().frames_received
+            assert stalled_frames <= 3, f"the client took {stalled_frames} frames while its reader was busy"
             received = [content(await asyncio.wait_for(anext(stream), WAIT)) for _ in range(count)]
             assert not closed.is_set(), "the client dropped a live connection because its reader was slow"
     assert received == [str(index) for index in range(count)]
@@ -173,7 +186,7 @@ async def test_close_in_disconnected_handler_does_not_swallow_the_fatal_error(se
 
 async def test_open_timeout_is_a_connect_error() -> None:
     async with mute_server() as address:
-        client = make_client(f"ws://{address}", open_timeout=0.1, reconnect=False)
+        client = make_client(f"ws://{address}", open_timeout=100 * MS, reconnect=False)
         with pytest.raises(chatfeed.ConnectError, match="timed out"):
             await asyncio.wait_for(client.run(), WAIT)
 
@@ -237,7 +250,7 @@ def test_no_secret_in_logs_fixture_catches_a_token_logged_in_the_test_body(tmp_p
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60_000 * MS,
         check=False,
     )
     assert "a token appeared in a log record (call)" in result.stdout
@@ -254,7 +267,7 @@ async def test_cancelled_error_from_a_handler_does_not_stop_the_client(server: F
     @client.on("new_message")
     async def awaits_a_cancelled_task(event: chatfeed.NewMessage) -> None:
         if event.payload.content == "first":
-            job = asyncio.create_task(asyncio.sleep(10))
+            job = asyncio.create_task(asyncio.sleep(WAIT))
             job.cancel()
             await job  # raises CancelledError: the job's, not the client's
 
@@ -281,7 +294,7 @@ async def test_cancelled_error_from_a_handler_does_not_stop_the_client(server: F
 
 
 async def test_close_while_backpressured_is_prompt(server: FeedServer) -> None:
-    client = make_client(server.url, close_timeout=5.0)
+    client = make_client(server.url, close_timeout=5000 * MS)
     seen = Recorder()
     client.on("new_message")(seen)
     async with client:
@@ -294,10 +307,10 @@ async def test_close_while_backpressured_is_prompt(server: FeedServer) -> None:
         await seen.wait_for(2)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await asyncio.wait_for(client.close(), 10.0)
+        await asyncio.wait_for(client.close(), 10_000 * MS)
         took = loop.time() - started
         assert stream.pending() == 1
-    assert took < 1.0, f"close() took {took:.2f} s"
+    assert took < 1000 * MS, f"close() took {took:.2f} s"
 
 
 # A stream kept in a variable after `break` stays subscribed (Python gives no hook on `break`):
@@ -320,24 +333,13 @@ async def test_stream_closed_by_async_with_unsubscribes_after_break(server: Feed
 
 
 async def test_a_stream_nobody_reads_is_reported(server: FeedServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chatfeed._dispatch, "STALL_WARNING_AFTER", 0.05)
-    reported = asyncio.Event()
-
-    class Watcher(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "has not been read for" in record.getMessage():
-                reported.set()
-
-    watcher = Watcher()
-    logging.getLogger("chatfeed").addHandler(watcher)
-    try:
+    monkeypatch.setattr(chatfeed._dispatch, "STALL_WARNING_AFTER", 50 * MS)
+    with watch_log("has not been read for") as reports:
         client = make_client(server.url)
         async with client:
             stream = client.events(buffer=1)
             for _ in range(2):
                 await server.push_message()
-            await asyncio.wait_for(reported.wait(), WAIT)
+            await reports.counter.wait_for(1)
             await stream.aclose()
             await server.push_message()
-    finally:
-        logging.getLogger("chatfeed").removeHandler(watcher)

@@ -14,6 +14,7 @@ import chatfeed
 from chatfeed import Connected, Disconnected, ErrorMessage, NewChat, NewMessage, ServerMessage, UnknownMessage
 from chatfeed._dispatch import EVENT_NAMES, Dispatcher, EventStream
 from chatfeed.testing import make_chat, make_message
+from tests.conftest import MS
 
 
 async def deliver(dispatcher: Dispatcher, event: Any) -> None:
@@ -23,8 +24,8 @@ async def deliver(dispatcher: Dispatcher, event: Any) -> None:
         await pending
 
 
-WAIT = 1.0
-"""Seconds to wait for something that should happen at once; a guard against hangs, not a delay."""
+WAIT = 1000 * MS
+"""How long to wait for something that should happen at once; a guard against hangs, not a delay."""
 
 
 def new_message(content: str = "hello") -> NewMessage:
