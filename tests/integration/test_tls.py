@@ -88,4 +88,3 @@ async def test_wss_to_a_plain_http_server_is_final_and_says_why() -> None:
         await plain.wait_closed()
     assert caught.value.tls
     assert accepted == 1
-
