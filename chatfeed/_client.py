@@ -1,10 +1,13 @@
-"""The client: owns the connection loop and every task it starts.
+"""The client: the public facade and the reconnect supervisor.
 
-One supervisor task per client runs connect, authenticate, receive and
-reconnect in a loop; it is started by [`Client.run`][chatfeed.Client.run] or ``async with`` and
-ended by [`Client.close`][chatfeed.Client.close]. Each connection has one more task, its
-keepalive. Nothing else is spawned: handlers run inline in the receive loop,
-one event at a time, in the order the frames arrived.
+A client runs one connection at a time, as a `chatfeed._session.Session`,
+and one supervisor task that delivers its events and, when it ends, asks
+`chatfeed._policy.RetryState` whether and when to connect again. The
+supervisor is started by [`Client.run`][chatfeed.Client.run] or ``async with``
+(which first connects in the caller's task, as websockets' ``connect`` does)
+and ended by [`Client.close`][chatfeed.Client.close]. Each connection has one
+more task, its keepalive. Nothing else is spawned: handlers run inline in the
+receive loop, one event at a time, in the order the frames arrived.
 """
 
 from __future__ import annotations
@@ -12,32 +15,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-import inspect
-import ipaddress
 import logging
-import math
 import signal
 import ssl as ssl_module
-import urllib.parse
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeAlias, TypeVar, overload
+from collections.abc import Callable
+from typing import Any, Literal, NoReturn, TypeAlias, TypeVar, overload
 
 from typing_extensions import Self
 
-from ._connection import Connection, cancel_and_wait
+from ._config import Compression, Options, TokenSource
+from ._connection import cancel_and_wait
 from ._dispatch import Dispatcher, ErrorHook, EventName, EventStream, Handler, resolve_event
 from ._logging import redact_url
-from ._policy import Backoff, classify
-from ._protocol import FeedProtocol, HandshakeState
-from .exceptions import (
-    AuthenticationError,
-    AuthTimeoutError,
-    ChatfeedError,
-    ConnectionLostError,
-    ProtocolError,
-    TokenProviderError,
-    UsageError,
-)
+from ._policy import Backoff, RetryState
+from ._session import Counters, Session
+from .exceptions import ChatfeedError, ConnectionLostError, UsageError
 from .models import (
     Connected,
     Disconnected,
@@ -49,7 +41,7 @@ from .models import (
     UnknownMessage,
 )
 
-__all__ = ["Client", "ClientStatistics", "TokenSource"]
+__all__ = ["Client", "ClientState", "ClientStatistics", "TokenSource"]
 
 logger = logging.getLogger("chatfeed")
 
@@ -67,14 +59,17 @@ _OnServerMessage = TypeVar("_OnServerMessage", bound=Handler[ServerMessage])
 _OnAny = TypeVar("_OnAny", bound=Handler[Any])
 _OnErrorHook = TypeVar("_OnErrorHook", bound=ErrorHook)
 
-TokenSource: TypeAlias = str | Callable[[], str | Awaitable[str]]
-"""A JWT, or a function (sync or async) called for a token before every connection attempt."""
+ClientState: TypeAlias = Literal["unopened", "connecting", "authenticating", "open", "backing_off", "closed"]
+"""Where a client stands, as [`ClientStatistics.state`][chatfeed.ClientStatistics] gives it."""
 
 
 class _State(enum.Enum):
     UNOPENED = "unopened"
-    OPEN = "open"
-    CLOSED = "closed"
+    CONNECTING = "connecting"  # fetching a token, opening the connection
+    AUTHENTICATING = "authenticating"  # the auth frame is sent; waiting for the answer
+    OPEN = "open"  # authenticated: events flow
+    BACKING_OFF = "backing_off"  # waiting before the next attempt
+    CLOSED = "closed"  # by close(), or stopped on an error; for good
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +77,9 @@ class ClientStatistics:
     """A snapshot of what a client has done, from [`Client.statistics`][chatfeed.Client.statistics].
 
     Attributes:
-        state: ``"unopened"``, ``"open"`` or ``"closed"``.
+        state: Where the client stands: ``"unopened"``, ``"connecting"``,
+            ``"authenticating"``, ``"open"`` (authenticated, events flow),
+            ``"backing_off"`` (waiting before the next attempt) or ``"closed"``.
         connected: Whether a connection is authenticated right now.
         connections: Connections authenticated so far.
         frames_received: Frames received, over all connections.
@@ -92,7 +89,7 @@ class ClientStatistics:
         buffered_events: Events waiting in those streams' buffers.
     """
 
-    state: str
+    state: ClientState
     connected: bool
     connections: int
     frames_received: int
@@ -135,6 +132,9 @@ class Client:
         auth_retries: How many ``auth_error`` answers in a row are retried with
             a fresh token when ``token`` is a function. A static token is
             never retried, and nothing is with ``reconnect=False``.
+        compression: ``"deflate"`` to offer permessage-deflate, which the
+            server may accept, or ``None`` for no compression; see
+            [reconnection and tuning](../guides/reconnection.md).
 
     Raises:
         UsageError: An argument is invalid.
@@ -166,51 +166,35 @@ class Client:
         ssl: ssl_module.SSLContext | None = None,
         proxy: str | bool | None = True,
         auth_retries: int = 1,
+        compression: Compression = "deflate",
     ) -> None:
-        self._url = _check_url(url, ssl)
-        self._token = _check_token(token)
-        if reconnect is True:
-            reconnect = Backoff()
-        if reconnect is not False and not isinstance(reconnect, Backoff):
-            raise UsageError(f"reconnect must be a Backoff, True or False, not {reconnect!r}")
-        self._backoff: Backoff | None = reconnect or None
-        self._auth_timeout = _positive("auth_timeout", auth_timeout)
-        self._ping_interval = None if ping_interval is None else _positive("ping_interval", ping_interval)
-        self._ping_timeout = None if ping_timeout is None else _positive("ping_timeout", ping_timeout)
-        self._open_timeout = _positive("open_timeout", open_timeout)
-        self._close_timeout = _positive("close_timeout", close_timeout)
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
-            raise UsageError(f"max_size must be a positive int, not {max_size!r}")
-        self._max_size = max_size
-        if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
-            raise UsageError(f"ssl must be an ssl.SSLContext or None, not {ssl!r}")
-        self._ssl = ssl
-        self._proxy = proxy
-        if isinstance(auth_retries, bool) or not isinstance(auth_retries, int) or auth_retries < 0:
-            raise UsageError(f"auth_retries must be a non-negative int, not {auth_retries!r}")
-        self._auth_retries = auth_retries
-
+        self._options = Options.check(
+            url,
+            token=token,
+            reconnect=reconnect,
+            auth_timeout=auth_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            open_timeout=open_timeout,
+            close_timeout=close_timeout,
+            max_size=max_size,
+            ssl=ssl,
+            proxy=proxy,
+            auth_retries=auth_retries,
+            compression=compression,
+        )
         self._dispatcher = Dispatcher()
+        self._counters = Counters()
         self._state = _State.UNOPENED
-        self._task: asyncio.Task[None] | None = None
-        # Set once the first connection is authenticated; ``async with`` waits for it.
-        self._authenticated: asyncio.Future[None] | None = None
-        # Holds dispatch back until ``async with`` has returned to its caller,
-        # so that ``events()`` called right after sees every event.
-        self._dispatch_allowed: asyncio.Event | None = None
-        self._stop_requested = False
+        self._task: asyncio.Task[None] | None = None  # the supervisor
+        self._connecting: asyncio.Task[Any] | None = None  # the caller's task inside __aenter__
         # The task inside ``async with client:``, cancelled if the client stops on an error.
         self._host: asyncio.Task[Any] | None = None
         self._in_block = False
         self._cancelled_host = False
-        self._connected = False
-        self._connections = 0
-        self._connection: Connection | None = None
-        self._frames_received = 0  # by connections that have ended
-        self._protocol_errors = 0
 
     def __repr__(self) -> str:
-        return f"<chatfeed.Client url={redact_url(self._url)!r} state={self._state.value} connected={self._connected}>"
+        return f"<chatfeed.Client url={redact_url(self._options.url)!r} state={self._state.value}>"
 
     # Registration
 
@@ -333,7 +317,10 @@ class Client:
             UsageError: The client is already running or closed, or
                 ``handle_signals`` cannot be honoured here.
         """
-        task = self._start(dispatch_now=True)
+        retry = self._begin()
+        task = self._task = asyncio.get_running_loop().create_task(
+            self._supervise(retry, None), name=f"chatfeed-client {redact_url(self._options.url)}"
+        )
         restore = self._stop_on_signals(task) if handle_signals else None
         try:
             await asyncio.wait([task])
@@ -344,34 +331,44 @@ class Client:
             if restore is not None:
                 restore()
         if task.cancelled():
-            if self._stop_requested:
+            if self._state is _State.CLOSED:
                 return
             raise UsageError("the client's task was cancelled without close(); did a handler re-raise CancelledError?")
         task.result()
 
     async def __aenter__(self) -> Self:
-        """Connect; return once the first connection is authenticated.
+        """Connect in the calling task; return once the first connection is authenticated.
 
         Raises:
             AuthenticationError: The server rejected the token.
             ConnectionFailedError: As for [`run`][chatfeed.Client.run].
+            UsageError: The client is already running or closed, or was
+                closed (from another task) while connecting.
         """
-        task = self._start(dispatch_now=False)
-        assert self._authenticated is not None and self._dispatch_allowed is not None
-        self._host = asyncio.current_task()
+        retry = self._begin()
+        self._connecting = asyncio.current_task()
         try:
-            await asyncio.wait([self._authenticated, task], return_when=asyncio.FIRST_COMPLETED)
+            session = await self._connect(retry)
         except asyncio.CancelledError:
-            await self.close()
+            closed_by_us = self._state is _State.CLOSED
+            self._stop(None)
+            if closed_by_us:
+                uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python 3.11+
+                if uncancel is None or uncancel() == 0:
+                    raise UsageError("the client was closed while connecting") from None
             raise
-        if not self._authenticated.done():
-            await self.close()
-            if not task.cancelled():
-                task.result()  # raises what stopped the client
-            raise UsageError("the client was closed while connecting")
-        # No await between this and the caller's next line: a stream it opens
-        # there is subscribed before the first event is dispatched.
-        self._dispatch_allowed.set()
+        except BaseException as exc:
+            self._stop(exc)
+            raise
+        finally:
+            self._connecting = None
+        # Nothing is delivered before the supervisor's first step, which comes
+        # after the caller's next await: a stream it opens on the next line
+        # sees every event.
+        self._task = asyncio.get_running_loop().create_task(
+            self._supervise(retry, session), name=f"chatfeed-client {redact_url(self._options.url)}"
+        )
+        self._host = asyncio.current_task()
         self._in_block = True
         return self
 
@@ -408,21 +405,178 @@ class Client:
         from a handler, it returns at once and the client stops as soon as
         that handler returns.
         """
-        self._state = _State.CLOSED
-        self._stop_requested = True
+        was = self._state
+        self._set_state(_State.CLOSED)
         task = self._task
         if task is None:
+            connecting = self._connecting
+            if connecting is not None and connecting is not asyncio.current_task() and was is not _State.CLOSED:
+                connecting.cancel()  # __aenter__ turns it into a UsageError
             self._dispatcher.end_streams()
         elif task is asyncio.current_task():
-            # A handler: the receive loop stops when it returns.
-            if self._connection is not None:
-                self._connection.stop_receiving()
+            pass  # a handler: the receive loop stops when it returns
         elif not task.done():
             await cancel_and_wait(task)
         elif not task.cancelled():
             # The client stopped on a fatal error, which run(), the event
             # streams and the Disconnected event have already reported.
             task.exception()
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is authenticated right now."""
+        return self._state is _State.OPEN
+
+    def statistics(self) -> ClientStatistics:
+        """Return a snapshot of the client's counters."""
+        streams = self._dispatcher.streams()
+        counters = self._counters
+        return ClientStatistics(
+            state=self._state.value,
+            connected=self._state is _State.OPEN,
+            connections=counters.connections,
+            frames_received=counters.frames_received,
+            protocol_errors=counters.protocol_errors,
+            handler_errors=self._dispatcher.handler_errors,
+            event_streams=len(streams),
+            buffered_events=sum(stream.pending() for stream in streams),
+        )
+
+    # The supervisor
+
+    def _begin(self) -> RetryState:
+        if self._state is _State.CLOSED:
+            raise UsageError("the client is closed; create a new one")
+        if self._state is not _State.UNOPENED:
+            raise UsageError("the client is already running")
+        self._set_state(_State.CONNECTING)
+        options = self._options
+        return RetryState(options.backoff, options.auth_retries, token_refreshes=not isinstance(options.token, str))
+
+    def _set_state(self, state: _State) -> None:
+        if state is not self._state and self._state is not _State.CLOSED:
+            logger.debug("client state: %s -> %s", self._state.value, state.value)
+            self._state = state
+
+    def _stop(self, error: BaseException | None) -> None:
+        """The client is done: closed for good, its streams ended (with ``error``)."""
+        self._set_state(_State.CLOSED)
+        self._dispatcher.end_streams(error if isinstance(error, Exception) else None)
+
+    async def _connect(self, retry: RetryState, lost_at: float | None = None) -> Session:
+        """Open and authenticate a session, retrying as ``retry`` says.
+
+        Raises:
+            ChatfeedError: The last attempt's error, when retrying stops.
+        """
+        options = self._options
+        while True:
+            self._set_state(_State.CONNECTING)
+            try:
+                session = await Session.open(
+                    options, self._counters, authenticating=lambda: self._set_state(_State.AUTHENTICATING)
+                )
+            except ChatfeedError as exc:
+                delay = retry.after(exc, uptime=None)
+                if delay is None:
+                    self._give_up(retry, exc)
+                await self._back_off(delay, retry, exc)
+                continue
+            if self._state is _State.CLOSED:  # close() from a token function
+                await session.close()
+                raise UsageError("the client was closed while connecting")
+            session.lost_at = lost_at
+            self._set_state(_State.OPEN)
+            return session
+
+    async def _back_off(self, delay: float | None, retry: RetryState, error: ChatfeedError) -> None:
+        assert delay is not None
+        self._set_state(_State.BACKING_OFF)
+        logger.info("reconnecting in %.3f s (attempt %d): %s", delay, retry.failures, error)
+        await asyncio.sleep(delay)
+
+    def _give_up(self, retry: RetryState, error: ChatfeedError) -> NoReturn:
+        url = redact_url(self._options.url)
+        # Marked, so that a program that reports the error itself (the
+        # command line) can leave this record out.
+        marker = {"chatfeed_gave_up": True}
+        if retry.failed_attempts:
+            logger.warning(
+                "giving up on %s after %d failed attempt(s): %s", url, retry.failed_attempts, error, extra=marker
+            )
+        else:
+            logger.warning("giving up on %s: %s", url, error, extra=marker)
+        raise error
+
+    async def _supervise(self, retry: RetryState, session: Session | None) -> None:
+        error: BaseException | None = None
+        try:
+            if session is None:
+                session = await self._connect(retry)
+            while True:
+                ended = await self._deliver(session)
+                if ended is None:
+                    return
+                lost_at = asyncio.get_running_loop().time()
+                delay = retry.after(ended, uptime=lost_at - session.authenticated_at)
+                await self._announce_lost(ended, delay)
+                if delay is None:
+                    self._give_up(retry, ended)
+                if self._state is _State.CLOSED:  # close() from a Disconnected handler
+                    return
+                await self._back_off(delay, retry, ended)
+                session = await self._connect(retry, lost_at)
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            reader_told = self._dispatcher.has_waiting_reader()
+            self._stop(error)
+            host = self._host
+            if error is not None and self._in_block and not reader_told and host is not None and not host.done():
+                # A task group's rule: the block stops, and __aexit__ raises the
+                # error. Unless an events() reader is about to get the error itself.
+                self._cancelled_host = True
+                host.cancel()
+
+    async def _deliver(self, session: Session) -> ChatfeedError | None:
+        """Announce the session, then deliver its events until it ends; return why (``None``: closed)."""
+        counters = self._counters
+        is_reconnect = counters.connections > 1
+        lost_at = session.lost_at
+        downtime = None if lost_at is None else session.authenticated_at - lost_at
+        url = redact_url(self._options.url)
+        if is_reconnect:
+            logger.info("reconnected to %s after %.2f s away", url, downtime or 0.0)
+        else:
+            logger.info("connected to %s", url)
+        try:
+            await self._dispatcher.call_handlers(Connected(is_reconnect=is_reconnect, downtime=downtime))
+        except BaseException:
+            await session.close()
+            raise
+        if self._state is _State.CLOSED:
+            await session.close()
+            return None
+        return await session.deliver(self._dispatcher, counters, self._closing)
+
+    def _closing(self) -> bool:
+        return self._state is _State.CLOSED
+
+    async def _announce_lost(self, error: ChatfeedError, delay: float | None) -> None:
+        logger.info("connection to %s lost: %s", redact_url(self._options.url), error)
+        lost = error if isinstance(error, ConnectionLostError) else None
+        # Not open any more while its handlers run; closed already when nothing follows.
+        self._set_state(_State.BACKING_OFF if delay is not None else _State.CLOSED)
+        await self._dispatcher.call_handlers(
+            Disconnected(
+                code=lost.code if lost else 1000,
+                reason=lost.reason if lost else "",
+                will_retry=delay is not None,
+                retry_in=delay,
+                error=error,
+            )
+        )
 
     def _fatal_error(self) -> ChatfeedError | None:
         """The error that stopped the client, once its task has ended on one."""
@@ -447,8 +601,7 @@ class Client:
         def stop(signum: signal.Signals) -> None:
             logger.info("received %s: closing the client", signum.name)
             restore()  # a second Ctrl-C interrupts as usual
-            self._state = _State.CLOSED
-            self._stop_requested = True
+            self._set_state(_State.CLOSED)
             task.cancel()
 
         try:
@@ -459,294 +612,3 @@ class Client:
             task.cancel()
             raise UsageError(f"handle_signals=True needs the main thread of a Unix process ({exc})") from None
         return restore
-
-    @property
-    def connected(self) -> bool:
-        """Whether a connection is authenticated right now."""
-        return self._connected
-
-    def statistics(self) -> ClientStatistics:
-        """Return a snapshot of the client's counters."""
-        streams = self._dispatcher.streams()
-        return ClientStatistics(
-            state=self._state.value,
-            connected=self._connected,
-            connections=self._connections,
-            frames_received=self._frames_received + (self._connection.frames_received if self._connection else 0),
-            protocol_errors=self._protocol_errors,
-            handler_errors=self._dispatcher.handler_errors,
-            event_streams=len(streams),
-            buffered_events=sum(stream.pending() for stream in streams),
-        )
-
-    # The supervisor
-
-    def _start(self, *, dispatch_now: bool) -> asyncio.Task[None]:
-        if self._state is _State.CLOSED:
-            raise UsageError("the client is closed; create a new one")
-        if self._state is _State.OPEN:
-            raise UsageError("the client is already running")
-        loop = asyncio.get_running_loop()
-        self._state = _State.OPEN
-        self._authenticated = loop.create_future()
-        self._dispatch_allowed = asyncio.Event()
-        if dispatch_now:
-            self._dispatch_allowed.set()
-        self._task = loop.create_task(self._supervise(), name=f"chatfeed-client {redact_url(self._url)}")
-        return self._task
-
-    async def _supervise(self) -> None:
-        error: BaseException | None = None
-        try:
-            await self._connect_forever()
-        except Exception as exc:
-            error = exc
-            raise
-        finally:
-            self._state = _State.CLOSED
-            self._connected = False
-            reader_told = self._dispatcher.has_waiting_reader()
-            self._dispatcher.end_streams(error)
-            host = self._host
-            if error is not None and self._in_block and not reader_told and host is not None and not host.done():
-                # A task group's rule: the block stops, and __aexit__ raises the
-                # error. Unless an events() reader is about to get the error itself.
-                self._cancelled_host = True
-                host.cancel()
-
-    async def _connect_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        failures = 0  # attempts in a row that failed, or ended before reset_after: the backoff's count
-        failed_attempts = 0  # attempts in a row that did not authenticate: max_attempts' count
-        auth_failures = 0  # auth_error answers in a row
-        lost_at: float | None = None
-        while True:
-            error, session_start = await self._attempt(lost_at)
-            if error is None or self._stop_requested:
-                return
-            now = loop.time()
-            if session_start is not None:
-                lost_at = now
-                auth_failures = 0
-                failed_attempts = 0
-                if self._backoff is not None and now - session_start >= self._backoff.reset_after:
-                    failures = 0
-            else:
-                failed_attempts += 1
-            failures += 1
-            if isinstance(error, AuthenticationError):
-                auth_failures += 1
-            delay = self._retry_delay(error, failures, failed_attempts, auth_failures)
-
-            if session_start is not None:
-                logger.info("connection to %s lost: %s", redact_url(self._url), error)
-                lost = error if isinstance(error, ConnectionLostError) else None
-                await self._dispatcher.call_handlers(
-                    Disconnected(
-                        code=lost.code if lost else 1000,
-                        reason=lost.reason if lost else "",
-                        will_retry=delay is not None,
-                        retry_in=delay,
-                        error=error,
-                    )
-                )
-                if self._stop_requested and delay is not None:
-                    return
-            if delay is None:
-                # Marked, so that a program that reports the error itself (the
-                # command line) can leave this record out.
-                marker = {"chatfeed_gave_up": True}
-                if failed_attempts:
-                    logger.warning(
-                        "giving up on %s after %d failed attempt(s): %s",
-                        redact_url(self._url),
-                        failed_attempts,
-                        error,
-                        extra=marker,
-                    )
-                else:
-                    logger.warning("giving up on %s: %s", redact_url(self._url), error, extra=marker)
-                raise error
-            logger.info("reconnecting in %.3f s (attempt %d): %s", delay, failures, error)
-            await asyncio.sleep(delay)
-
-    async def _attempt(self, lost_at: float | None) -> tuple[ChatfeedError | None, float | None]:
-        """Connect, authenticate and receive until the connection ends.
-
-        Returns:
-            The error that ended the attempt (``None`` if close() was called
-            from a handler), and when the connection was authenticated
-            (``None`` if it never was).
-        """
-        session_start: float | None = None
-        try:
-            token = await self._fetch_token()
-            connection = await Connection.open(
-                self._url,
-                secret=token,
-                open_timeout=self._open_timeout,
-                max_size=self._max_size,
-                ssl=self._ssl,
-                proxy=self._proxy,
-                ping_interval=self._ping_interval,
-                ping_timeout=self._ping_timeout,
-                close_timeout=self._close_timeout,
-            )
-            self._connection = connection
-            try:
-                protocol = FeedProtocol()
-                await self._authenticate(connection, protocol, token)
-                session_start = asyncio.get_running_loop().time()
-                await self._announce_connected(lost_at, session_start)
-                await self._receive(connection, protocol)
-            finally:
-                self._connected = False
-                self._connection = None
-                self._frames_received += connection.frames_received
-                await connection.close()
-        except ChatfeedError as exc:
-            return exc, session_start
-        return None, session_start
-
-    def _retry_delay(
-        self, error: ChatfeedError, failures: int, failed_attempts: int, auth_failures: int
-    ) -> float | None:
-        """Return the wait before the next attempt, or ``None`` to give up."""
-        backoff = self._backoff
-        if backoff is None or backoff.exhausted(failed_attempts):
-            return None
-        if isinstance(error, AuthenticationError):
-            # Only a token function can do better next time, and only so often.
-            if not callable(self._token) or auth_failures > self._auth_retries:
-                return None
-            return backoff.delay(failures)
-        verdict = classify(error, connected_before=self._connections > 0)
-        if not verdict.retry:
-            return None
-        return max(backoff.delay(failures), verdict.min_delay)
-
-    async def _fetch_token(self) -> str:
-        source = self._token
-        if isinstance(source, str):
-            return source
-        try:
-            value = source()
-            if inspect.isawaitable(value):
-                value = await value
-        except Exception as exc:
-            raise TokenProviderError(f"the token function raised {type(exc).__name__}") from exc
-        if not isinstance(value, str):
-            raise UsageError(f"the token function must return a str, not a {type(value).__name__}")
-        if not value:
-            raise UsageError("the token function returned an empty string")
-        return value
-
-    async def _authenticate(self, connection: Connection, protocol: FeedProtocol, token: str) -> None:
-        await connection.send(protocol.auth_frame(token))
-        # A timer that drops the connection, rather than asyncio.wait_for,
-        # which before Python 3.12 can swallow a cancellation from close().
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            connection.abort()
-
-        timer = asyncio.get_running_loop().call_later(self._auth_timeout, expire)
-        try:
-            while protocol.state is not HandshakeState.OPEN:
-                try:
-                    frame = await connection.recv()
-                except ConnectionLostError:
-                    if expired:
-                        raise AuthTimeoutError(self._auth_timeout) from None
-                    raise
-                try:
-                    protocol.receive(frame)
-                except ProtocolError as exc:
-                    self._protocol_errors += 1
-                    logger.warning("ignored a frame during authentication: %s", exc)
-        finally:
-            timer.cancel()
-
-    async def _announce_connected(self, lost_at: float | None, now: float) -> None:
-        assert self._authenticated is not None
-        assert self._dispatch_allowed is not None
-        is_reconnect = self._connections > 0
-        self._connected = True
-        self._connections += 1
-        if not self._authenticated.done():
-            self._authenticated.set_result(None)
-        await self._dispatch_allowed.wait()
-        downtime = None if lost_at is None else now - lost_at
-        if is_reconnect:
-            logger.info("reconnected to %s after %.2f s away", redact_url(self._url), downtime or 0.0)
-        else:
-            logger.info("connected to %s", redact_url(self._url))
-        await self._dispatcher.call_handlers(Connected(is_reconnect=is_reconnect, downtime=downtime))
-
-    async def _receive(self, connection: Connection, protocol: FeedProtocol) -> None:
-        receive = protocol.receive
-        dispatch = self._dispatcher.dispatch
-
-        # Called for every frame: parse, then deliver, creating a coroutine
-        # only when a handler or a full buffer has to be awaited.
-        def handle(frame: str | bytes) -> Awaitable[None] | None:
-            try:
-                event = receive(frame)
-            except ProtocolError as exc:
-                self._protocol_errors += 1
-                logger.warning("dropped a frame that does not fit the protocol: %s", exc)
-                return None
-            return None if event is None else dispatch(event)
-
-        if not self._stop_requested:
-            await connection.receive_forever(handle)
-
-
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
-    return float(value)
-
-
-def _check_token(token: TokenSource) -> TokenSource:
-    if isinstance(token, str):
-        if not token:
-            raise UsageError("token must not be empty")
-        return token
-    if callable(token):
-        return token
-    raise UsageError(f"token must be a str or a function returning one, not a {type(token).__name__}")
-
-
-def _check_url(url: str, ssl: ssl_module.SSLContext | None) -> str:
-    if not isinstance(url, str):
-        raise UsageError(f"url must be a str, not a {type(url).__name__}")
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018  (raises ValueError on a bad port)
-    except ValueError as exc:
-        raise UsageError(f"invalid url {redact_url(url)!r}: {exc}") from None
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise UsageError(f"url must be a ws:// or wss:// address with a host, not {redact_url(url)!r}")
-    if parts.fragment:
-        raise UsageError("url must not have a #fragment")
-    if parts.scheme == "ws":
-        if ssl is not None:
-            raise UsageError("ssl is given but the url is ws://; use wss://")
-        if not _is_loopback(parts.hostname):
-            logger.warning(
-                "%s is not encrypted: the token and every message cross the network in clear; use wss://",
-                redact_url(url),
-            )
-    return url
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

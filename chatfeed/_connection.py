@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl as ssl_module
 import urllib.parse
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
@@ -27,12 +28,16 @@ from websockets.exceptions import (
     InvalidURI,
     SecurityError,
 )
+from websockets.frames import Opcode
 from websockets.version import version as websockets_version
 
 from ._logging import FrameRedactingLogger, Scrubber, redact_url
 from ._policy import parse_retry_after
 from ._version import __version__
 from .exceptions import ChatfeedError, ConnectError, ConnectionLostError, HandshakeError, UsageError
+
+if TYPE_CHECKING:
+    from ._config import Options
 
 __all__ = ["Connection", "cancel_and_wait"]
 
@@ -43,28 +48,38 @@ _USER_AGENT = f"chatfeed/{__version__} websockets/{websockets_version}"
 
 
 class _ClientConnection(ClientConnection):
-    """websockets' client connection, which gives up at once on a reply that is not HTTP.
+    """websockets' client connection, with two additions of chatfeed's.
 
-    When the reply to the opening handshake does not parse, websockets
-    half-closes and waits for the server to close the TCP connection; a peer
-    that keeps it open would hold the attempt until open_timeout, and the
-    timeout would then be retried as if the server were merely slow.
+    It gives up at once on a reply that is not HTTP: websockets half-closes
+    and waits for the server to close the TCP connection, and a peer that
+    keeps it open would hold the attempt until open_timeout, which would then
+    be retried as if the server were merely slow. And it counts the reads
+    from the network, which tells the keepalive whether a late pong is lost
+    or merely queued behind data.
     """
 
+    arrivals = 0
+
     def data_received(self, data: bytes) -> None:
+        self.arrivals += 1
         super().data_received(data)
         if self.response is None and self.protocol.handshake_exc is not None:
             self.transport.abort()
 
 
 class Connection:
-    """An open WebSocket connection to the feed."""
+    """An open WebSocket connection to the feed.
 
-    __slots__ = ("_keepalive", "_ping_timed_out", "_scrub", "_stopping", "_ws", "frames_received")
+    Read it with ``async for frame in connection.frames()``. When it ends, the
+    iteration raises why: the [`ConnectionLostError`][chatfeed.ConnectionLostError]
+    of its closing handshake, or the cause given to `fail`.
+    """
+
+    __slots__ = ("_cause", "_keepalive", "_scrub", "_ws")
 
     def __init__(
         self,
-        ws: ClientConnection,
+        ws: _ClientConnection,
         scrub: Scrubber,
         *,
         ping_interval: float | None,
@@ -72,9 +87,7 @@ class Connection:
     ) -> None:
         self._ws = ws
         self._scrub = scrub
-        self._ping_timed_out = False
-        self._stopping = False
-        self.frames_received = 0
+        self._cause: ChatfeedError | None = None
         self._keepalive: asyncio.Task[None] | None = None
         if ping_interval is not None:
             self._keepalive = asyncio.get_running_loop().create_task(
@@ -82,23 +95,11 @@ class Connection:
             )
 
     @classmethod
-    async def open(
-        cls,
-        url: str,
-        *,
-        secret: str,
-        open_timeout: float,
-        max_size: int,
-        ssl: ssl_module.SSLContext | None,
-        proxy: str | bool | None,
-        ping_interval: float | None,
-        ping_timeout: float | None,
-        close_timeout: float,
-    ) -> Connection:
+    async def open(cls, options: Options, *, secret: str) -> Connection:
         """Open the TCP connection and complete the WebSocket handshake.
 
         Args:
-            url: The feed's address.
+            options: The client's options.
             secret: The token this connection will send. It is scrubbed from
                 everything the server says (close reasons, redirect targets)
                 before that reaches an exception or a log record.
@@ -110,78 +111,80 @@ class Connection:
                 or redirected to another origin.
         """
         scrub = Scrubber(secret)
+        url = options.url
         kwargs: dict[str, Any] = {}
-        if ssl is not None:
-            kwargs["ssl"] = ssl
+        if options.ssl is not None:
+            kwargs["ssl"] = options.ssl
         try:
             ws = await _SameOriginConnect(
                 url,
-                open_timeout=open_timeout,
-                max_size=max_size,
-                proxy=True if proxy is True else proxy or None,
+                open_timeout=options.open_timeout,
+                max_size=options.max_size,
+                compression=options.compression,
+                proxy=True if options.proxy is True else options.proxy or None,
                 ping_interval=None,  # keepalive is ours, see the module docstring
-                close_timeout=close_timeout,
+                close_timeout=options.close_timeout,
                 user_agent_header=_USER_AGENT,
                 logger=_WEBSOCKETS_LOGGER,
                 create_connection=_ClientConnection,
                 **kwargs,
             )
         except Exception as exc:
-            error = _translate_open_error(exc, url, open_timeout, scrub)
+            error = _translate_open_error(exc, url, options.open_timeout, scrub)
             if error is None:
                 raise
             # Not chained when the chain would quote the token back, or the url.
             raise error from (None if isinstance(error, UsageError) or _chain_leaks(exc, scrub) else exc)
-        return cls(ws, scrub, ping_interval=ping_interval, ping_timeout=ping_timeout)
+        assert isinstance(ws, _ClientConnection)
+        return cls(ws, scrub, ping_interval=options.ping_interval, ping_timeout=options.ping_timeout)
 
     async def send(self, text: str) -> None:
         """Send one text frame.
 
         Raises:
-            ConnectionLostError: The connection is closed.
+            ConnectionLostError: The connection is closed (or the cause given to `fail`).
         """
         try:
             await self._ws.send(text)
         except ConnectionClosed as exc:
-            raise self._lost(exc) from self._safe_cause(exc)
+            raise self._ended(exc) from self._safe_cause(exc)
 
-    async def recv(self) -> str | bytes:
-        """Return the next frame: ``str`` for a text frame, ``bytes`` for a binary one.
+    async def frames(self) -> AsyncGenerator[str | bytes, None]:
+        """Yield every frame: ``str`` for a text frame, ``bytes`` for a binary one.
 
-        Raises:
-            ConnectionLostError: The connection closed, for whatever reason.
-        """
-        try:
-            frame = await self._ws.recv()
-        except ConnectionClosed as exc:
-            raise self._lost(exc) from self._safe_cause(exc)
-        self.frames_received += 1
-        return frame
-
-    async def receive_forever(self, handle: Callable[[str | bytes], Awaitable[None] | None]) -> None:
-        """Pass every frame to ``handle``, awaiting what it returns, until `stop_receiving`.
-
-        The receive loop of a connection, kept here so that frames come
-        straight from websockets, with no wrapper per frame, while its
-        exceptions are still translated.
+        Text frames that are already queued are taken straight off
+        websockets' queue (see `_drainable`), without the three coroutines per
+        frame that ``recv()`` creates; any other frame, and every frame on a
+        version of websockets this was not tested with, goes through ``recv()``.
 
         Raises:
-            ConnectionLostError: The connection closed, for whatever reason.
+            ConnectionLostError: The connection closed, for whatever reason
+                (or the cause given to `fail`).
         """
-        recv = self._ws.recv
+        ws = self._ws
+        recv = ws.recv
+        messages = ws.recv_messages if _DRAINABLE else None
         try:
-            while not self._stopping:
-                frame = await recv()
-                self.frames_received += 1
-                pending = handle(frame)
-                if pending is not None:
-                    await pending
+            if messages is not None:
+                queue = messages.frames.queue
+                while True:
+                    while queue and not messages.get_in_progress:
+                        frame = queue[0]
+                        if frame.opcode is not Opcode.TEXT or not frame.fin:
+                            break
+                        try:
+                            text = str(frame.data, "utf-8")
+                        except UnicodeDecodeError:
+                            break  # recv() fails the connection with 1007, as it should
+                        queue.popleft()
+                        if messages.paused:
+                            messages.maybe_resume()
+                        yield text
+                    yield await recv()
+            while True:
+                yield await recv()
         except ConnectionClosed as exc:
-            raise self._lost(exc) from self._safe_cause(exc)
-
-    def stop_receiving(self) -> None:
-        """Make `receive_forever` return once the frame in hand is handled."""
-        self._stopping = True
+            raise self._ended(exc) from self._safe_cause(exc)
 
     async def close(self) -> None:
         """Close the connection, politely if the peer can answer in time.
@@ -202,18 +205,20 @@ class Connection:
         finally:
             transport.abort()
 
-    def abort(self) -> None:
-        """Drop the connection at once, without a closing handshake."""
+    def fail(self, cause: ChatfeedError) -> None:
+        """Drop the connection at once, without a closing handshake; reading it then raises ``cause``.
+
+        The one way a connection is ended for a reason of chatfeed's own (no
+        pong, no answer to the auth frame): the reason travels with it.
+        """
+        if self._cause is None:
+            self._cause = cause
         self._ws.transport.abort()
 
-    def _lost(self, exc: ConnectionClosed) -> ConnectionLostError:
-        """Translate websockets' closed-connection exception, with the close reason scrubbed.
-
-        Chained to websockets' exception (and so to a TCP reset under it)
-        only when its text, which quotes the reason, does not hold the token.
-        """
-        if self._ping_timed_out:
-            return ConnectionLostError(1006, "no pong within ping_timeout", local=True)
+    def _ended(self, exc: ConnectionClosed) -> ChatfeedError:
+        """Why the connection ended: the cause given to `fail`, or its closing handshake, scrubbed."""
+        if self._cause is not None:
+            return self._cause
         rcvd, sent = exc.rcvd, exc.sent
         if rcvd is not None and (sent is None or exc.rcvd_then_sent):
             return ConnectionLostError(rcvd.code, self._scrub(rcvd.reason))
@@ -222,30 +227,53 @@ class Connection:
         return ConnectionLostError(1006)
 
     def _safe_cause(self, exc: BaseException) -> BaseException | None:
-        return None if _chain_leaks(exc, self._scrub) else exc
+        # Chained to websockets' exception (and so to a TCP reset under it)
+        # only when its text, which quotes the close reason, does not hold the token.
+        return None if self._cause is not None or _chain_leaks(exc, self._scrub) else exc
 
     async def _run_keepalive(self, interval: float, timeout: float | None) -> None:
+        ws = self._ws
         while True:
             await asyncio.sleep(interval)
             try:
-                pong = asyncio.ensure_future(await self._ws.ping())
+                pong = asyncio.ensure_future(await ws.ping())
             except ConnectionClosed:
                 return
             while True:
-                frames = self.frames_received
+                arrivals = ws.arrivals
                 done, _ = await asyncio.wait([pong], timeout=timeout)
                 if done:
                     # Also when the connection closed meanwhile: the next
                     # ping() raises ConnectionClosed and ends the loop.
                     break
-                if self.frames_received == frames and self._ws.transport.is_reading():
+                if ws.arrivals == arrivals and ws.transport.is_reading():
                     logger.warning("no pong within %g s: dropping the connection", timeout)
-                    self._ping_timed_out = True
-                    self._ws.transport.abort()
+                    self.fail(ConnectionLostError(1006, "no pong within ping_timeout", local=True))
                     return
-                # Frames are still arriving, or the client stopped reading
-                # because its consumers are behind: the pong is queued behind
-                # data, not lost. A dead peer sends nothing at all.
+                # Data is still arriving, or the client stopped reading because
+                # its consumers are behind: the pong is queued behind data, not
+                # lost. A dead peer sends nothing at all.
+
+
+def _drainable() -> bool:
+    """Whether this version of websockets keeps its queue of frames where `Connection.frames` looks.
+
+    ``ClientConnection.recv_messages.frames.queue`` (a deque of frames),
+    ``get_in_progress``, ``paused`` and ``maybe_resume()`` are the same from
+    websockets 15.0 to 17.x, the versions this is tested with. On any other
+    version, frames go through the public ``recv()``, and one line says so.
+    """
+    major = websockets_version.split(".", 1)[0]
+    if major in ("15", "16", "17"):
+        return True
+    logger.warning(
+        "websockets %s is newer than chatfeed knows: frames are read through recv(), which is slower",
+        websockets_version,
+    )
+    return False
+
+
+_DRAINABLE = _drainable() and os.environ.get("CHATFEED_NO_DRAIN") is None
 
 
 class _SameOriginConnect(connect):

@@ -104,6 +104,16 @@ class _Entry:
         self.name = getattr(func, "__qualname__", repr(func))
 
 
+class _Route:
+    """The handlers of one event class, its own and its bases', worked out once."""
+
+    __slots__ = ("entries", "lone_async")
+
+    def __init__(self, entries: tuple[_Entry, ...]) -> None:
+        self.entries = entries
+        self.lone_async = entries[0].func if len(entries) == 1 and entries[0].is_async else None
+
+
 class Dispatcher:
     """Handlers by event class, and the open event streams."""
 
@@ -111,7 +121,7 @@ class Dispatcher:
         self._handlers: dict[type[Any], list[_Entry]] = {}
         # Handlers of each concrete class, its own and its bases' (a handler
         # for ServerMessage sees every server message). Rebuilt on registration.
-        self._routes: dict[type[Any], tuple[_Entry, ...]] = {}
+        self._routes: dict[type[Any], _Route] = {}
         self._streams: tuple[weakref.ref[EventStream[Any]], ...] = ()
         self._error_hooks: list[ErrorHook] = []
         self.handler_errors = 0
@@ -162,28 +172,62 @@ class Dispatcher:
         """Deliver a server event to its handlers, then to every stream, in order.
 
         Returns:
-            ``None`` when the event was delivered at once (no handler, room in
-            every buffer), else an awaitable that finishes the delivery. The
-            receive loop calls this for every frame: the common case creates
-            no coroutine at all.
+            ``None`` when the event was delivered at once (sync handlers only,
+            room in every buffer); the coroutine of the event's only handler
+            when that handler is async and no stream is open (the caller
+            awaits it, and passes an exception it raises to
+            `handler_failed`); else a coroutine that finishes the delivery.
+            The receive loop calls this for every frame: the common cases
+            create no coroutine of chatfeed's at all.
         """
         route = self._routes.get(event.__class__)
         if route is None:
             route = self._route(event.__class__)
-        if route:
-            return self._deliver(route, event, self._streams)
         streams = self._streams
+        lone = route.lone_async
+        if lone is not None and not streams:
+            return lone(event)  # type: ignore[no-any-return]
+        entries = route.entries
+        for index, entry in enumerate(entries):
+            if entry.is_async:
+                return self._deliver(entries[index:], event, streams)
+            try:
+                result = entry.func(event)
+            except (Exception, asyncio.CancelledError) as exc:
+                return self._deliver(entries[index + 1 :], event, streams, failed=(exc, entry))
+            if result is not None and inspect.isawaitable(result):
+                return self._deliver(entries[index + 1 :], event, streams, pending=(result, entry))
         for index, ref in enumerate(streams):
             stream = ref()
             if stream is not None and not stream.offer(event):
                 return self._deliver((), event, streams[index:])
         return None
 
+    async def handler_failed(self, exc: BaseException, event: Any) -> None:
+        """Report an exception of the lone handler whose coroutine `dispatch` returned."""
+        await self._report(exc, event, self._routes[event.__class__].entries[0])
+
     async def _deliver(
-        self, route: tuple[_Entry, ...], event: Any, streams: tuple[weakref.ref[EventStream[Any]], ...]
+        self,
+        entries: tuple[_Entry, ...],
+        event: Any,
+        streams: tuple[weakref.ref[EventStream[Any]], ...],
+        *,
+        failed: tuple[BaseException, _Entry] | None = None,
+        pending: tuple[Awaitable[Any], _Entry] | None = None,
     ) -> None:
-        # One coroutine for the whole delivery: this runs once per event.
-        for entry in route:
+        # One coroutine for the rest of a delivery that has to wait: the
+        # handlers from ``entries`` on, after the failure or the awaitable of
+        # the handler before them, then the streams.
+        if pending is not None:
+            awaitable, entry = pending
+            try:
+                await awaitable
+            except (Exception, asyncio.CancelledError) as exc:
+                failed = (exc, entry)
+        if failed is not None:
+            await self._handle_failure(*failed, event)
+        for entry in entries:
             try:
                 if entry.is_async:
                     await entry.func(event)
@@ -191,13 +235,8 @@ class Dispatcher:
                     result = entry.func(event)
                     if result is not None and inspect.isawaitable(result):
                         await result
-            except Exception as exc:
-                await self._report(exc, event, entry)
-            except asyncio.CancelledError as exc:
-                if _being_cancelled():
-                    raise
-                # The handler awaited something that was cancelled, not us.
-                await self._report(exc, event, entry)
+            except (Exception, asyncio.CancelledError) as exc:
+                await self._handle_failure(exc, entry, event)
         for ref in streams:
             stream = ref()
             while stream is not None and not stream.offer(event):
@@ -207,15 +246,23 @@ class Dispatcher:
                 await _wait_for_room(waiter)
                 stream = ref()
 
+    async def _handle_failure(self, exc: BaseException, entry: _Entry, event: Any) -> None:
+        if isinstance(exc, asyncio.CancelledError) and being_cancelled():
+            raise exc
+        # An exception, or a CancelledError of something the handler awaited, not ours.
+        await self._report(exc, event, entry)
+
     async def call_handlers(self, event: Any) -> None:
         """Call the handlers of ``event`` in order; a failing handler stops none of the others."""
         route = self._routes.get(event.__class__)
         if route is None:
             route = self._route(event.__class__)
-        await self._deliver(route, event, ())
+        await self._deliver(route.entries, event, ())
 
-    def _route(self, cls: type[Any]) -> tuple[_Entry, ...]:
-        route = self._routes[cls] = tuple(entry for base in cls.__mro__ for entry in self._handlers.get(base, ()))
+    def _route(self, cls: type[Any]) -> _Route:
+        route = self._routes[cls] = _Route(
+            tuple(entry for base in cls.__mro__ for entry in self._handlers.get(base, ()))
+        )
         return route
 
     async def _report(self, exc: BaseException, event: Any, entry: _Entry) -> None:
@@ -373,7 +420,7 @@ async def _wait_for_room(waiter: asyncio.Future[None]) -> None:
         timer.cancel()
 
 
-def _being_cancelled() -> bool:
+def being_cancelled() -> bool:
     """Whether the current task has a cancellation pending (always assumed before 3.11)."""
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)

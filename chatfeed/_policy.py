@@ -1,9 +1,12 @@
 """When to reconnect, and how long to wait first.
 
-`classify` is the whole retry policy: a pure function from the error that
-ended a connection attempt to a `Verdict`. [`Backoff`][chatfeed.Backoff] turns the
+`classify` is the retry policy for one error: a pure function from the error
+that ended a connection attempt to a `Verdict`. [`Backoff`][chatfeed.Backoff] turns the
 number of failures in a row into a wait (exponential, full jitter, capped).
-Neither does any I/O, so both are tested without a socket.
+`RetryState` carries what matters across attempts (failures in a row, auth
+rejections in a row, whether the address ever worked) and answers, after each
+attempt, how long to wait or to stop. None of them does any I/O, so all are
+tested without a socket.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ssl
 import tenacity
 
 from .exceptions import (
+    AuthenticationError,
     AuthTimeoutError,
     ChatfeedError,
     ConnectError,
@@ -26,7 +30,7 @@ from .exceptions import (
     UsageError,
 )
 
-__all__ = ["Backoff", "Verdict", "classify", "parse_retry_after"]
+__all__ = ["Backoff", "RetryState", "Verdict", "classify", "parse_retry_after"]
 
 TRY_AGAIN_LATER_DELAY = 5.0
 """Shortest wait after close code 1013 (Try Again Later), in seconds."""
@@ -183,6 +187,68 @@ class Backoff:
 # tenacity's wait strategies read only the attempt number of the state they are
 # given; the state wants a retrying object to belong to.
 _NO_RETRYING = tenacity.Retrying()
+
+
+@dataclasses.dataclass
+class RetryState:
+    """The retry decision across the attempts of one client.
+
+    Args:
+        backoff: The waits between attempts, or ``None`` to never retry.
+        auth_retries: ``auth_error`` answers in a row retried with a fresh token.
+        token_refreshes: Whether the token comes from a function, so that a
+            new attempt may carry a new token.
+
+    Example:
+        >>> state = RetryState(Backoff(initial=1.0, max_attempts=2), auth_retries=1, token_refreshes=False)
+        >>> state.after(ConnectError("refused"), uptime=None) is not None
+        True
+        >>> state.after(ConnectError("refused"), uptime=None) is None  # max_attempts reached
+        True
+    """
+
+    backoff: Backoff | None
+    auth_retries: int
+    token_refreshes: bool
+    failures: int = 0
+    """Attempts in a row that failed, or whose connection ended before ``reset_after``: sets the wait."""
+    failed_attempts: int = 0
+    """Attempts in a row that did not authenticate: counts against ``max_attempts``."""
+    auth_failures: int = 0
+    """``auth_error`` answers in a row."""
+    connected_before: bool = False
+    """Whether an attempt ever authenticated."""
+
+    def after(self, error: ChatfeedError, *, uptime: float | None) -> float | None:
+        """Record how an attempt ended; return the wait before the next one, or ``None`` to stop.
+
+        Args:
+            error: What ended the attempt, or its authenticated connection.
+            uptime: Seconds the connection stayed authenticated, or ``None``
+                when the attempt never authenticated.
+        """
+        backoff = self.backoff
+        if uptime is None:
+            self.failed_attempts += 1
+        else:
+            self.connected_before = True
+            self.failed_attempts = 0
+            self.auth_failures = 0
+            if backoff is not None and uptime >= backoff.reset_after:
+                self.failures = 0
+        self.failures += 1
+        if backoff is None or backoff.exhausted(self.failed_attempts):
+            return None
+        if isinstance(error, AuthenticationError):
+            self.auth_failures += 1
+            # Only a token function can do better next time, and only so often.
+            if not self.token_refreshes or self.auth_failures > self.auth_retries:
+                return None
+            return backoff.delay(self.failures)
+        verdict = classify(error, connected_before=self.connected_before)
+        if not verdict.retry:
+            return None
+        return max(backoff.delay(self.failures), verdict.min_delay)
 
 
 def parse_retry_after(value: str | None, *, now: datetime.datetime | None = None) -> float | None:

@@ -1,0 +1,183 @@
+"""One connection's life: a token, the connection, the auth exchange, then frames to events.
+
+`Session.open` fetches a token, opens the connection and authenticates;
+`Session.deliver` pulls frames (``async for frame in connection.frames()``),
+parses each into an event and hands it to the dispatcher, until the
+connection ends; it returns why. Nothing here decides whether to reconnect:
+that is the client's supervisor, with `chatfeed._policy.RetryState`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+from collections.abc import AsyncGenerator, Callable
+
+from ._config import Options
+from ._connection import Connection
+from ._dispatch import Dispatcher, being_cancelled
+from ._protocol import FeedProtocol, HandshakeState
+from .exceptions import AuthTimeoutError, ChatfeedError, ProtocolError, TokenProviderError, UsageError
+
+__all__ = ["Counters", "Session"]
+
+logger = logging.getLogger("chatfeed")
+
+
+@dataclasses.dataclass
+class Counters:
+    """What the sessions of one client have counted, for ``statistics()``."""
+
+    connections: int = 0
+    frames_received: int = 0
+    protocol_errors: int = 0
+
+
+class Session:
+    """An authenticated connection, ready to deliver events."""
+
+    __slots__ = ("_frames", "_protocol", "authenticated_at", "connection", "lost_at")
+
+    def __init__(
+        self,
+        connection: Connection,
+        protocol: FeedProtocol,
+        frames: AsyncGenerator[str | bytes, None],
+        authenticated_at: float,
+    ) -> None:
+        self.connection = connection
+        self.authenticated_at = authenticated_at
+        # When the connection before this one was lost, if there was one.
+        self.lost_at: float | None = None
+        self._protocol = protocol
+        self._frames = frames
+
+    @classmethod
+    async def open(
+        cls, options: Options, counters: Counters, *, authenticating: Callable[[], None] = lambda: None
+    ) -> Session:
+        """Fetch a token, connect and authenticate.
+
+        Args:
+            options: The client's options.
+            counters: Where frames and protocol errors are counted.
+            authenticating: Called once the connection is open, before the
+                auth frame is sent.
+
+        Raises:
+            ChatfeedError: The attempt failed (its subclass says how).
+        """
+        token = await fetch_token(options)
+        connection = await Connection.open(options, secret=token)
+        frames = connection.frames()
+        try:
+            authenticating()
+            protocol = FeedProtocol()
+            await _authenticate(connection, protocol, frames, token, options.auth_timeout, counters)
+        except BaseException:
+            await frames.aclose()
+            await connection.close()
+            raise
+        counters.connections += 1
+        return cls(connection, protocol, frames, asyncio.get_running_loop().time())
+
+    async def deliver(
+        self, dispatcher: Dispatcher, counters: Counters, stopping: Callable[[], bool]
+    ) -> ChatfeedError | None:
+        """Deliver every event of the connection, in order, then close it.
+
+        Returns:
+            What ended the connection, or ``None`` when ``stopping()`` turned
+            true after a delivery (the client was closed from a handler).
+        """
+        parse = self._protocol.receive
+        dispatch = dispatcher.dispatch
+        try:
+            async for frame in self._frames:
+                counters.frames_received += 1
+                try:
+                    event = parse(frame)
+                except ProtocolError as exc:
+                    counters.protocol_errors += 1
+                    logger.warning("dropped a frame that does not fit the protocol: %s", exc)
+                    continue
+                if event is None:
+                    continue
+                pending = dispatch(event)
+                if pending is None:
+                    continue
+                # A lone async handler's own coroutine, awaited here without a
+                # wrapper; its exception is reported as any handler's is.
+                try:
+                    await pending
+                except Exception as exc:
+                    await dispatcher.handler_failed(exc, event)
+                except asyncio.CancelledError as exc:
+                    if being_cancelled():
+                        raise
+                    await dispatcher.handler_failed(exc, event)
+                if stopping():
+                    return None
+        except ChatfeedError as exc:  # the connection ended, or the token expired mid-session
+            return exc
+        finally:
+            await self.close()
+        raise AssertionError("the frames of a connection end only with an error")  # pragma: no cover
+
+    async def close(self) -> None:
+        """Close the connection; never raises but the caller's cancellation."""
+        try:
+            await self._frames.aclose()
+        finally:
+            await self.connection.close()
+
+
+async def fetch_token(options: Options) -> str:
+    """Return the token to send: the static one, or what the token function gives.
+
+    Raises:
+        TokenProviderError: The function raised (its exception is ``__cause__``).
+        UsageError: The function returned something other than a non-empty str.
+    """
+    source = options.token
+    if isinstance(source, str):
+        return source
+    try:
+        value = source()
+        if inspect.isawaitable(value):
+            value = await value
+    except Exception as exc:
+        raise TokenProviderError(f"the token function raised {type(exc).__name__}") from exc
+    if not isinstance(value, str):
+        raise UsageError(f"the token function must return a str, not a {type(value).__name__}")
+    if not value:
+        raise UsageError("the token function returned an empty string")
+    return value
+
+
+async def _authenticate(
+    connection: Connection,
+    protocol: FeedProtocol,
+    frames: AsyncGenerator[str | bytes, None],
+    token: str,
+    timeout: float,
+    counters: Counters,
+) -> None:
+    await connection.send(protocol.auth_frame(token))
+    # A timer that fails the connection, rather than asyncio.wait_for, which
+    # before Python 3.12 can swallow a cancellation from close().
+    timer = asyncio.get_running_loop().call_later(timeout, connection.fail, AuthTimeoutError(timeout))
+    try:
+        async for frame in frames:
+            counters.frames_received += 1
+            try:
+                protocol.receive(frame)
+            except ProtocolError as exc:
+                counters.protocol_errors += 1
+                logger.warning("ignored a frame during authentication: %s", exc)
+            if protocol.state is HandshakeState.OPEN:
+                return
+    finally:
+        timer.cancel()
