@@ -17,25 +17,23 @@ import inspect
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, Literal, TypeAlias, TypeVar, get_args
+from typing import Any, Generic, TypeVar
 
 from typing_extensions import Self
 
 from .exceptions import UsageError
-from .models import (
-    Chat,
-    Connected,
-    Disconnected,
-    ErrorMessage,
-    FeedEvent,
-    Message,
-    NewChat,
-    NewMessage,
-    ServerMessage,
-    UnknownMessage,
-)
+from .models import EVENTS_BY_NAME, Chat, EventName, FeedEvent, Message, ServerMessage
 
-__all__ = ["EVENT_NAMES", "Dispatcher", "ErrorHook", "EventName", "EventStream", "Handler"]
+__all__ = [
+    "EVENT_NAMES",
+    "Dispatcher",
+    "ErrorHook",
+    "EventName",
+    "EventStream",
+    "Handler",
+    "being_cancelled",
+    "resolve_event",
+]
 
 logger = logging.getLogger("chatfeed")
 
@@ -47,24 +45,12 @@ Handler = Callable[[E], "Awaitable[None] | None"]
 ErrorHook = Callable[[Exception, Any], "Awaitable[None] | None"]
 """Called with the exception a handler raised and the event it was handling."""
 
-EventName: TypeAlias = Literal["new_message", "new_chat", "error", "unknown", "connected", "disconnected"]
-"""The names ``Client.on`` accepts; a type checker rejects any other string."""
-
-EVENT_NAMES: dict[str, type[Any]] = {
-    "new_message": NewMessage,
-    "new_chat": NewChat,
-    "error": ErrorMessage,
-    "unknown": UnknownMessage,
-    "connected": Connected,
-    "disconnected": Disconnected,
-}
-"""Event names accepted by ``Client.on``, and the class each stands for."""
+EVENT_NAMES = EVENTS_BY_NAME
 
 STALL_WARNING_AFTER = 30.0
 """Seconds a full event stream may hold the receive loop up before each warning."""
 
 _EVENT_CLASSES = frozenset(EVENT_NAMES.values()) | {ServerMessage}
-assert set(get_args(EventName)) == set(EVENT_NAMES)
 
 # Payloads mistaken for the events that carry them.
 _EVENT_OF_PAYLOAD: dict[type[Any], str] = {Message: "NewMessage", Chat: "NewChat"}

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NoReturn, get_args
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
@@ -26,9 +26,6 @@ from .models import (
     AuthSuccess,
     ErrorMessage,
     FeedEvent,
-    NewChat,
-    NewMessage,
-    UnknownMessage,
     _ServerMessageUnion,
 )
 
@@ -36,7 +33,7 @@ __all__ = ["FeedProtocol", "HandshakeState", "parse_server_message"]
 
 logger = logging.getLogger("chatfeed.protocol")
 
-_EVENT_CLASSES = (NewMessage, NewChat, ErrorMessage, UnknownMessage)
+_EVENT_CLASSES: tuple[type[FeedEvent], ...] = get_args(FeedEvent)
 
 _ADAPTER: TypeAdapter[AnyServerMessage] = TypeAdapter(_ServerMessageUnion)
 # The core validator itself: TypeAdapter.validate_json adds a Python call per frame.

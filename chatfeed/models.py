@@ -26,7 +26,7 @@ import enum
 import json
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Any, ClassVar, Literal, TypeAlias
+from typing import Annotated, Any, ClassVar, Literal, TypeAlias, Union, get_args
 
 from pydantic import (
     AfterValidator,
@@ -276,9 +276,6 @@ class ErrorMessage(ServerMessage):
     _message_as_text = model_validator(mode="before")(_text_of_message)
 
 
-_KNOWN_TYPES = frozenset({"auth_success", "auth_error", "new_message", "new_chat", "error"})
-
-
 def _not_a_known_type(value: str) -> str:
     # Keeps a malformed known frame (a new_message with a broken payload) from
     # being passed off as an unknown one.
@@ -302,20 +299,33 @@ class UnknownMessage(ServerMessage):
     """``message``: as sent, as JSON."""
 
 
+# The vocabulary of the feed is the two unions below and the ``type`` tags of
+# their classes; every other list of event kinds is derived from them.
+
 FeedEvent: TypeAlias = NewMessage | NewChat | ErrorMessage | UnknownMessage
 """What the client delivers to handlers and to ``events()`` after authentication."""
 
-_KnownMessage = Annotated[
-    AuthSuccess | AuthError | NewMessage | NewChat | ErrorMessage,
-    Field(discriminator="type"),
-]
-
-AnyServerMessage: TypeAlias = AuthSuccess | AuthError | NewMessage | NewChat | ErrorMessage | UnknownMessage
+AnyServerMessage: TypeAlias = AuthSuccess | AuthError | FeedEvent
 """Every frame the server may send, as [`parse_server_message`][chatfeed.parse_server_message] returns it."""
+
+
+def tag_of(cls: type[ServerMessage]) -> str:
+    """Return the ``type`` a known server message class stands for."""
+    tag: str = get_args(cls.model_fields["type"].annotation)[0]
+    return tag
+
+
+_KNOWN_MESSAGES: tuple[type[ServerMessage], ...] = tuple(
+    cls for cls in get_args(AnyServerMessage) if cls is not UnknownMessage
+)
+_KNOWN_TYPES = frozenset(tag_of(cls) for cls in _KNOWN_MESSAGES)
 
 # Known types are picked by their tag in one pass; only a frame whose tag is
 # not known falls through to UnknownMessage.
-_ServerMessageUnion = Annotated[_KnownMessage | UnknownMessage, Field(union_mode="left_to_right")]
+_ServerMessageUnion: Any = Annotated[
+    Annotated[Union[_KNOWN_MESSAGES], Field(discriminator="type")] | UnknownMessage,  # noqa: UP007
+    Field(union_mode="left_to_right"),
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,3 +363,18 @@ class Disconnected:
     will_retry: bool
     error: ChatfeedError
     retry_in: float | None = None
+
+
+EventName: TypeAlias = Literal["new_message", "new_chat", "error", "unknown", "connected", "disconnected"]
+"""The names ``Client.on`` accepts: the server events' tags, ``"unknown"`` and the lifecycle events."""
+
+EVENTS_BY_NAME: dict[str, type[Any]] = {
+    **{tag_of(cls): cls for cls in get_args(FeedEvent) if cls is not UnknownMessage},
+    "unknown": UnknownMessage,
+    Connected.type: Connected,
+    Disconnected.type: Disconnected,
+}
+"""Event names accepted by ``Client.on``, and the class each stands for."""
+
+# A type checker needs the names spelt out; they must be the ones derived.
+assert set(get_args(EventName)) == set(EVENTS_BY_NAME), "EventName and the event classes disagree"
