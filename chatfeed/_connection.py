@@ -11,6 +11,7 @@ reconnect up by a further close timeout.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import ssl as ssl_module
@@ -29,8 +30,10 @@ from websockets.exceptions import (
     SecurityError,
 )
 from websockets.frames import Opcode
+from websockets.protocol import OPEN
 from websockets.version import version as websockets_version
 
+from ._frames import NEXT_FROM_WEBSOCKETS, FrameSplitter
 from ._logging import FrameRedactingLogger, Scrubber, redact_url
 from ._policy import parse_retry_after
 from ._version import __version__
@@ -48,23 +51,115 @@ _USER_AGENT = f"chatfeed/{__version__} websockets/{websockets_version}"
 
 
 class _ClientConnection(ClientConnection):
-    """websockets' client connection, with two additions of chatfeed's.
+    """websockets' client connection, with three additions of chatfeed's.
 
     It gives up at once on a reply that is not HTTP: websockets half-closes
     and waits for the server to close the TCP connection, and a peer that
     keeps it open would hold the attempt until open_timeout, which would then
-    be retried as if the server were merely slow. And it counts the reads
-    from the network, which tells the keepalive whether a late pong is lost
-    or merely queued behind data.
+    be retried as if the server were merely slow.
+
+    It counts the reads from the network, which tells the keepalive whether a
+    late pong is lost or merely queued behind data.
+
+    And it runs the fast frame path (`chatfeed._frames`) when no extension was
+    negotiated: websockets is fed the handshake response alone, so that its
+    parser stands at a frame boundary, and from then on a `FrameSplitter`
+    takes the bytes, keeps whole text frames in `fast` and forwards the rest.
     """
 
     arrivals = 0
+    fast: collections.deque[str | object] | None = None
+    """The fast path's messages, in order, with markers (see `chatfeed._frames`); None when it is off."""
+    fast_paused = False
+    lost = False
+    _splitter: FrameSplitter | None = None
+    _head: bytes = b""
+    _waiter: asyncio.Future[None] | None = None
 
     def data_received(self, data: bytes) -> None:
         self.arrivals += 1
+        splitter = self._splitter
+        if splitter is not None:
+            self._split(splitter, data)
+            return
+        if self.response is None and _RECEIVE == "fast":
+            self._handshake_received(data)
+            return
         super().data_received(data)
         if self.response is None and self.protocol.handshake_exc is not None:
             self.transport.abort()
+
+    def _handshake_received(self, data: bytes) -> None:
+        # The reply to the opening handshake ends with its first empty line
+        # (a 101 has no body): websockets gets up to there, the splitter what follows.
+        seen = self._head + data
+        end = seen.find(b"\r\n\r\n")
+        if end == -1:
+            self._head = seen[-3:]
+            head, rest = data, b""
+        else:
+            cut = end + 4 - (len(seen) - len(data))
+            head, rest = data[:cut], data[cut:]
+        super().data_received(head)
+        if self.response is None:
+            if self.protocol.handshake_exc is not None:
+                self.transport.abort()
+            elif rest:
+                super().data_received(rest)
+            return
+        protocol = self.protocol
+        if self.response.status_code == 101 and protocol.state is OPEN and not protocol.extensions:
+            max_size = getattr(protocol, "max_message_size", getattr(protocol, "max_size", None))
+            if isinstance(max_size, int):
+                self.fast = collections.deque()
+                splitter = self._splitter = FrameSplitter(max_size, self.fast, self._forward)  # type: ignore[arg-type]
+                if rest:
+                    self._split(splitter, rest)
+                return
+        if rest:
+            super().data_received(rest)
+
+    def _split(self, splitter: FrameSplitter, data: bytes) -> None:
+        splitter.feed(data)
+        fast = self.fast
+        assert fast is not None
+        if fast:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            if len(fast) > _FAST_HIGH and not self.fast_paused:
+                self.fast_paused = True
+                self.transport.pause_reading()
+
+    def _forward(self, data: bytes) -> bool:
+        super().data_received(data)
+        return self.protocol.state is OPEN
+
+    def eof_received(self) -> None:
+        if self._splitter is not None:
+            self._splitter.flush()
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        super().connection_lost(exc)
+
+    def resume_fast(self) -> None:
+        """Read from the network again, once the fast path's queue has room (and websockets' too)."""
+        self.fast_paused = False
+        if not self.recv_messages.paused:
+            self.transport.resume_reading()
+
+    async def wait_fast(self) -> None:
+        """Wait until the fast path has a message, or the connection is lost."""
+        waiter = self._waiter = self.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
 
 class Connection:
@@ -163,8 +258,25 @@ class Connection:
         """
         ws = self._ws
         recv = ws.recv
-        messages = ws.recv_messages if _DRAINABLE else None
+        messages = ws.recv_messages if _RECEIVE != "recv" else None
         try:
+            fast = ws.fast
+            if fast is not None:
+                while True:
+                    if fast:
+                        item = fast.popleft()
+                        if ws.fast_paused and len(fast) <= _FAST_LOW:
+                            ws.resume_fast()
+                        if item.__class__ is str:
+                            yield item
+                        elif item is NEXT_FROM_WEBSOCKETS:
+                            yield await recv()
+                        else:
+                            break  # END: every message from here on is websockets'
+                    elif ws.lost:
+                        break  # websockets says why
+                    else:
+                        await ws.wait_fast()
             if messages is not None:
                 queue = messages.frames.queue
                 while True:
@@ -255,25 +367,38 @@ class Connection:
                 # lost. A dead peer sends nothing at all.
 
 
-def _drainable() -> bool:
-    """Whether this version of websockets keeps its queue of frames where `Connection.frames` looks.
+def _receive_path() -> str:
+    """How frames are read: ``"fast"``, ``"drain"`` or ``"recv"``.
 
-    ``ClientConnection.recv_messages.frames.queue`` (a deque of frames),
-    ``get_in_progress``, ``paused`` and ``maybe_resume()`` are the same from
+    The fast frame path and the queue drain rely on websockets' internals:
+    ``ClientConnection.recv_messages`` (its ``frames.queue``,
+    ``get_in_progress``, ``paused``, ``maybe_resume()``), the sans-I/O
+    protocol's ``state``, ``extensions`` and maximum message size, and the
+    response being parsed in ``data_received``. They are the same from
     websockets 15.0 to 17.x, the versions this is tested with. On any other
     version, frames go through the public ``recv()``, and one line says so.
+    ``CHATFEED_RECEIVE=drain`` or ``recv`` chooses a slower path on purpose
+    (the test suite runs with each).
     """
+    chosen = os.environ.get("CHATFEED_RECEIVE", "fast")
+    if chosen not in ("fast", "drain", "recv"):
+        raise ValueError(f"CHATFEED_RECEIVE must be fast, drain or recv, not {chosen!r}")
     major = websockets_version.split(".", 1)[0]
     if major in ("15", "16", "17"):
-        return True
+        return chosen
     logger.warning(
         "websockets %s is newer than chatfeed knows: frames are read through recv(), which is slower",
         websockets_version,
     )
-    return False
+    return "recv"
 
 
-_DRAINABLE = _drainable() and os.environ.get("CHATFEED_NO_DRAIN") is None
+_RECEIVE = _receive_path()
+
+# The fast path's queue: reading from the network stops above the high mark
+# and starts again at the low one, as websockets' own queue does.
+_FAST_HIGH = 64
+_FAST_LOW = 16
 
 
 class _SameOriginConnect(connect):
