@@ -514,7 +514,9 @@ class Client:
             if session is None:
                 session = await self._connect(retry)
             while True:
-                ended = await self._deliver(session)
+                if not await self._announce_connected(session):
+                    return
+                ended = await session.deliver(self._dispatcher, self._counters, self._closing)
                 if ended is None:
                     return
                 lost_at = asyncio.get_running_loop().time()
@@ -539,8 +541,8 @@ class Client:
                 self._cancelled_host = True
                 host.cancel()
 
-    async def _deliver(self, session: Session) -> ChatfeedError | None:
-        """Announce the session, then deliver its events until it ends; return why (``None``: closed)."""
+    async def _announce_connected(self, session: Session) -> bool:
+        """Log the session and dispatch `Connected`; return False (and close it) if the client was closed meanwhile."""
         counters = self._counters
         is_reconnect = counters.connections > 1
         lost_at = session.lost_at
@@ -557,8 +559,8 @@ class Client:
             raise
         if self._state is _State.CLOSED:
             await session.close()
-            return None
-        return await session.deliver(self._dispatcher, counters, self._closing)
+            return False
+        return True
 
     def _closing(self) -> bool:
         return self._state is _State.CLOSED

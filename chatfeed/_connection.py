@@ -29,11 +29,11 @@ from websockets.exceptions import (
     InvalidURI,
     SecurityError,
 )
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN
 from websockets.version import version as websockets_version
 
-from ._frames import NEXT_FROM_WEBSOCKETS, FrameSplitter
+from ._frames import FrameSplitter
 from ._logging import FrameRedactingLogger, Scrubber, redact_url
 from ._policy import parse_retry_after
 from ._version import __version__
@@ -68,13 +68,8 @@ class _ClientConnection(ClientConnection):
     """
 
     arrivals = 0
-    fast: collections.deque[str | object] | None = None
-    """The fast path's messages, in order, with markers (see `chatfeed._frames`); None when it is off."""
-    fast_paused = False
-    lost = False
     _splitter: FrameSplitter | None = None
     _head: bytes = b""
-    _waiter: asyncio.Future[None] | None = None
 
     def data_received(self, data: bytes) -> None:
         self.arrivals += 1
@@ -108,28 +103,29 @@ class _ClientConnection(ClientConnection):
                 super().data_received(rest)
             return
         protocol = self.protocol
-        if self.response.status_code == 101 and protocol.state is OPEN and not protocol.extensions:
-            max_size = getattr(protocol, "max_message_size", getattr(protocol, "max_size", None))
-            if isinstance(max_size, int):
-                self.fast = collections.deque()
-                splitter = self._splitter = FrameSplitter(max_size, self.fast, self._forward)  # type: ignore[arg-type]
-                if rest:
-                    self._split(splitter, rest)
-                return
-        if rest:
+        max_size = getattr(protocol, "max_message_size", getattr(protocol, "max_size", None))
+        if self.response.status_code == 101 and protocol.state is OPEN and not protocol.extensions and max_size:
+            # Its text messages go straight into websockets' queue of frames,
+            # where the frames websockets parses go too, in wire order.
+            queue: collections.deque[Frame | str] = self.recv_messages.frames.queue  # type: ignore[assignment]
+            splitter = self._splitter = FrameSplitter(max_size, queue.append, self._forward)
+            if rest:
+                self._split(splitter, rest)
+        elif rest:
             super().data_received(rest)
 
     def _split(self, splitter: FrameSplitter, data: bytes) -> None:
         splitter.feed(data)
-        fast = self.fast
-        assert fast is not None
-        if fast:
-            waiter = self._waiter
+        messages = self.recv_messages
+        queue = messages.frames.queue
+        if queue:
+            waiter = messages.frames.get_waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-            if len(fast) > _FAST_HIGH and not self.fast_paused:
-                self.fast_paused = True
-                self.transport.pause_reading()
+            # What Assembler.put does for the frames it queues itself.
+            if messages.high is not None and len(queue) > messages.high and not messages.paused:
+                messages.paused = True
+                messages.pause()
 
     def _forward(self, data: bytes) -> bool:
         super().data_received(data)
@@ -140,26 +136,10 @@ class _ClientConnection(ClientConnection):
             self._splitter.flush()
         return super().eof_received()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        super().connection_lost(exc)
-
-    def resume_fast(self) -> None:
-        """Read from the network again, once the fast path's queue has room (and websockets' too)."""
-        self.fast_paused = False
-        if not self.recv_messages.paused:
-            self.transport.resume_reading()
-
-    async def wait_fast(self) -> None:
-        """Wait until the fast path has a message, or the connection is lost."""
-        waiter = self._waiter = self.loop.create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+    @property
+    def fast(self) -> bool:
+        """Whether the fast frame path runs: text messages may then be queued as ``str``."""
+        return self._splitter is not None
 
 
 class Connection:
@@ -258,43 +238,46 @@ class Connection:
         """
         ws = self._ws
         recv = ws.recv
-        messages = ws.recv_messages if _RECEIVE != "recv" else None
+        if _RECEIVE == "recv":
+            try:
+                while True:
+                    yield await recv()
+            except ConnectionClosed as exc:
+                raise self._ended(exc) from self._safe_cause(exc)
+        messages = ws.recv_messages
+        frames = messages.frames
+        queue: collections.deque[Frame | str] = frames.queue  # type: ignore[assignment]
+        fast = ws.fast
         try:
-            fast = ws.fast
-            if fast is not None:
-                while True:
-                    if fast:
-                        item = fast.popleft()
-                        if ws.fast_paused and len(fast) <= _FAST_LOW:
-                            ws.resume_fast()
-                        if item.__class__ is str:
-                            yield item
-                        elif item is NEXT_FROM_WEBSOCKETS:
-                            yield await recv()
-                        else:
-                            break  # END: every message from here on is websockets'
-                    elif ws.lost:
-                        break  # websockets says why
-                    else:
-                        await ws.wait_fast()
-            if messages is not None:
-                queue = messages.frames.queue
-                while True:
-                    while queue and not messages.get_in_progress:
-                        frame = queue[0]
-                        if frame.opcode is not Opcode.TEXT or not frame.fin:
-                            break
+            while True:
+                while queue:
+                    item = queue[0]
+                    if isinstance(item, str):  # a text message of the fast path
+                        text = item
+                    elif item.opcode is Opcode.TEXT and item.fin:
                         try:
-                            text = str(frame.data, "utf-8")
+                            text = str(item.data, "utf-8")
                         except UnicodeDecodeError:
                             break  # recv() fails the connection with 1007, as it should
-                        queue.popleft()
-                        if messages.paused:
-                            messages.maybe_resume()
-                        yield text
-                    yield await recv()
-            while True:
-                yield await recv()
+                    else:
+                        break  # binary, or the first of fragments: recv() assembles it
+                    queue.popleft()
+                    if messages.paused:
+                        messages.maybe_resume()
+                    yield text
+                if queue or not fast or messages.closed:
+                    yield await recv()  # the message at the head, or the wait for the next one
+                    continue
+                # Waiting for the next message as recv() would, where the fast
+                # path's text messages, which recv() cannot read, wake us too.
+                waiter = frames.get_waiter = ws.loop.create_future()
+                try:
+                    await waiter
+                except EOFError:
+                    pass  # the connection is lost: recv() says how
+                finally:
+                    waiter.cancel()
+                    frames.get_waiter = None
         except ConnectionClosed as exc:
             raise self._ended(exc) from self._safe_cause(exc)
 
@@ -394,11 +377,6 @@ def _receive_path() -> str:
 
 
 _RECEIVE = _receive_path()
-
-# The fast path's queue: reading from the network stops above the high mark
-# and starts again at the low one, as websockets' own queue does.
-_FAST_HIGH = 64
-_FAST_LOW = 16
 
 
 class _SameOriginConnect(connect):

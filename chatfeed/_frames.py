@@ -10,35 +10,18 @@ byte and in order, to websockets' own sans-I/O parser, which handles it as if
 the splitter were not there. The splitter is used only when no extension
 (compression) was negotiated, so a frame on the wire is the message.
 
-It does no I/O: it is fed bytes and writes to an output queue and a
-``forward`` function, so the unit tests compare it, chunking by chunking,
-with websockets' parser alone.
+It does no I/O: it is fed bytes and calls two functions, one with each text
+message it takes and one with the bytes it leaves to websockets, so the unit
+tests compare it, chunking by chunking, with websockets' parser alone. The
+connection gives it functions that put both kinds of message in one queue,
+websockets' own, so that the order on the wire is the order of delivery.
 """
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable
-from typing import Final
 
-__all__ = ["END", "NEXT_FROM_WEBSOCKETS", "FrameSplitter"]
-
-
-class _Marker:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-NEXT_FROM_WEBSOCKETS: Final = _Marker("NEXT_FROM_WEBSOCKETS")
-"""In the output queue: the next message is websockets' (``recv()`` returns it), in this place."""
-
-END: Final = _Marker("END")
-"""In the output queue: from here on every message is websockets', and the splitter is done."""
+__all__ = ["FrameSplitter"]
 
 _TEXT_FIN = 0x81  # FIN, no reserved bits, opcode 1 (text)
 _OP_CONT, _OP_TEXT, _OP_BINARY = 0x0, 0x1, 0x2
@@ -50,24 +33,17 @@ class FrameSplitter:
     Args:
         max_size: The largest message accepted; a larger frame goes to
             websockets, which fails the connection with 1009.
-        out: Where messages go, in order: a ``str`` for each text frame taken
-            here, `NEXT_FROM_WEBSOCKETS` where websockets' parser will yield
-            the next message, and `END` once the splitter has stopped.
-        forward: Feeds bytes to websockets' parser; returns whether the
-            connection is still open there (after a close frame or a failure,
-            it is not, and from then on every byte goes to websockets).
+        take: Called with each text message taken here, in order.
+        forward: Feeds bytes to websockets' parser, in order; returns whether
+            the connection is still open there (after a close frame or a
+            failure it is not, and from then on every byte goes to websockets).
     """
 
-    __slots__ = ("_buffer", "_forward", "_fragmented", "_max_size", "_out", "_remaining", "done")
+    __slots__ = ("_buffer", "_forward", "_fragmented", "_max_size", "_remaining", "_take", "done")
 
-    def __init__(
-        self,
-        max_size: int,
-        out: collections.deque[str | _Marker],
-        forward: Callable[[bytes], bool],
-    ) -> None:
+    def __init__(self, max_size: int, take: Callable[[str], object], forward: Callable[[bytes], bool]) -> None:
         self._max_size = max_size
-        self._out = out
+        self._take = take
         self._forward = forward
         self._buffer = b""
         self._remaining = 0  # bytes still to forward of a frame that websockets parses
@@ -83,7 +59,7 @@ class FrameSplitter:
         self._buffer = b""
         size = len(buffer)
         position = 0
-        append = self._out.append
+        take = self._take
         max_size = self._max_size
         while True:
             if self._remaining:
@@ -124,7 +100,7 @@ class FrameSplitter:
                 except UnicodeDecodeError:
                     pass  # websockets fails the connection with 1007 when the message is read
                 else:
-                    append(text)
+                    take(text)
                     position = end
                     continue
             self._take_over(first, header + length)
@@ -141,16 +117,13 @@ class FrameSplitter:
         # websockets' to deliver, in this place.
         self._remaining = size
         opcode = first & 0x0F
-        fin = first & 0x80
         if opcode in (_OP_TEXT, _OP_BINARY):
-            self._out.append(NEXT_FROM_WEBSOCKETS)
-            self._fragmented = not fin
-        elif opcode == _OP_CONT and fin:
+            self._fragmented = not first & 0x80
+        elif opcode == _OP_CONT and first & 0x80:
             self._fragmented = False
 
     def _stop(self, rest: bytes) -> None:
         self.done = True
         self._buffer = b""
-        self._out.append(END)
         if rest:
             self._forward(rest)

@@ -46,8 +46,9 @@ class Scrubber:
 
     def __init__(self, secret: str) -> None:
         self._secret = secret
-        width = self.WINDOW
-        self._grams = frozenset(secret[i : i + width] for i in range(len(secret) - width + 1))
+        # Worked out at the first use: a JWT's runs take kilobytes, and most
+        # connections never meet a server text to scrub.
+        self._grams: frozenset[str] | None = None
 
     def __call__(self, text: str) -> str:
         """Return ``text`` with every part of the secret replaced by ``***``."""
@@ -56,7 +57,10 @@ class Scrubber:
             return text
         if secret in text:
             text = text.replace(secret, REDACTED)
-        grams, width = self._grams, self.WINDOW
+        width = self.WINDOW
+        grams = self._grams
+        if grams is None:
+            grams = self._grams = frozenset(secret[i : i + width] for i in range(len(secret) - width + 1))
         if not grams or len(text) < width:
             return text
         hidden = [False] * len(text)

@@ -21,7 +21,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN
 from websockets.uri import parse_uri
 
-from chatfeed._frames import END, NEXT_FROM_WEBSOCKETS, FrameSplitter
+from chatfeed._frames import FrameSplitter
 
 MAX_SIZE = 64
 
@@ -101,37 +101,34 @@ def reference(chunks: list[bytes]) -> Outcome:
 def fast(chunks: list[bytes]) -> Outcome:
     ws = protocol()
     reader = Reader(ws)
-    out: collections.deque[object] = collections.deque()
+    # One queue for both kinds of message, as on the connection: the text
+    # messages the splitter takes, and websockets' messages as it parses them.
+    queue: list[str | bytes] = []
     sent = 0
 
     def forward(data: bytes) -> bool:
         nonlocal sent
         ws.receive_data(data)
         reader.take_events()
+        queue.extend(reader.messages)
+        reader.messages.clear()
         sent += sum(len(data) for data in ws.data_to_send())
         return ws.state is OPEN
 
-    splitter = FrameSplitter(MAX_SIZE, out, forward)  # type: ignore[arg-type]
+    splitter = FrameSplitter(MAX_SIZE, queue.append, forward)
     for chunk in chunks:
         splitter.feed(chunk)
     splitter.flush()
     ws.receive_eof()
     reader.take_events()
+    queue.extend(reader.messages)
     messages: list[object] = []
-    only_websockets = False
-    while True:
-        if not only_websockets and out:
-            item = out.popleft()
-            if item is END:
-                only_websockets = True
-                continue
-            if item is not NEXT_FROM_WEBSOCKETS:
-                messages.append(item)
-                continue
-        if not reader.messages:
-            break
-        message, go_on = read(reader.messages.popleft(), ws)
-        messages.append(message)
+    for message in queue:
+        if isinstance(message, str):
+            messages.append(message)
+            continue
+        read_message, go_on = read(message, ws)
+        messages.append(read_message)
         if not go_on:
             break
     return outcome(ws, messages, sent)
