@@ -3,11 +3,19 @@
 
 Not part of .ci/run (CI has no browser). Run by hand after `mkdocs build`:
 
-    apt-get install chromium && python .ci/check_docs_in_browser.py
+    apt-get install chromium && python .ci/check_docs_in_browser.py [SITE_DIR]
 
-It serves site/ on loopback, then checks that the home page renders, that
+It serves SITE_DIR (site/ by default) on loopback, then checks that the home page renders, that
 every page in the navigation has a heading, that code blocks are highlighted
 and that searching for "backfill" finds a page; it saves screenshots in /tmp.
+At a 1280x800 window, it checks on every page that nothing in the article is
+wider than the box that shows it (scrollWidth against clientWidth, and the
+box's overflow-x style: hidden clips, visible spills past the column, auto
+scrolls), reports the longest code line against the room it
+has, and saves a screenshot of each page in /tmp/docs_layout/. A block that
+scrolls counts as a failure too: under a tall code block the scrollbar is out
+of view, and the lines just look cut. It exits with status 1 if a layout
+check fails.
 """
 
 import asyncio
@@ -16,6 +24,7 @@ import functools
 import http.server
 import json
 import subprocess
+import sys
 import tempfile
 import threading
 import urllib.request
@@ -23,7 +32,58 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-SITE = str(Path(__file__).resolve().parents[1] / "site")
+SITE = sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parents[1] / "site")
+SHOTS = Path("/tmp/docs_layout")
+WIDTH, HEIGHT = 1280, 800
+
+# On one page at the current window size: what in the article is wider than
+# the box that shows it. Such a box either scrolls (overflow-x auto or scroll:
+# the reader gets a scrollbar), clips (hidden or clip: what sticks out cannot
+# be seen at all), or lets it spill (visible) over the next column.
+OVERFLOW_JS = """
+(() => {
+  const article = document.querySelector('.md-content__inner');
+  // The column ends where .md-content does (and a table of contents would
+  // start); Material lets wide blocks use the article's margins, so the
+  // article's own edge is too strict.
+  const right = document.querySelector('.md-content').getBoundingClientRect().right + 0.5;
+  const describe = (el) => {
+    const kind = el.closest('pre') ? 'code block' : el.closest('table') ? 'table' : el.tagName.toLowerCase();
+    const near = el.closest('[id]');
+    return kind + (near ? ' near #' + near.id : '') + ': ' + el.textContent.trim().slice(0, 40);
+  };
+  const boxed = (el) => {
+    for (let up = el.parentElement; up && up !== article; up = up.parentElement) {
+      if (getComputedStyle(up).overflowX !== 'visible') return true;
+    }
+    return false;
+  };
+  const scrolling = [], clipped = [], spilling = [];
+  for (const el of article.querySelectorAll('*')) {
+    const overflow = getComputedStyle(el).overflowX;
+    const hidden = el.scrollWidth - el.clientWidth;
+    if (hidden > 1 && el.clientWidth > 0 && overflow !== 'visible') {
+      (overflow === 'auto' || overflow === 'scroll' ? scrolling : clipped).push({what: describe(el), hidden_px: hidden});
+    }
+    const edge = el.getBoundingClientRect().right;
+    if (edge > right && overflow === 'visible' && !boxed(el)) {
+      spilling.push({what: describe(el), past_column_px: Math.round(edge - right)});
+    }
+  }
+  // The longest code line, against the room it has: the headroom left.
+  let widest = {what: null, width_px: 0, room_px: 1};
+  for (const el of article.querySelectorAll('pre > code')) {
+    const room = el.clientWidth;
+    el.style.width = 'max-content';
+    const width = el.scrollWidth;
+    el.style.width = '';
+    if (width / room > widest.width_px / widest.room_px) widest = {what: describe(el), width_px: width, room_px: room};
+  }
+  const page = document.documentElement.scrollWidth - document.documentElement.clientWidth;
+  const blocks = article.querySelectorAll('pre, table').length;
+  return {blocks, scrolling, clipped, spilling, widest, page_overflow_px: page};
+})()
+"""
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -136,9 +196,41 @@ async def main():
         shot = await call("Page.captureScreenshot", format="png")
         Path("/tmp/docs_search.png").write_bytes(base64.b64decode(shot["data"]))
 
+        # Layout at a common laptop width: nothing wider than the box that shows it.
+        await call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
+        SHOTS.mkdir(exist_ok=True)
+        failures = 0
+        for url in pages:
+            await goto(url)
+            await asyncio.sleep(0.2)  # the theme's scripts wrap tables after load
+            report = await js(OVERFLOW_JS)
+            name = url[len(base) :].strip("/").replace("/", "_") or "home"
+            widest = report["widest"]
+            longest = (
+                f"longest code line {widest['width_px']} px in {widest['room_px']} px ({widest['what'][:40]!r})"
+                if widest["what"]
+                else "no code block"
+            )
+            print(
+                f"layout {WIDTH}x{HEIGHT} {name}: {report['blocks']} code blocks and tables;"
+                f" {len(report['scrolling'])} scroll, {len(report['clipped'])} clipped,"
+                f" {len(report['spilling'])} spill past the column; page overflow {report['page_overflow_px']} px;"
+                f" {longest}"
+            )
+            for kind in ("scrolling", "clipped", "spilling"):
+                for item in report[kind]:
+                    print(f"    {kind}: {item}")
+            # A scrollbar counts too: under a tall code block it is out of view, and lines look cut.
+            failures += len(report["scrolling"]) + len(report["clipped"]) + len(report["spilling"])
+            failures += report["page_overflow_px"] > 0
+            shot = await call("Page.captureScreenshot", format="png")
+            (SHOTS / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
+        print("layout problems:", failures)
+        return failures
+
 
 try:
-    asyncio.run(main())
+    sys.exit(1 if asyncio.run(main()) else 0)
 finally:
     chrome.terminate()
     chrome.wait()

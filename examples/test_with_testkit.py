@@ -2,8 +2,10 @@
 
 ``UnreadCounter`` stands for your application. The tests run it against a real
 feed server on loopback (no mocks), which pushes messages and restarts on
-request. They are async: pytest-asyncio runs them with ``asyncio_mode =
-"auto"`` in the pytest configuration (or mark them ``@pytest.mark.asyncio``).
+request. They are async, run by pytest-asyncio: the async fixture is declared
+with ``@pytest_asyncio.fixture`` and the tests are marked with
+``pytest.mark.asyncio``, so they pass in pytest-asyncio's default strict mode
+as well as with ``asyncio_mode = auto``.
 
 Run it with ``pytest examples/test_with_testkit.py``.
 """
@@ -15,9 +17,12 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
+import pytest_asyncio
 
 import chatfeed
 from chatfeed.testing import FeedServer
+
+pytestmark = pytest.mark.asyncio  # every test in this module; redundant, and harmless, in auto mode
 
 TOKEN = "test-token"
 
@@ -32,7 +37,7 @@ class UnreadCounter:
             self.unread[event.payload.chat_id] += 1
 
 
-@pytest.fixture
+@pytest_asyncio.fixture  # a plain @pytest.fixture is not run by pytest-asyncio in strict mode
 async def server() -> AsyncIterator[FeedServer]:
     async with FeedServer(tokens=[TOKEN]) as server:
         yield server

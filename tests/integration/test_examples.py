@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatfeed.testing import FeedServer
+
+from ..conftest import TOKEN
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
+TESTING_GUIDE = Path(__file__).parents[2] / "docs" / "guides" / "testing.md"
+WAIT = 20.0
+"""Seconds to wait for a program to start, handle events or stop: a guard against hangs, not a delay."""
 
 
 def run_example(*args: str) -> subprocess.CompletedProcess[str]:
@@ -60,7 +79,172 @@ def test_backfill_recovers_what_was_pushed_during_the_gap() -> None:
     ]
 
 
-def test_the_testkit_example_passes_under_pytest() -> None:
-    # testpaths keeps examples/ out of the normal run: run the module explicitly, as a user would.
-    result = run_example("-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLES / "test_with_testkit.py"))
+def recommended_ini() -> str:
+    """The pytest configuration the testing guide recommends, as it shows it."""
+    match = re.search(r"```ini\n(.*?)```", TESTING_GUIDE.read_text(), re.DOTALL)
+    assert match, "the testing guide shows no pytest.ini"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("mode", ["auto", "strict"])
+def test_the_testkit_example_passes_under_pytest(tmp_path: Path, mode: str) -> None:
+    # A copy in a directory of its own, with the pytest.ini that the testing
+    # guide recommends: this project's configuration must not help it pass.
+    ini = recommended_ini()
+    assert ini.startswith("[pytest]\n") and "asyncio_mode = auto\n" in ini
+    if mode == "strict":  # pytest-asyncio's default, when asyncio_mode is not set
+        ini = ini.replace("asyncio_mode = auto\n", "")
+    (tmp_path / "pytest.ini").write_text(ini)
+    shutil.copy(EXAMPLES / "test_with_testkit.py", tmp_path)
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-W", "error"]
+    command += ["-c", str(tmp_path / "pytest.ini"), "--rootdir", str(tmp_path), str(tmp_path / "test_with_testkit.py")]
+    result = subprocess.run(
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(rf"^asyncio: mode=(Mode\.)?{mode},", result.stdout, re.IGNORECASE | re.MULTILINE), result.stdout
     assert "3 passed" in result.stdout
+
+
+async def start_example(*args: str, server: FeedServer) -> asyncio.subprocess.Process:
+    """Start a program that reads the feed's address and token from the environment, as the examples do."""
+    environment = {**os.environ, "CHATFEED_URL": server.url, "CHATFEED_TOKEN": TOKEN}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, *args, cwd=EXAMPLES.parent, env=environment, stderr=asyncio.subprocess.PIPE
+    )
+
+
+async def read_until(process: asyncio.subprocess.Process, found: Callable[[str], bool]) -> list[str]:
+    """Read the program's stderr line by line until ``found`` says yes; return the lines read."""
+    lines: list[str] = []
+
+    async def read() -> None:
+        assert process.stderr is not None
+        while not lines or not found(lines[-1]):
+            line = await process.stderr.readline()
+            assert line, "the program ended its output early:\n" + "".join(lines)
+            lines.append(line.decode())
+
+    await asyncio.wait_for(read(), WAIT)
+    return lines
+
+
+async def stop(process: asyncio.subprocess.Process, signum: signal.Signals) -> tuple[int, str]:
+    """Send ``signum``; return the exit status and what the program wrote to stderr until it ended."""
+    assert process.stderr is not None
+    process.send_signal(signum)
+    rest = await asyncio.wait_for(process.stderr.read(), WAIT)
+    return await asyncio.wait_for(process.wait(), WAIT), rest.decode()
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """Programs started by a test; any still running when it ends is killed."""
+    started: list[asyncio.subprocess.Process] = []
+    yield started
+    for process in started:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_the_worker_handles_events_and_exits_cleanly_on_sigterm(
+    server: FeedServer, processes: list[asyncio.subprocess.Process]
+) -> None:
+    worker = await start_example(str(EXAMPLES / "worker.py"), server=server)
+    processes.append(worker)
+    await server.wait_for_clients()
+    for message_id, chat_id in [("m1", "1"), ("m2", "2"), ("m3", "1")]:
+        await server.push_message(id=message_id, chat_id=chat_id)
+    handled = await read_until(worker, lambda line: "handled message m3 " in line)
+    assert [line for line in handled if "handled" in line] == [
+        "INFO worker: handled message m1 of chat 1\n",
+        "INFO worker: handled message m2 of chat 2\n",
+        "INFO worker: handled message m3 of chat 1\n",
+    ]
+    status, output = await stop(worker, signal.SIGTERM)
+    assert status == 0, output
+    lines = output.splitlines()
+    assert "INFO chatfeed: received SIGTERM: closing the client" in lines
+    assert lines[-1] == "INFO worker: stopped: 3 message(s) in 2 chat(s)"
+
+
+async def get(url: str) -> tuple[int, Any]:
+    """GET ``url``; return the status code and the JSON body."""
+
+    def get_blocking() -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(url, timeout=WAIT) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, json.load(error)
+
+    return await asyncio.to_thread(get_blocking)
+
+
+async def start_app(
+    server: FeedServer, processes: list[asyncio.subprocess.Process]
+) -> tuple[asyncio.subprocess.Process, str]:
+    """Run examples/fastapi_app.py with uvicorn on a free port; return the process and the app's base URL."""
+    app = await start_example(
+        "-m", "uvicorn", "--app-dir", "examples", "fastapi_app:app", "--host", "127.0.0.1", "--port", "0", server=server
+    )
+    processes.append(app)
+    # Uvicorn binds its port after the lifespan's startup, so after the client has connected.
+    started = await read_until(app, lambda line: "Uvicorn running on" in line)
+    assert server.clients == 1
+    match = re.search(r"http://127\.0\.0\.1:(\d+)", started[-1])
+    assert match, started[-1]
+    return app, f"http://127.0.0.1:{match.group(1)}"
+
+
+async def poll(url: str, until: Callable[[int, Any], bool]) -> tuple[int, Any]:
+    """GET ``url`` until ``until(status code, body)`` says yes, within WAIT; the app offers nothing to wait on."""
+
+    async def polling() -> tuple[int, Any]:
+        while True:
+            code, body = await get(url)
+            if until(code, body):
+                return code, body
+            await asyncio.sleep(0.02)
+
+    return await asyncio.wait_for(polling(), WAIT)
+
+
+async def test_the_fastapi_app_serves_what_the_feed_pushed(
+    server: FeedServer, processes: list[asyncio.subprocess.Process]
+) -> None:
+    app, base = await start_app(server, processes)
+    sent = [await server.push_message(chat_id="7", content=content) for content in ["first", "second"]]
+
+    code, messages = await poll(base + "/messages", lambda code, body: len(body) == len(sent))
+    assert code == 200
+    assert messages == [message.model_dump(mode="json", by_alias=True) for message in sent]
+    assert messages[0]["chatId"] == "7" and messages[0]["content"] == "first"
+
+    code, status = await get(base + "/status")
+    assert code == 200
+    assert status["state"] == "open" and status["connected"] is True
+    assert status["connections"] == 1 and status["frames_received"] == 3  # auth_success and two messages
+
+    # Uvicorn shuts down gracefully (the lifespan closes the client), then
+    # ends with the signal it received, as process managers expect.
+    exit_status, output = await stop(app, signal.SIGTERM)
+    assert "Application shutdown complete." in output
+    assert exit_status == -signal.SIGTERM, output
+
+
+async def test_the_fastapi_app_health_check_fails_once_the_client_stopped_for_good(
+    server: FeedServer, processes: list[asyncio.subprocess.Process]
+) -> None:
+    _, base = await start_app(server, processes)
+    await server.close_connections(4500, "account deleted")  # a fatal close code: no reconnection
+    code, status = await poll(base + "/status", lambda code, body: code != 200)
+    assert code == 503
+    assert status["state"] == "closed" and status["connected"] is False
