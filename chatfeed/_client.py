@@ -317,11 +317,16 @@ class Client:
             UsageError: The client is already running or closed, or
                 ``handle_signals`` cannot be honoured here.
         """
-        retry = self._begin()
+        restore = self._stop_on_signals() if handle_signals else None
+        try:
+            retry = self._begin()
+        except BaseException:
+            if restore is not None:
+                restore()
+            raise
         task = self._task = asyncio.get_running_loop().create_task(
             self._supervise(retry, None), name=f"chatfeed-client {redact_url(self._options.url)}"
         )
-        restore = self._stop_on_signals(task) if handle_signals else None
         try:
             await asyncio.wait([task])
         except asyncio.CancelledError:
@@ -395,7 +400,7 @@ class Client:
                 assert error is not None
                 error.__suppress_context__ = True  # the cancellation was ours, not news to the reader
                 raise error
-        elif exc is None and error is not None and not self._dispatcher.error_raised:
+        elif exc is None and error is not None and asyncio.current_task() not in self._dispatcher.error_raised_to:
             raise error
 
     async def close(self) -> None:
@@ -532,12 +537,13 @@ class Client:
             error = exc
             raise
         finally:
-            reader_told = self._dispatcher.has_waiting_reader()
-            self._stop(error)
             host = self._host
-            if error is not None and self._in_block and not reader_told and host is not None and not host.done():
+            host_reads = self._dispatcher.reads_a_stream(host)
+            self._stop(error)
+            if error is not None and self._in_block and not host_reads and host is not None and not host.done():
                 # A task group's rule: the block stops, and __aexit__ raises the
-                # error. Unless an events() reader is about to get the error itself.
+                # error. Unless the block reads events(): it gets the error from
+                # there, after the events the stream still holds.
                 self._cancelled_host = True
                 host.cancel()
 
@@ -580,37 +586,49 @@ class Client:
             )
         )
 
-    def _fatal_error(self) -> ChatfeedError | None:
+    def _fatal_error(self) -> Exception | None:
         """The error that stopped the client, once its task has ended on one."""
         task = self._task
         if task is None or not task.done() or task.cancelled():
             return None
         error = task.exception()
-        return error if isinstance(error, ChatfeedError) else None
+        return error if isinstance(error, Exception) else None
 
     def _never_started(self) -> bool:
         return self._state is _State.UNOPENED
 
-    def _stop_on_signals(self, task: asyncio.Task[None]) -> Callable[[], None]:
-        """Make the first SIGINT or SIGTERM stop the client; return what undoes it."""
+    def _stop_on_signals(self) -> Callable[[], None]:
+        """Make the first SIGINT or SIGTERM stop the client; return what puts the previous handlers back."""
         loop = asyncio.get_running_loop()
         signals = (signal.SIGINT, signal.SIGTERM)
+        # What was there before: a handler of the loop's (add_signal_handler),
+        # or of the signal module's (asyncio.run's own for SIGINT, say).
+        of_the_loop = getattr(loop, "_signal_handlers", {})
+        previous = {signum: (of_the_loop.get(signum), signal.getsignal(signum)) for signum in signals}
+        installed: list[signal.Signals] = []
 
         def restore() -> None:
-            for signum in signals:
+            for signum in installed:
                 loop.remove_signal_handler(signum)
+                handle, handler = previous[signum]
+                if handle is not None:
+                    loop.add_signal_handler(signum, handle._callback, *handle._args)
+                elif handler is not None:
+                    signal.signal(signum, handler)
+            installed.clear()
 
         def stop(signum: signal.Signals) -> None:
             logger.info("received %s: closing the client", signum.name)
             restore()  # a second Ctrl-C interrupts as usual
             self._set_state(_State.CLOSED)
-            task.cancel()
+            if self._task is not None:
+                self._task.cancel()
 
         try:
             for signum in signals:
                 loop.add_signal_handler(signum, stop, signum)
+                installed.append(signum)
         except (NotImplementedError, RuntimeError, ValueError) as exc:
             restore()
-            task.cancel()
             raise UsageError(f"handle_signals=True needs the main thread of a Unix process ({exc})") from None
         return restore

@@ -31,6 +31,7 @@ from websockets.exceptions import (
 )
 from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN
+from websockets.uri import parse_uri
 from websockets.version import version as websockets_version
 
 from ._frames import FrameSplitter
@@ -46,7 +47,7 @@ __all__ = ["Connection", "cancel_and_wait"]
 
 logger = logging.getLogger("chatfeed.connection")
 
-_WEBSOCKETS_LOGGER = FrameRedactingLogger(logging.getLogger("websockets.client"))
+_WEBSOCKETS_LOGGER = logging.getLogger("websockets.client")
 _USER_AGENT = f"chatfeed/{__version__} websockets/{websockets_version}"
 
 
@@ -190,6 +191,7 @@ class Connection:
         kwargs: dict[str, Any] = {}
         if options.ssl is not None:
             kwargs["ssl"] = options.ssl
+        failure: Exception | None = None
         try:
             ws = await _SameOriginConnect(
                 url,
@@ -200,16 +202,19 @@ class Connection:
                 ping_interval=None,  # keepalive is ours, see the module docstring
                 close_timeout=options.close_timeout,
                 user_agent_header=_USER_AGENT,
-                logger=_WEBSOCKETS_LOGGER,
+                # Its own, which knows the token: websockets logs what the server says.
+                logger=FrameRedactingLogger(_WEBSOCKETS_LOGGER, scrub),
                 create_connection=_ClientConnection,
                 **kwargs,
             )
         except Exception as exc:
-            error = _translate_open_error(exc, url, options.open_timeout, scrub)
-            if error is None:
-                raise
-            # Not chained when the chain would quote the token back, or the url.
-            raise error from (None if isinstance(error, UsageError) or _chain_leaks(exc, scrub) else exc)
+            failure = exc
+        if failure is not None:
+            # Raised here, out of the except block, so that websockets'
+            # exception is not even the context unless it is safe to chain.
+            error = _translate_open_error(failure, url, options.open_timeout, scrub)
+            leaks = isinstance(error, UsageError) or scrub.leaks_in_chain(failure)
+            raise error from (None if leaks else failure)
         assert isinstance(ws, _ClientConnection)
         return cls(ws, scrub, ping_interval=options.ping_interval, ping_timeout=options.ping_timeout)
 
@@ -219,10 +224,13 @@ class Connection:
         Raises:
             ConnectionLostError: The connection is closed (or the cause given to `fail`).
         """
+        closed: ConnectionClosed | None = None
         try:
             await self._ws.send(text)
         except ConnectionClosed as exc:
-            raise self._ended(exc) from self._safe_cause(exc)
+            closed = exc
+        if closed is not None:
+            raise self._ended(closed) from self._safe_cause(closed)
 
     async def frames(self) -> AsyncGenerator[str | bytes, None]:
         """Yield every frame: ``str`` for a text frame, ``bytes`` for a binary one.
@@ -238,17 +246,14 @@ class Connection:
         """
         ws = self._ws
         recv = ws.recv
-        if _RECEIVE == "recv":
-            try:
-                while True:
-                    yield await recv()
-            except ConnectionClosed as exc:
-                raise self._ended(exc) from self._safe_cause(exc)
         messages = ws.recv_messages
         frames = messages.frames
         queue: collections.deque[Frame | str] = frames.queue  # type: ignore[assignment]
         fast = ws.fast
+        closed: ConnectionClosed | None = None
         try:
+            while _RECEIVE == "recv":
+                yield await recv()
             while True:
                 while queue:
                     item = queue[0]
@@ -279,7 +284,11 @@ class Connection:
                     waiter.cancel()
                     frames.get_waiter = None
         except ConnectionClosed as exc:
-            raise self._ended(exc) from self._safe_cause(exc)
+            closed = exc
+        assert closed is not None
+        # Out of the except block: websockets' exception quotes the close
+        # reason, and is not even the context unless it is safe to chain.
+        raise self._ended(closed) from self._safe_cause(closed)
 
     async def close(self) -> None:
         """Close the connection, politely if the peer can answer in time.
@@ -324,7 +333,7 @@ class Connection:
     def _safe_cause(self, exc: BaseException) -> BaseException | None:
         # Chained to websockets' exception (and so to a TCP reset under it)
         # only when its text, which quotes the close reason, does not hold the token.
-        return None if self._cause is not None or _chain_leaks(exc, self._scrub) else exc
+        return None if self._cause is not None or self._scrub.leaks_in_chain(exc) else exc
 
     async def _run_keepalive(self, interval: float, timeout: float | None) -> None:
         ws = self._ws
@@ -388,18 +397,32 @@ class _SameOriginConnect(connect):
     """
 
     def process_redirect(self, exc: Exception) -> Exception | str:
-        if isinstance(exc, InvalidStatus) and "Location" in exc.response.headers:
-            target = urllib.parse.urljoin(self.uri, exc.response.headers["Location"])
+        if (
+            isinstance(exc, InvalidStatus)
+            and exc.response.status_code in _REDIRECTS
+            and "Location" in exc.response.headers
+        ):
+            status = exc.response.status_code
+            try:
+                target = urllib.parse.urljoin(self.uri, exc.response.headers["Location"])
+                parse_uri(target)
+            except (ValueError, InvalidURI):
+                return _RefusedRedirect(status, "", "a redirect to an address that is not valid")
             if _origin(target) != _origin(self.uri):
-                return _CrossOriginRedirect(exc.response.status_code, target)
+                return _RefusedRedirect(status, target, "a redirect to another origin")
         return super().process_redirect(exc)
 
 
-class _CrossOriginRedirect(Exception):
-    def __init__(self, status_code: int, target: str) -> None:
-        super().__init__(status_code, target)
+# The statuses websockets follows as redirects.
+_REDIRECTS = frozenset({300, 301, 302, 303, 307, 308})
+
+
+class _RefusedRedirect(Exception):
+    def __init__(self, status_code: int, target: str, what: str) -> None:
+        super().__init__(status_code, what)
         self.status_code = status_code
         self.target = target
+        self.what = what
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -419,24 +442,18 @@ _NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_P
 _MAY_NOT_SPEAK_TLS = "the server may not be speaking TLS (a wss:// address for a plain ws:// server?)"
 
 
-def _translate_open_error(exc: Exception, url: str, open_timeout: float, scrub: Scrubber) -> ChatfeedError | None:
-    """Return the chatfeed exception for what ``connect`` raised, or ``None`` to let it through."""
-    if isinstance(exc, _CrossOriginRedirect):
+def _translate_open_error(exc: Exception, url: str, open_timeout: float, scrub: Scrubber) -> ChatfeedError:
+    """Return the chatfeed exception for what ``connect`` raised."""
+    if isinstance(exc, _RefusedRedirect):
+        where = f" ({scrub(redact_url(exc.target))})" if exc.target else ""
         return HandshakeError(
             exc.status_code,
-            detail=(
-                f"redirect to another origin ({scrub(redact_url(exc.target))}) refused: "
-                "chatfeed follows redirects only to the same scheme, host and port"
-            ),
+            detail=(f"{exc.what}{where} refused: chatfeed follows redirects only to the same scheme, host and port"),
         )
     if isinstance(exc, InvalidStatus):
         response = exc.response
         return HandshakeError(response.status_code, retry_after=parse_retry_after(response.headers.get("Retry-After")))
     if isinstance(exc, SecurityError):
-        if isinstance(exc.__cause__, InvalidStatus):  # a redirect from wss:// to ws://
-            return HandshakeError(
-                exc.__cause__.response.status_code, detail="redirect from wss:// to ws:// refused: never downgraded"
-            )
         return HandshakeError(None, detail="the WebSocket handshake broke a limit (too many redirects, or too large)")
     if isinstance(exc, InvalidMessage):
         if isinstance(exc.__cause__, EOFError):
@@ -462,19 +479,8 @@ def _translate_open_error(exc: Exception, url: str, open_timeout: float, scrub: 
         return ConnectError(f"connection closed during the TLS handshake; {_MAY_NOT_SPEAK_TLS}", tls=True)
     if isinstance(exc, OSError):
         return ConnectError(f"could not connect: {exc.strerror or str(exc) or type(exc).__name__}")
-    return None
-
-
-def _chain_leaks(exc: BaseException, scrub: Scrubber) -> bool:
-    """Whether the text of ``exc`` or of an exception it was raised from quotes the secret."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if scrub.leaks(str(current)) or scrub.leaks(repr(current.args)):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    # Anything else is a reply that websockets could not take in: not worth a retry.
+    return HandshakeError(None, detail=f"the handshake failed with {type(exc).__name__}")
 
 
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:

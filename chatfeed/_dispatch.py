@@ -111,8 +111,8 @@ class Dispatcher:
         self._streams: tuple[weakref.ref[EventStream[Any]], ...] = ()
         self._error_hooks: list[ErrorHook] = []
         self.handler_errors = 0
-        # Whether a stream has raised the client's fatal error to its reader.
-        self.error_raised = False
+        # The tasks to which a stream has raised the client's fatal error.
+        self.error_raised_to: set[asyncio.Task[Any] | None] = set()
 
     def add_handler(self, event: str | type[Any], func: Callable[[Any], Any]) -> None:
         if not callable(func):
@@ -142,9 +142,13 @@ class Dispatcher:
         """Return the open streams."""
         return [stream for stream in (ref() for ref in self._streams) if stream is not None]
 
-    def has_waiting_reader(self) -> bool:
-        """Whether a task is waiting for the next event of a stream."""
-        return any(stream.waiting() for stream in self.streams())
+    def reads_a_stream(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether ``task`` reads an open stream (it waited on it last, or created it and nobody waited yet).
+
+        Such a task learns of a fatal error from the stream, after the
+        events the stream still holds.
+        """
+        return any(stream.owner is task for stream in self.streams())
 
     def end_streams(self, error: BaseException | None = None) -> None:
         """End every open stream: after what they hold, with ``error`` if given."""
@@ -280,7 +284,9 @@ class EventStream(Generic[E]):
 
     def __init__(self, dispatcher: Dispatcher, buffer: int, never_started: Callable[[], bool]) -> None:
         self._dispatcher: Dispatcher | None = dispatcher
-        self._never_started = never_started
+        self._never_started: Callable[[], bool] | None = never_started
+        # The task that reads it: the last one that waited on it, else the one that created it.
+        self.owner: asyncio.Task[Any] | None = _current_task()
         self._buffer = buffer
         self._items: collections.deque[E] = collections.deque()
         self._ended = False
@@ -299,17 +305,20 @@ class EventStream(Generic[E]):
                 if self._error is not None:
                     error, self._error = self._error, None
                     if self._dispatcher is not None:
-                        self._dispatcher.error_raised = True
+                        self._dispatcher.error_raised_to.add(asyncio.current_task())
                     raise error
                 raise StopAsyncIteration
-            if self._never_started():
-                await asyncio.sleep(0)  # lets a run() task created just before start
+            if self._never_started is not None:
                 if self._never_started():
-                    raise UsageError(
-                        "events() is read but the client was never started: use `async with client:`, "
-                        "or start `client.run()` in a task"
-                    )
-                continue
+                    await asyncio.sleep(0)  # lets a run() task created just before start
+                    if self._never_started():
+                        raise UsageError(
+                            "events() is read but the client was never started: use `async with client:`, "
+                            "or start `client.run()` in a task"
+                        )
+                    continue
+                self._never_started = None  # started: no need to look again
+            self.owner = asyncio.current_task()
             self._getter = asyncio.get_running_loop().create_future()
             try:
                 await self._getter
@@ -352,10 +361,6 @@ class EventStream(Generic[E]):
     def pending(self) -> int:
         """Return how many events wait in the buffer."""
         return len(self._items)
-
-    def waiting(self) -> bool:
-        """Return whether a reader is waiting for the next event."""
-        return self._getter is not None
 
     async def aclose(self) -> None:
         """Unsubscribe and drop what the buffer holds."""
@@ -404,6 +409,13 @@ async def _wait_for_room(waiter: asyncio.Future[None]) -> None:
         await waiter
     finally:
         timer.cancel()
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
 
 
 def being_cancelled() -> bool:

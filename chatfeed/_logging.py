@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http
 import logging
+import sys
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
@@ -42,13 +43,17 @@ class Scrubber:
     SHORTEST = 4
     """A token shorter than this (a test's ``"t"``) is not looked for: it would hide ordinary words."""
 
-    __slots__ = ("_grams", "_secret")
+    LONG = 4096
+    """In a text longer than this, only runs of 11 or more characters are looked for, at C speed."""
+
+    __slots__ = ("_aligned", "_grams", "_secret")
 
     def __init__(self, secret: str) -> None:
         self._secret = secret
         # Worked out at the first use: a JWT's runs take kilobytes, and most
         # connections never meet a server text to scrub.
-        self._grams: frozenset[str] | None = None
+        self._grams: tuple[str, ...] | None = None
+        self._aligned: tuple[str, ...] = ()
 
     def __call__(self, text: str) -> str:
         """Return ``text`` with every part of the secret replaced by ``***``."""
@@ -60,28 +65,47 @@ class Scrubber:
         width = self.WINDOW
         grams = self._grams
         if grams is None:
-            grams = self._grams = frozenset(secret[i : i + width] for i in range(len(secret) - width + 1))
+            grams = self._grams = tuple(dict.fromkeys(secret[i : i + width] for i in range(len(secret) - width + 1)))
+            # Every run of WINDOW + 3 characters holds one of these whole.
+            self._aligned = grams[::4]
         if not grams or len(text) < width:
             return text
-        hidden = [False] * len(text)
-        found = False
-        for start in range(len(text) - width + 1):
-            if text[start : start + width] in grams:
-                hidden[start : start + width] = [True] * width
-                found = True
-        if not found:
+        if len(text) > self.LONG and not any(gram in text for gram in self._aligned):
             return text
+        starts: list[int] = []
+        for gram in grams:
+            start = text.find(gram)
+            while start != -1:
+                starts.append(start)
+                start = text.find(gram, start + 1)
+        if not starts:
+            return text
+        starts.sort()
         pieces: list[str] = []
-        for index, char in enumerate(text):
-            if not hidden[index]:
-                pieces.append(char)
-            elif index == 0 or not hidden[index - 1]:
+        shown = 0  # text[:shown] is in pieces, or hidden
+        for start in starts:
+            if start > shown:
+                pieces += (text[shown:start], REDACTED)
+            elif not pieces or pieces[-1] is not REDACTED:
                 pieces.append(REDACTED)
+            shown = max(shown, start + width)
+        pieces.append(text[shown:])
         return "".join(pieces)
 
     def leaks(self, text: str) -> bool:
         """Return whether ``text`` holds the secret or a part of it that `__call__` would remove."""
         return self(text) != text
+
+    def leaks_in_chain(self, exc: BaseException) -> bool:
+        """Return whether the text of ``exc``, or of an exception it was raised from or in, quotes the secret."""
+        seen: set[int] = set()
+        current: BaseException | None = exc
+        while current is not None and id(current) not in seen:
+            seen.add(id(current))
+            if self.leaks(str(current)) or self.leaks(repr(current.args)):
+                return True
+            current = current.__cause__ or current.__context__
+        return False
 
 
 class FrameRedactingLogger(_LoggerAdapter):
@@ -95,15 +119,31 @@ class FrameRedactingLogger(_LoggerAdapter):
     values, the values of an allow-list of headers only (any other header,
     ``Authorization`` or a ``WWW-Authenticate`` that echoes the token, is
     logged as ``***``), and the standard reason phrase of a status code
-    instead of the server's own.
+    instead of the server's own. Given the connection's `Scrubber`, it also
+    scrubs the token from every text it logs: a server may put it anywhere,
+    in a redirect's path or an allow-listed header.
     """
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(self, logger: logging.Logger, scrub: Scrubber | None = None) -> None:
         super().__init__(logger, None)
+        self._scrub = scrub
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         if self.isEnabledFor(level):
-            self.logger.log(level, msg, *_redact_args(msg, args), **kwargs)
+            args = _redact_args(msg, args)
+            scrub = self._scrub
+            if scrub is not None:
+                args = tuple(scrub(arg) if isinstance(arg, str) else arg for arg in args)
+                exc_info = kwargs.get("exc_info")
+                if exc_info:
+                    error = sys.exc_info()[1] if exc_info is True else exc_info
+                    if isinstance(error, tuple):
+                        error = error[1]
+                    if isinstance(error, BaseException) and scrub.leaks_in_chain(error):
+                        # A traceback would print the server's words: the type is enough.
+                        kwargs["exc_info"] = None
+                        msg = f"{msg} ({type(error).__name__}, whose text quotes the token, not shown)"
+            self.logger.log(level, msg, *args, **kwargs)
 
 
 # Headers of the WebSocket handshake whose values hold nothing secret and

@@ -190,11 +190,12 @@ class FeedProtocol:
                 self._reject("")
             raise
         if isinstance(message, _EVENT_CLASSES) and self.state is HandshakeState.OPEN:
-            if isinstance(message, ErrorMessage) and message.message:
-                # Servers that quote the token would put it in the application's logs.
-                text = self._scrub(message.message)
-                if text != message.message:
-                    return message.model_copy(update={"message": text})
+            if isinstance(message, ErrorMessage):
+                # A server that quotes the token (in the message, the payload
+                # or any field) would put it in the application's logs.
+                text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+                if self._scrub.leaks(text):
+                    return ErrorMessage.model_validate(_scrub_json(message.model_dump(by_alias=True), self._scrub))
             return message
         if isinstance(message, AuthError):
             self._reject(message.message)
@@ -210,6 +211,16 @@ class FeedProtocol:
         self.state = HandshakeState.REJECTED
         # Servers that quote the rejected token would put it in the logs.
         raise AuthenticationError(self._scrub(text))
+
+
+def _scrub_json(value: object, scrub: Scrubber) -> object:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, list):
+        return [_scrub_json(item, scrub) for item in value]
+    if isinstance(value, dict):
+        return {scrub(key): _scrub_json(item, scrub) for key, item in value.items()}
+    return value
 
 
 def _is_auth_error(data: str | bytes) -> bool:

@@ -70,12 +70,13 @@ def _assume_utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
-_HOURS_ONLY_OFFSET = re.compile(r"[+-]\d\d\Z")
+# A time (after "T", or the space of PostgreSQL's text form), then "+05".
+_HOURS_ONLY_OFFSET = re.compile(r"[T ]\d\d:\d\d(?::\d\d(?:[.,]\d+)?)?[+-]\d\d\Z")
 
 
 def _pad_hours_only_offset(value: object) -> object:
     # ISO 8601 allows "+05" for "+05:00"; pydantic's parser does not.
-    if isinstance(value, str) and _HOURS_ONLY_OFFSET.search(value) and "T" in value:
+    if isinstance(value, str) and _HOURS_ONLY_OFFSET.search(value):
         return value + ":00"
     return value
 

@@ -254,20 +254,39 @@ async def test_async_with_raises_the_fatal_error_once_when_the_block_read_it_fro
 
 
 async def test_async_with_does_not_raise_again_an_error_the_block_handled(server: FeedServer) -> None:
+    # The block reads the stream itself (no task in between, as asyncio.wait_for
+    # makes before Python 3.12): it learns of the error there, and handles it.
     client = make_client(server.url)
     seen: list[int] = []
     async with client:
         stream = client.events()
-        waiting = asyncio.ensure_future(anext(stream))
         await server.push_message(content="first")
-        assert content(await asyncio.wait_for(waiting, WAIT)) == "first"
-        reader = asyncio.ensure_future(anext(stream))
+        assert content(await anext(stream)) == "first"
         await server.close_connections(1008, "policy")
         try:
-            await asyncio.wait_for(reader, WAIT)
+            await anext(stream)
         except chatfeed.ConnectionLostError as exc:
             seen.append(exc.code)
     assert seen == [1008]
+
+
+async def test_async_with_raises_at_exit_an_error_another_task_read_from_a_stream(server: FeedServer) -> None:
+    # As with a task group: only the block's own reading of events() counts
+    # as having seen the error.
+    client = make_client(server.url)
+    readers: list[asyncio.Future[chatfeed.FeedEvent]] = []
+
+    async def block() -> None:
+        async with client:
+            readers.append(asyncio.ensure_future(anext(client.events())))
+            await asyncio.sleep(0)  # the reader starts, and waits on the stream
+            await server.close_connections(1008, "policy")
+            await readers[0]
+
+    with pytest.raises(chatfeed.ConnectionLostError):
+        await asyncio.wait_for(block(), WAIT)
+    await asyncio.wait(readers, timeout=WAIT)
+    assert readers[0].cancelled() or isinstance(readers[0].exception(), chatfeed.ConnectionLostError)
 
 
 async def test_outside_cancellation_of_an_async_with_block_stays_a_cancellation(server: FeedServer) -> None:
@@ -377,6 +396,7 @@ def test_repr_hides_url_credentials() -> None:
         ("ws://localhost", {"max_size": 0}, "max_size"),
         ("ws://localhost", {"reconnect": "yes"}, "reconnect"),
         ("ws://localhost", {"auth_retries": -1}, "auth_retries"),
+        ("ws://localhost", {"compression": "gzip"}, "compression"),
         ("ws://localhost", {"ssl": "strict"}, "ssl"),
     ],
 )
@@ -456,3 +476,104 @@ def test_handle_signals_outside_the_main_thread_is_a_usage_error() -> None:
     thread.join(WAIT)
     assert len(errors) == 1 and isinstance(errors[0], chatfeed.UsageError), errors
     assert "main thread" in str(errors[0])
+
+
+async def test_async_with_lets_a_slow_events_loop_finish_what_its_stream_holds(server: FeedServer) -> None:
+    client = make_client(server.url)
+    handled: list[str] = []
+
+    async def block() -> None:
+        async with client:
+            stream = client.events()
+            for index in range(5):
+                await server.push_message(content=str(index))
+            await server.close_connections(4501, "banned")
+            async for event in stream:
+                await asyncio.sleep(50 * MS)  # work per event: the client dies meanwhile
+                handled.append(content(event))
+
+    with pytest.raises(chatfeed.ConnectionLostError):
+        await asyncio.wait_for(block(), WAIT)
+    assert handled == ["0", "1", "2", "3", "4"]
+
+
+async def test_async_with_stops_a_block_whose_events_are_read_by_another_task(server: FeedServer) -> None:
+    client = make_client(server.url)
+    consumer_saw: list[BaseException] = []
+    consumers: list[asyncio.Task[None]] = []
+
+    async def consume(stream: chatfeed.EventStream[chatfeed.FeedEvent]) -> None:
+        try:
+            async for _ in stream:
+                pass
+        except chatfeed.ConnectionLostError as exc:
+            consumer_saw.append(exc)
+
+    async def block() -> None:
+        async with client:
+            consumers.append(asyncio.create_task(consume(client.events())))
+            await server.push_message()
+            await server.close_connections(4501, "banned")
+            await asyncio.Event().wait()  # the block's own work, which never ends by itself
+
+    with pytest.raises(chatfeed.ConnectionLostError):
+        await asyncio.wait_for(block(), WAIT)
+    await asyncio.wait_for(consumers[0], WAIT)
+    assert len(consumer_saw) == 1
+
+
+_PROGRAM_WITH_ITS_OWN_HANDLER = """
+import asyncio, signal, sys
+import chatfeed
+
+async def main() -> None:
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, lambda: (print("the app's handler", flush=True), stopped.set()))
+    client = chatfeed.Client(sys.argv[1], token=sys.argv[2])
+    client.on("connected")(lambda event: asyncio.ensure_future(client.close()))
+    await client.run(handle_signals=True)
+    print("run returned", flush=True)
+    await stopped.wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_handle_signals_puts_the_handlers_it_replaced_back(server: FeedServer) -> None:
+    program = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _PROGRAM_WITH_ITS_OWN_HANDLER,
+        server.url,
+        TOKEN,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert program.stdout is not None
+        assert await asyncio.wait_for(program.stdout.readline(), WAIT * 2) == b"run returned\n"
+        program.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.wait_for(program.communicate(), WAIT)
+    finally:
+        if program.returncode is None:
+            program.kill()
+            await program.wait()
+    assert (program.returncode, stdout) == (0, b"the app's handler\n"), stderr.decode()
+
+
+async def test_handle_signals_refused_leaves_the_client_unstarted() -> None:
+    errors: list[BaseException] = []
+    client = make_client("ws://127.0.0.1:9")
+
+    def in_thread() -> None:
+        try:
+            asyncio.run(asyncio.wait_for(client.run(handle_signals=True), WAIT))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join(WAIT)
+    assert [type(error) for error in errors] == [chatfeed.UsageError]
+    assert client.statistics().state == "unopened"

@@ -19,7 +19,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 import chatfeed
-from chatfeed._logging import FrameRedactingLogger
+from chatfeed._logging import FrameRedactingLogger, Scrubber
 from chatfeed.testing import FeedServer
 
 from ..conftest import SECRET, SIGNATURE, TOKEN
@@ -106,10 +106,25 @@ async def test_an_error_frame_quoting_the_token_reaches_the_app_scrubbed(server:
     client.on("error")(errors)
     async with client:
         await server.push_error(f"token {TOKEN} is about to expire")
+        await server.send_raw(
+            json.dumps(
+                {"type": "error", "payload": {"message": f"bad {TOKEN}", "token": [TOKEN]}, "echo": SIGNATURE},
+            )
+        )
         await server.push_error("no secret here")
-        [first, second] = await errors.wait_for(2)
+        first, second, third = await errors.wait_for(3)
     assert first.message == "token *** is about to expire"
-    assert second.message == "no secret here"
+    assert second.message == "bad ***"
+    for event in (first, second):
+        dumped = event.model_dump_json() + repr(event)
+        assert SECRET not in dumped and SIGNATURE not in dumped
+    assert second.model_dump(by_alias=True) == {
+        "type": "error",
+        "message": "bad ***",
+        "payload": {"message": "bad ***", "token": ["***"]},
+        "echo": "***",
+    }
+    assert third.message == "no secret here"
 
 
 async def test_an_auth_error_quoting_the_token_under_payload_is_scrubbed() -> None:
@@ -135,6 +150,7 @@ async def test_an_http_401_echoing_the_token_leaks_it_nowhere(caplog: pytest.Log
         f"HTTP/1.1 401 Token {TOKEN} Rejected\r\n"
         f'WWW-Authenticate: Bearer error="invalid_token", token="{TOKEN}"\r\n'
         f"X-Debug-Token: {TOKEN}\r\n"
+        f"Connection: close, {TOKEN}\r\n"
         "Content-Type: text/plain\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
@@ -150,6 +166,57 @@ async def test_an_http_401_echoing_the_token_leaks_it_nowhere(caplog: pytest.Log
     assert "< HTTP/1.1 401 Unauthorized" in logged
     assert "< WWW-Authenticate: ***" in logged
     assert "< Content-Type: text/plain" in logged
+    assert "< Connection: close, ***" in logged  # an allow-listed header, scrubbed all the same
+
+
+async def test_a_reply_that_is_not_a_redirect_keeps_its_meaning_whatever_its_location() -> None:
+    reply = b"HTTP/1.1 503 Service Unavailable\r\nLocation: ws://elsewhere.test/\r\nRetry-After: 7\r\n\r\n"
+    async with http_server(reply) as (url, _):
+        client = make_client(url, reconnect=False)
+        with pytest.raises(chatfeed.HandshakeError) as caught:
+            await asyncio.wait_for(client.run(), WAIT)
+    assert (caught.value.status_code, caught.value.retry_after) == (503, 7.0)
+    assert "redirect" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "location", ["ws://[broken/", "ws://user@127.0.0.1:{port}/"], ids=["unparsable", "credentials"]
+)
+async def test_a_redirect_to_an_invalid_address_is_a_final_handshake_error(location: str) -> None:
+    async with http_server(b"") as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+    reply = f"HTTP/1.1 302 Found\r\nLocation: {location.format(port=port)}\r\n\r\n".encode()
+    async with http_server(reply) as (url, requests):
+        client = make_client(url)
+        with pytest.raises(chatfeed.HandshakeError, match="not valid") as caught:
+            await asyncio.wait_for(client.run(), WAIT)
+    assert caught.value.status_code == 302
+    assert len(requests) == 1
+
+
+async def test_websockets_debug_log_after_a_redirect_to_a_path_holding_the_token(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/":
+            response = connection.respond(302, "moved\n")
+            response.headers.update(Headers({"Location": f"/feed/{TOKEN}"}))
+            return response
+        return None
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        await ws.send('{"type": "auth_success"}')
+        await ws.wait_closed()
+
+    # The server logs the path too; what is checked here is the client's log.
+    logger = FrameRedactingLogger(logging.getLogger("websockets.server"), Scrubber(TOKEN))
+    async with serve(handler, "127.0.0.1", 0, process_request=process_request, logger=logger) as server:
+        client = make_client(url_of(server))
+        async with client:
+            pass
+    logged = [record.getMessage() for record in caplog.records if record.name == "websockets.client"]
+    assert "> GET /feed/*** HTTP/1.1" in logged
 
 
 # Redirects

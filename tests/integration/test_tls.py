@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 
 import pytest
 import trustme
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 
 import chatfeed
+from chatfeed._logging import FrameRedactingLogger
 from chatfeed.testing import FeedServer
 
 from ..conftest import TOKEN
@@ -88,3 +93,30 @@ async def test_wss_to_a_plain_http_server_is_final_and_says_why() -> None:
         await plain.wait_closed()
     assert caught.value.tls
     assert accepted == 1
+
+
+async def test_a_redirect_from_wss_down_to_ws_is_refused(authority: trustme.CA, server_context: ssl.SSLContext) -> None:
+    requests: list[str] = []
+
+    def process_request(connection: ServerConnection, request: Request) -> Response:
+        requests.append(request.path)
+        port = connection.local_address[1]
+        response = connection.respond(301, "moved\n")
+        response.headers.update(Headers({"Location": f"ws://localhost:{port}/plain"}))
+        return response
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.wait_closed()
+
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    logger = FrameRedactingLogger(logging.getLogger("websockets.server"))
+    async with serve(
+        handler, "localhost", 0, ssl=server_context, process_request=process_request, logger=logger
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = make_client(f"wss://localhost:{port}/", ssl=client_context)
+        with pytest.raises(chatfeed.HandshakeError, match="refused") as caught:
+            await asyncio.wait_for(client.run(), WAIT)
+    assert caught.value.status_code == 301
+    assert requests == ["/"]  # never followed, over TLS or not

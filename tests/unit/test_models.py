@@ -142,7 +142,13 @@ def test_chat_without_a_required_field_is_rejected(field: str) -> None:
 
 @pytest.mark.parametrize(
     ("stamp", "hours"),
-    [("2025-10-07T12:00:00+05", 5), ("2025-10-07T12:00:00.000+00", 0), ("2025-10-07T12:00:00-03", -3)],
+    [
+        ("2025-10-07T12:00:00+05", 5),
+        ("2025-10-07T12:00:00.000+00", 0),
+        ("2025-10-07T12:00:00-03", -3),
+        ("2025-10-07 12:00:00+05", 5),  # PostgreSQL's text form of a timestamptz
+        ("2025-10-07T12:00+05", 5),
+    ],
 )
 def test_timestamps_with_an_hours_only_offset_are_accepted(stamp: str, hours: int) -> None:
     m = Message.model_validate_json(json.dumps({**GUIDE_MESSAGE, "createdAt": stamp}))

@@ -22,7 +22,7 @@ from chatfeed import (
     TokenProviderError,
     UsageError,
 )
-from chatfeed._policy import MAX_RETRY_AFTER, TRY_AGAIN_LATER_DELAY, Verdict, classify, parse_retry_after
+from chatfeed._policy import MAX_RETRY_AFTER, TRY_AGAIN_LATER_DELAY, RetryState, Verdict, classify, parse_retry_after
 
 SAMPLES = 500
 
@@ -284,3 +284,71 @@ def test_exhausted() -> None:
 
 def test_never_exhausted_without_max_attempts() -> None:
     assert not Backoff().exhausted(10**9)
+
+
+# RetryState: the decision across attempts
+
+NO_JITTER = Backoff(initial=1.0, maximum=8.0, reset_after=10.0)
+
+
+def state(backoff: Backoff | None = NO_JITTER, *, auth_retries: int = 1, refreshes: bool = False) -> RetryState:
+    return RetryState(backoff, auth_retries, token_refreshes=refreshes)
+
+
+def test_retry_state_counts_failures_in_a_row_for_the_wait() -> None:
+    retry = state()
+    for failures in range(1, 5):
+        delay = retry.after(ConnectError("refused"), uptime=None)
+        assert delay is not None and 0 <= delay <= min(2 ** (failures - 1), 8.0)
+        assert retry.failures == failures
+
+
+def test_retry_state_resets_the_wait_only_after_a_connection_that_lasted() -> None:
+    retry = state()
+    for _ in range(3):
+        retry.after(ConnectionLostError(1012), uptime=1.0)  # accepted, then dropped soon after
+    assert retry.failures == 3
+    retry.after(ConnectionLostError(1012), uptime=10.0)
+    assert retry.failures == 1
+
+
+def test_retry_state_max_attempts_counts_only_attempts_that_did_not_authenticate() -> None:
+    retry = state(Backoff(max_attempts=2))
+    for _ in range(5):
+        assert retry.after(ConnectionLostError(1012), uptime=0.1) is not None
+    assert retry.after(ConnectError("refused"), uptime=None) is not None
+    assert retry.after(ConnectError("refused"), uptime=None) is None
+
+
+def test_retry_state_never_retries_without_a_backoff() -> None:
+    assert state(None).after(ConnectError("refused"), uptime=None) is None
+
+
+def test_retry_state_retries_auth_errors_only_with_a_token_function_and_so_often() -> None:
+    assert state().after(AuthenticationError("expired"), uptime=None) is None
+    retry = state(auth_retries=2, refreshes=True)
+    assert retry.after(AuthenticationError("expired"), uptime=None) is not None
+    assert retry.after(AuthenticationError("expired"), uptime=None) is not None
+    assert retry.after(AuthenticationError("expired"), uptime=None) is None
+
+
+def test_retry_state_forgets_auth_errors_after_an_authenticated_connection() -> None:
+    retry = state(auth_retries=1, refreshes=True)
+    assert retry.after(AuthenticationError("expired"), uptime=None) is not None
+    assert retry.after(ConnectionLostError(1012), uptime=5.0) is not None  # a fresh token worked
+    assert retry.after(AuthenticationError("expired"), uptime=None) is not None
+
+
+def test_retry_state_takes_the_verdicts_minimum_wait() -> None:
+    retry = state()
+    delay = retry.after(ConnectionLostError(1013), uptime=1.0)
+    assert delay is not None and delay >= 5.0
+
+
+def test_retry_state_tls_failure_is_final_until_the_address_has_worked() -> None:
+    failure = ConnectError("TLS handshake failed (WRONG_VERSION_NUMBER)", tls=True)
+    assert state().after(failure, uptime=None) is None
+    retry = state()
+    retry.after(ConnectionLostError(1001), uptime=20.0)
+    assert retry.connected_before
+    assert retry.after(failure, uptime=None) is not None
