@@ -14,7 +14,8 @@ Example:
     ```
 """
 
-from ._client import Client, ClientStatistics, TokenSource
+from ._client import Client, ClientState, ClientStatistics, TokenSource
+from ._config import Compression
 from ._dispatch import EventName, EventStream
 from ._policy import Backoff
 from ._protocol import parse_server_message
@@ -59,7 +60,9 @@ __all__ = [
     "Chat",
     "ChatfeedError",
     "Client",
+    "ClientState",
     "ClientStatistics",
+    "Compression",
     "ConnectError",
     "Connected",
     "ConnectionFailedError",

@@ -59,6 +59,8 @@ _OnServerMessage = TypeVar("_OnServerMessage", bound=Handler[ServerMessage])
 _OnAny = TypeVar("_OnAny", bound=Handler[Any])
 _OnErrorHook = TypeVar("_OnErrorHook", bound=ErrorHook)
 
+_TASK_NAME = "chatfeed-client"  # one string for every client: thousands of them may run
+
 ClientState: TypeAlias = Literal["unopened", "connecting", "authenticating", "open", "backing_off", "closed"]
 """Where a client stands, as [`ClientStatistics.state`][chatfeed.ClientStatistics] gives it."""
 
@@ -151,6 +153,21 @@ class Client:
         ```
     """
 
+    __slots__ = (
+        "_cancelled_by_close",
+        "_cancelled_host",
+        "_connecting",
+        "_counters",
+        "_dispatcher",
+        "_host",
+        "_in_block",
+        "_options",
+        "_runner",
+        "_state",
+        "_stopped",
+        "_task",
+    )
+
     def __init__(
         self,
         url: str,
@@ -166,7 +183,7 @@ class Client:
         ssl: ssl_module.SSLContext | None = None,
         proxy: str | bool | None = True,
         auth_retries: int = 1,
-        compression: Compression = "deflate",
+        compression: Compression = None,
     ) -> None:
         self._options = Options.check(
             url,
@@ -186,7 +203,10 @@ class Client:
         self._dispatcher = Dispatcher()
         self._counters = Counters()
         self._state = _State.UNOPENED
-        self._task: asyncio.Task[None] | None = None  # the supervisor
+        self._task: asyncio.Task[None] | None = None  # the supervisor, with async with
+        self._runner: asyncio.Task[Any] | None = None  # the task in run(), while it runs
+        self._stopped: asyncio.Future[None] | None = None  # made by close() to wait for run() to return
+        self._cancelled_by_close = False
         self._connecting: asyncio.Task[Any] | None = None  # the caller's task inside __aenter__
         # The task inside ``async with client:``, cancelled if the client stops on an error.
         self._host: asyncio.Task[Any] | None = None
@@ -320,26 +340,23 @@ class Client:
         restore = self._stop_on_signals() if handle_signals else None
         try:
             retry = self._begin()
-        except BaseException:
-            if restore is not None:
-                restore()
-            raise
-        task = self._task = asyncio.get_running_loop().create_task(
-            self._supervise(retry, None), name=f"chatfeed-client {redact_url(self._options.url)}"
-        )
-        try:
-            await asyncio.wait([task])
+            # The supervisor runs in the calling task, as the caller's own
+            # loop would: close() from elsewhere cancels it, and says so.
+            self._runner = asyncio.current_task()
+            await self._supervise(retry, None)
         except asyncio.CancelledError:
-            await self.close()
-            raise
+            if not self._cancelled_by_close:
+                raise
+            uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python 3.11+
+            if uncancel is not None and uncancel() > 0:
+                raise  # cancelled from outside too: that cancellation goes on
         finally:
+            self._runner = None
+            self._cancelled_by_close = False
+            if self._stopped is not None and not self._stopped.done():
+                self._stopped.set_result(None)
             if restore is not None:
                 restore()
-        if task.cancelled():
-            if self._state is _State.CLOSED:
-                return
-            raise UsageError("the client's task was cancelled without close(); did a handler re-raise CancelledError?")
-        task.result()
 
     async def __aenter__(self) -> Self:
         """Connect in the calling task; return once the first connection is authenticated.
@@ -370,9 +387,7 @@ class Client:
         # Nothing is delivered before the supervisor's first step, which comes
         # after the caller's next await: a stream it opens on the next line
         # sees every event.
-        self._task = asyncio.get_running_loop().create_task(
-            self._supervise(retry, session), name=f"chatfeed-client {redact_url(self._options.url)}"
-        )
+        self._task = asyncio.get_running_loop().create_task(self._supervise(retry, session), name=_TASK_NAME)
         self._host = asyncio.current_task()
         self._in_block = True
         return self
@@ -413,7 +428,17 @@ class Client:
         was = self._state
         self._set_state(_State.CLOSED)
         task = self._task
-        if task is None:
+        runner = self._runner
+        if runner is not None:  # run(), in a task of the caller's: wait for run() to return, not for the task
+            if runner is asyncio.current_task():
+                return  # a handler: the receive loop stops when it returns
+            if was is not _State.CLOSED:
+                self._cancelled_by_close = True
+                runner.cancel()
+            if self._stopped is None:
+                self._stopped = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._stopped)
+        elif task is None:
             connecting = self._connecting
             if connecting is not None and connecting is not asyncio.current_task() and was is not _State.CLOSED:
                 connecting.cancel()  # __aenter__ turns it into a UsageError
@@ -423,8 +448,8 @@ class Client:
         elif not task.done():
             await cancel_and_wait(task)
         elif not task.cancelled():
-            # The client stopped on a fatal error, which run(), the event
-            # streams and the Disconnected event have already reported.
+            # The client stopped on a fatal error, which the event streams
+            # and the Disconnected event have already reported.
             task.exception()
 
     @property
@@ -620,9 +645,10 @@ class Client:
         def stop(signum: signal.Signals) -> None:
             logger.info("received %s: closing the client", signum.name)
             restore()  # a second Ctrl-C interrupts as usual
-            self._set_state(_State.CLOSED)
-            if self._task is not None:
-                self._task.cancel()
+            if self._state is not _State.CLOSED and self._runner is not None:
+                self._set_state(_State.CLOSED)
+                self._cancelled_by_close = True
+                self._runner.cancel()
 
         try:
             for signum in signals:

@@ -31,7 +31,10 @@ Compression: TypeAlias = Literal["deflate"] | None
 """``"deflate"`` to offer permessage-deflate to the server, ``None`` for no compression."""
 
 
-@dataclasses.dataclass(frozen=True)
+_DEFAULT_BACKOFF = Backoff()  # frozen: one for every client
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Options:
     """Everything a client needs to know to connect, validated by `Options.check`."""
 
@@ -69,7 +72,7 @@ class Options:
     ) -> Options:
         """Return the options, or raise `UsageError` naming the first argument that is wrong."""
         if reconnect is True:
-            reconnect = Backoff()
+            reconnect = _DEFAULT_BACKOFF
         if reconnect is not False and not isinstance(reconnect, Backoff):
             raise UsageError(f"reconnect must be a Backoff, True or False, not {reconnect!r}")
         if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:

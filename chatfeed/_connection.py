@@ -35,7 +35,7 @@ from websockets.uri import parse_uri
 from websockets.version import version as websockets_version
 
 from ._frames import FrameSplitter
-from ._logging import FrameRedactingLogger, Scrubber, redact_url
+from ._logging import Scrubber, redact_url, redacting_logger
 from ._policy import parse_retry_after
 from ._version import __version__
 from .exceptions import ChatfeedError, ConnectError, ConnectionLostError, HandshakeError, UsageError
@@ -47,7 +47,6 @@ __all__ = ["Connection", "cancel_and_wait"]
 
 logger = logging.getLogger("chatfeed.connection")
 
-_WEBSOCKETS_LOGGER = logging.getLogger("websockets.client")
 _USER_AGENT = f"chatfeed/{__version__} websockets/{websockets_version}"
 
 
@@ -203,7 +202,7 @@ class Connection:
                 close_timeout=options.close_timeout,
                 user_agent_header=_USER_AGENT,
                 # Its own, which knows the token: websockets logs what the server says.
-                logger=FrameRedactingLogger(_WEBSOCKETS_LOGGER, scrub),
+                logger=redacting_logger("websockets.client", scrub),
                 create_connection=_ClientConnection,
                 **kwargs,
             )

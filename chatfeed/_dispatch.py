@@ -15,6 +15,7 @@ import contextlib
 import difflib
 import inspect
 import logging
+import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -103,16 +104,28 @@ class _Route:
 class Dispatcher:
     """Handlers by event class, and the open event streams."""
 
+    __slots__ = (
+        "__weakref__",
+        "_error_hooks",
+        "_handlers",
+        "_lone_event",
+        "_routes",
+        "_streams",
+        "error_raised_to",
+        "handler_errors",
+    )
+
     def __init__(self) -> None:
         self._handlers: dict[type[Any], list[_Entry]] = {}
         # Handlers of each concrete class, its own and its bases' (a handler
         # for ServerMessage sees every server message). Rebuilt on registration.
         self._routes: dict[type[Any], _Route] = {}
         self._streams: tuple[weakref.ref[EventStream[Any]], ...] = ()
-        self._error_hooks: list[ErrorHook] = []
+        self._error_hooks: tuple[ErrorHook, ...] = ()
+        self._lone_event: object = None  # the event whose lone handler's coroutine dispatch() returned last
         self.handler_errors = 0
         # The tasks to which a stream has raised the client's fatal error.
-        self.error_raised_to: set[asyncio.Task[Any] | None] = set()
+        self.error_raised_to: tuple[asyncio.Task[Any] | None, ...] = ()
 
     def add_handler(self, event: str | type[Any], func: Callable[[Any], Any]) -> None:
         if not callable(func):
@@ -123,7 +136,7 @@ class Dispatcher:
     def add_error_hook(self, hook: ErrorHook) -> None:
         if not callable(hook):
             raise UsageError(f"an error hook must be callable, not {hook!r}")
-        self._error_hooks.append(hook)
+        self._error_hooks = (*self._error_hooks, hook)
 
     def subscribe(self, buffer: int, *, never_started: Callable[[], bool] = lambda: False) -> EventStream[Any]:
         stream: EventStream[Any] = EventStream(self, buffer, never_started)
@@ -176,6 +189,7 @@ class Dispatcher:
         streams = self._streams
         lone = route.lone_async
         if lone is not None and not streams:
+            self._lone_event = event
             return lone(event)  # type: ignore[no-any-return]
         entries = route.entries
         for index, entry in enumerate(entries):
@@ -194,8 +208,18 @@ class Dispatcher:
         return None
 
     async def handler_failed(self, exc: BaseException, event: Any) -> None:
-        """Report an exception of the lone handler whose coroutine `dispatch` returned."""
-        await self._report(exc, event, self._routes[event.__class__].entries[0])
+        """Report an exception of the lone handler whose coroutine `dispatch` returned.
+
+        Also called with what any other awaitable of `dispatch` raised, which
+        handles its handlers' exceptions itself: only the client's own
+        cancellation gets out of it, and is raised again.
+
+        Raises:
+            CancelledError: ``exc``, when it is a cancellation of the client itself.
+        """
+        if event is not self._lone_event:
+            raise exc
+        await self._handle_failure(exc, self._routes[event.__class__].entries[0], event)
 
     async def _deliver(
         self,
@@ -238,6 +262,12 @@ class Dispatcher:
 
     async def _handle_failure(self, exc: BaseException, entry: _Entry, event: Any) -> None:
         if isinstance(exc, asyncio.CancelledError) and being_cancelled():
+            if sys.version_info < (3, 11):
+                logger.error(
+                    "handler %s raised CancelledError: on Python 3.10 chatfeed cannot tell it from a cancellation "
+                    "of the client, which therefore stops; catch the CancelledError of what you awaited",
+                    entry.name,
+                )
             raise exc
         # An exception, or a CancelledError of something the handler awaited, not ours.
         await self._report(exc, event, entry)
@@ -305,7 +335,8 @@ class EventStream(Generic[E]):
                 if self._error is not None:
                     error, self._error = self._error, None
                     if self._dispatcher is not None:
-                        self._dispatcher.error_raised_to.add(asyncio.current_task())
+                        dispatcher = self._dispatcher
+                        dispatcher.error_raised_to = (*dispatcher.error_raised_to, asyncio.current_task())
                     raise error
                 raise StopAsyncIteration
             if self._never_started is not None:

@@ -6,17 +6,11 @@ import http
 import logging
 import sys
 import urllib.parse
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
 
 from websockets.frames import Frame
 
-__all__ = ["FrameRedactingLogger", "Scrubber", "redact_url"]
-
-
-if TYPE_CHECKING:
-    _LoggerAdapter = logging.LoggerAdapter[logging.Logger]
-else:  # subscriptable at run time only from Python 3.11
-    _LoggerAdapter = logging.LoggerAdapter
+__all__ = ["FrameRedactingLogger", "Scrubber", "redact_url", "redacting_logger"]
 
 
 REDACTED = "***"
@@ -108,7 +102,7 @@ class Scrubber:
         return False
 
 
-class FrameRedactingLogger(_LoggerAdapter):
+class FrameRedactingLogger:
     """A logger for websockets that keeps secrets and message bodies out of its records.
 
     websockets logs at DEBUG every frame with the start of its data (the auth
@@ -124,12 +118,36 @@ class FrameRedactingLogger(_LoggerAdapter):
     in a redirect's path or an allow-listed header.
     """
 
+    # Not a LoggerAdapter: one is made per connection, and thousands may be open.
+    __slots__ = ("_scrub", "logger")
+
     def __init__(self, logger: logging.Logger, scrub: Scrubber | None = None) -> None:
-        super().__init__(logger, None)
+        self.logger = logger
         self._scrub = scrub
 
+    def isEnabledFor(self, level: int) -> bool:
+        return self.logger.isEnabledFor(level)
+
+    def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self.log(logging.DEBUG, msg, *args, **kwargs)
+
+    def info(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self.log(logging.INFO, msg, *args, **kwargs)
+
+    def warning(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self.log(logging.WARNING, msg, *args, **kwargs)
+
+    def error(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self.log(logging.ERROR, msg, *args, **kwargs)
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        self.log(logging.ERROR, msg, *args, exc_info=exc_info, **kwargs)
+
+    def critical(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self.log(logging.CRITICAL, msg, *args, **kwargs)
+
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
-        if self.isEnabledFor(level):
+        if self.logger.isEnabledFor(level):
             args = _redact_args(msg, args)
             scrub = self._scrub
             if scrub is not None:
@@ -143,7 +161,14 @@ class FrameRedactingLogger(_LoggerAdapter):
                         # A traceback would print the server's words: the type is enough.
                         kwargs["exc_info"] = None
                         msg = f"{msg} ({type(error).__name__}, whose text quotes the token, not shown)"
+            kwargs.setdefault("stacklevel", 2)
             self.logger.log(level, msg, *args, **kwargs)
+
+
+def redacting_logger(name: str, scrub: Scrubber | None = None) -> logging.LoggerAdapter[logging.Logger]:
+    """Return a `FrameRedactingLogger` for the logger ``name``, typed as websockets wants its ``logger``."""
+    # It has every method of a LoggerAdapter that websockets calls.
+    return cast("logging.LoggerAdapter[logging.Logger]", FrameRedactingLogger(logging.getLogger(name), scrub))
 
 
 # Headers of the WebSocket handshake whose values hold nothing secret and

@@ -189,7 +189,7 @@ class Backoff:
 _NO_RETRYING = tenacity.Retrying()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class RetryState:
     """The retry decision across the attempts of one client.
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Callable
 
 from ._config import Options
 from ._connection import Connection
-from ._dispatch import Dispatcher, being_cancelled
+from ._dispatch import Dispatcher
 from ._protocol import FeedProtocol, HandshakeState
 from .exceptions import AuthTimeoutError, ChatfeedError, ProtocolError, TokenProviderError, UsageError
 
@@ -26,7 +26,7 @@ __all__ = ["Counters", "Session"]
 logger = logging.getLogger("chatfeed")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Counters:
     """What the sessions of one client have counted, for ``statistics()``."""
 
@@ -112,12 +112,8 @@ class Session:
                 # wrapper; its exception is reported as any handler's is.
                 try:
                     await pending
-                except Exception as exc:
-                    await dispatcher.handler_failed(exc, event)
-                except asyncio.CancelledError as exc:
-                    if being_cancelled():
-                        raise
-                    await dispatcher.handler_failed(exc, event)
+                except (Exception, asyncio.CancelledError) as exc:
+                    await dispatcher.handler_failed(exc, event)  # raises the client's own cancellation
                 if stopping():
                     return None
         except ChatfeedError as exc:  # the connection ended, or the token expired mid-session

@@ -41,7 +41,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from ._logging import FrameRedactingLogger
+from ._logging import redacting_logger
 from .exceptions import UsageError
 from .models import Chat, Message, NewChat, NewMessage, ServerMessage
 
@@ -49,7 +49,7 @@ __all__ = ["FeedServer", "make_chat", "make_message", "synthetic_conversation"]
 
 logger = logging.getLogger("chatfeed.testing")
 
-_WEBSOCKETS_LOGGER = FrameRedactingLogger(logging.getLogger("websockets.server"))
+_WEBSOCKETS_LOGGER = redacting_logger("websockets.server")
 _ids = itertools.count(1)
 
 

@@ -92,7 +92,7 @@ async def test_compressed_frame_that_inflates_past_max_size_closes_the_connectio
         await ws.wait_closed()
 
     async with raw_server(handler) as server:
-        client = make_client(url_of(server))
+        client = make_client(url_of(server), compression="deflate")
         errors, lifecycle = Recorder(), Recorder()
         client.on("error")(errors)
         client.on("disconnected")(lifecycle)

@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 import chatfeed
-from chatfeed._logging import FrameRedactingLogger
+from chatfeed._logging import redacting_logger
 
 from ..conftest import FAST, MS, TOKEN
 
@@ -91,7 +91,7 @@ def chatfeed_tasks() -> list[asyncio.Task[Any]]:
 async def raw_server(handler: Callable[[ServerConnection], Awaitable[None]]) -> AsyncIterator[Server]:
     """A bare websockets server on loopback, for servers FeedServer cannot imitate."""
     # Frames logged by a bare websockets server would show the client's token.
-    logger = FrameRedactingLogger(logging.getLogger("websockets.server"))
+    logger = redacting_logger("websockets.server")
     async with serve(handler, "127.0.0.1", 0, logger=logger) as server:
         yield server
 

@@ -303,3 +303,22 @@ async def test_connected_event_then_disconnected_event(server: FeedServer) -> No
     assert again.is_reconnect
     assert again.downtime is not None
     assert again.downtime > 0
+
+
+@pytest.mark.parametrize("compression", [None, "deflate"])
+async def test_a_feed_is_delivered_whole_and_in_order_with_and_without_compression(
+    server: FeedServer, compression: chatfeed.Compression
+) -> None:
+    # Without compression the fast frame path reads the frames; with it, websockets does.
+    client = make_client(server.url, compression=compression)
+    async with client:
+        stream = client.events()
+        sent = [await server.push_message(content=f"{index} " + "x" * index) for index in range(300)]
+        await server.send_raw(b'{"type": "error", "message": "binary frame"}')
+        await server.push_message(content="last")
+        received = [content(await asyncio.wait_for(anext(stream), WAIT)) for _ in range(300)]
+        error = await asyncio.wait_for(anext(stream), WAIT)
+        last = await asyncio.wait_for(anext(stream), WAIT)
+    assert received == [message.content for message in sent]
+    assert isinstance(error, chatfeed.ErrorMessage) and error.message == "binary frame"
+    assert content(last) == "last"

@@ -577,3 +577,24 @@ async def test_handle_signals_refused_leaves_the_client_unstarted() -> None:
     thread.join(WAIT)
     assert [type(error) for error in errors] == [chatfeed.UsageError]
     assert client.statistics().state == "unopened"
+
+
+async def test_close_waits_for_run_to_return_and_leaves_the_task_that_ran_it_alone(server: FeedServer) -> None:
+    # run() runs in the caller's task, which has a life of its own after run() returns.
+    client = make_client(server.url)
+    after_run = asyncio.Event()
+    release = asyncio.Event()
+
+    async def main() -> None:
+        await client.run()
+        after_run.set()
+        await release.wait()
+
+    task = asyncio.create_task(main())
+    await server.wait_for_clients()
+    await asyncio.wait_for(client.close(), WAIT)
+    await asyncio.wait_for(after_run.wait(), WAIT)
+    await asyncio.wait_for(client.close(), WAIT)  # again, once run() has returned
+    assert not task.done()
+    release.set()
+    await asyncio.wait_for(task, WAIT)

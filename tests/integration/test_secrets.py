@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import traceback
 from collections.abc import AsyncIterator
 
@@ -19,7 +18,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 import chatfeed
-from chatfeed._logging import FrameRedactingLogger, Scrubber
+from chatfeed._logging import Scrubber, redacting_logger
 from chatfeed.testing import FeedServer
 
 from ..conftest import SECRET, SIGNATURE, TOKEN
@@ -210,7 +209,7 @@ async def test_websockets_debug_log_after_a_redirect_to_a_path_holding_the_token
         await ws.wait_closed()
 
     # The server logs the path too; what is checked here is the client's log.
-    logger = FrameRedactingLogger(logging.getLogger("websockets.server"), Scrubber(TOKEN))
+    logger = redacting_logger("websockets.server", Scrubber(TOKEN))
     async with serve(handler, "127.0.0.1", 0, process_request=process_request, logger=logger) as server:
         client = make_client(url_of(server))
         async with client:
@@ -263,7 +262,7 @@ async def test_a_redirect_within_the_same_origin_is_followed() -> None:
         await ws.send('{"type": "error", "message": "hello from /v2/feed"}')
         await ws.wait_closed()
 
-    logger = FrameRedactingLogger(logging.getLogger("websockets.server"))
+    logger = redacting_logger("websockets.server")
     async with serve(handler, "127.0.0.1", 0, process_request=process_request, logger=logger) as server:
         client = make_client(url_of(server))
         errors = Recorder()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 
 import pytest
@@ -13,7 +12,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 import chatfeed
-from chatfeed._logging import FrameRedactingLogger
+from chatfeed._logging import redacting_logger
 from chatfeed.testing import FeedServer
 
 from ..conftest import TOKEN
@@ -110,7 +109,7 @@ async def test_a_redirect_from_wss_down_to_ws_is_refused(authority: trustme.CA, 
 
     client_context = ssl.create_default_context()
     authority.configure_trust(client_context)
-    logger = FrameRedactingLogger(logging.getLogger("websockets.server"))
+    logger = redacting_logger("websockets.server")
     async with serve(
         handler, "localhost", 0, ssl=server_context, process_request=process_request, logger=logger
     ) as server:
