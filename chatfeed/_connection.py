@@ -150,7 +150,7 @@ class Connection:
     of its closing handshake, or the cause given to `fail`.
     """
 
-    __slots__ = ("_cause", "_keepalive", "_scrub", "_ws")
+    __slots__ = ("_cause", "_keepalive", "_ws", "scrub")
 
     def __init__(
         self,
@@ -161,7 +161,7 @@ class Connection:
         ping_timeout: float | None,
     ) -> None:
         self._ws = ws
-        self._scrub = scrub
+        self.scrub = scrub
         self._cause: ChatfeedError | None = None
         self._keepalive: asyncio.Task[None] | None = None
         if ping_interval is not None:
@@ -324,15 +324,15 @@ class Connection:
             return self._cause
         rcvd, sent = exc.rcvd, exc.sent
         if rcvd is not None and (sent is None or exc.rcvd_then_sent):
-            return ConnectionLostError(rcvd.code, self._scrub(rcvd.reason))
+            return ConnectionLostError(rcvd.code, self.scrub(rcvd.reason))
         if sent is not None:
-            return ConnectionLostError(sent.code, self._scrub(sent.reason), local=True)
+            return ConnectionLostError(sent.code, self.scrub(sent.reason), local=True)
         return ConnectionLostError(1006)
 
     def _safe_cause(self, exc: BaseException) -> BaseException | None:
         # Chained to websockets' exception (and so to a TCP reset under it)
         # only when its text, which quotes the close reason, does not hold the token.
-        return None if self._cause is not None or self._scrub.leaks_in_chain(exc) else exc
+        return None if self._cause is not None or self.scrub.leaks_in_chain(exc) else exc
 
     async def _run_keepalive(self, interval: float, timeout: float | None) -> None:
         ws = self._ws

@@ -101,6 +101,9 @@ class _Route:
         self.lone_async = entries[0].func if len(entries) == 1 and entries[0].is_async else None
 
 
+_NO_HANDLERS = _Route(())
+
+
 class Dispatcher:
     """Handlers by event class, and the open event streams."""
 
@@ -280,6 +283,8 @@ class Dispatcher:
         await self._deliver(route.entries, event, ())
 
     def _route(self, cls: type[Any]) -> _Route:
+        if not self._handlers:
+            return _NO_HANDLERS  # not remembered: thousands of clients may have no handler at all
         route = self._routes[cls] = _Route(
             tuple(entry for base in cls.__mro__ for entry in self._handlers.get(base, ()))
         )

@@ -135,6 +135,9 @@ def _describe(errors: list[ErrorDetails]) -> str:
     return f"{branch[1]} frame does not fit: {details}"
 
 
+_NO_SECRET = Scrubber("")
+
+
 class HandshakeState(enum.Enum):
     """Where a connection stands in the auth exchange."""
 
@@ -159,14 +162,19 @@ class FeedProtocol:
 
     def __init__(self) -> None:
         self.state: HandshakeState = HandshakeState.AWAITING_AUTH
-        self._scrub = Scrubber("")
+        self._scrub = _NO_SECRET
 
     def __repr__(self) -> str:
         return f"<FeedProtocol state={self.state.value}>"
 
-    def auth_frame(self, token: str) -> str:
-        """Return the frame to send first on a new connection."""
-        self._scrub = Scrubber(token)
+    def auth_frame(self, token: str, *, scrub: Scrubber | None = None) -> str:
+        """Return the frame to send first on a new connection.
+
+        Args:
+            token: The token to send.
+            scrub: The scrubber of that token, if one exists already.
+        """
+        self._scrub = scrub or Scrubber(token)
         return json.dumps({"type": "auth", "token": token})
 
     def receive(self, data: str | bytes) -> FeedEvent | None:

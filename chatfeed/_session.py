@@ -161,7 +161,7 @@ async def _authenticate(
     timeout: float,
     counters: Counters,
 ) -> None:
-    await connection.send(protocol.auth_frame(token))
+    await connection.send(protocol.auth_frame(token, scrub=connection.scrub))
     # A timer that fails the connection, rather than asyncio.wait_for, which
     # before Python 3.12 can swallow a cancellation from close().
     timer = asyncio.get_running_loop().call_later(timeout, connection.fail, AuthTimeoutError(timeout))
