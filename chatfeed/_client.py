@@ -281,7 +281,7 @@ class Client:
         self._dispatcher.add_error_hook(hook)
         return hook
 
-    def events(self, *, buffer: int = 256) -> EventStream[FeedEvent]:
+    def events(self, *, buffer: int = 64) -> EventStream[FeedEvent]:
         """Return an async iterator over server events, from now on.
 
         Each call is a separate subscription with its own buffer of at most

@@ -255,17 +255,18 @@ class Connection:
                 yield await recv()
             while True:
                 while queue:
-                    item = queue[0]
+                    item = queue.popleft()
                     if isinstance(item, str):  # a text message of the fast path
                         text = item
                     elif item.opcode is Opcode.TEXT and item.fin:
                         try:
                             text = str(item.data, "utf-8")
                         except UnicodeDecodeError:
+                            queue.appendleft(item)
                             break  # recv() fails the connection with 1007, as it should
                     else:
+                        queue.appendleft(item)
                         break  # binary, or the first of fragments: recv() assembles it
-                    queue.popleft()
                     if messages.paused:
                         messages.maybe_resume()
                     yield text

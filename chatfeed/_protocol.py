@@ -34,6 +34,7 @@ __all__ = ["FeedProtocol", "HandshakeState", "parse_server_message"]
 logger = logging.getLogger("chatfeed.protocol")
 
 _EVENT_CLASSES: tuple[type[FeedEvent], ...] = get_args(FeedEvent)
+_EVENT_CLASS_SET = frozenset(_EVENT_CLASSES)
 
 _ADAPTER: TypeAdapter[AnyServerMessage] = TypeAdapter(_ServerMessageUnion)
 # The core validator itself: TypeAdapter.validate_json adds a Python call per frame.
@@ -68,6 +69,11 @@ def parse_server_message(data: str | bytes) -> AnyServerMessage:
         return _validate_json(data)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
+    return _parse_again(data, errors)
+
+
+def _parse_again(data: str | bytes, errors: list[ErrorDetails]) -> AnyServerMessage:
+    """Parse a frame that pydantic's JSON parser refused, or raise `ProtocolError` saying why."""
     if errors[0]["type"] == "json_invalid":
         # Off the fast path: JSON that only Python's parser accepts.
         document = _lenient_json(data)
@@ -192,19 +198,26 @@ class FeedProtocol:
                 whatever else the frame holds.
         """
         try:
-            message = parse_server_message(data)
-        except ProtocolError:
-            if _is_auth_error(data):
-                self._reject("")
-            raise
-        if isinstance(message, _EVENT_CLASSES) and self.state is HandshakeState.OPEN:
-            if isinstance(message, ErrorMessage):
+            message = _validate_json(data)  # parse_server_message, less a call: this runs for every frame
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_input=False)
+            message = None
+        if message is None:
+            try:
+                message = _parse_again(data, errors)
+            except ProtocolError:
+                if _is_auth_error(data):
+                    self._reject("")
+                raise
+        cls = message.__class__
+        if cls in _EVENT_CLASS_SET and self.state is HandshakeState.OPEN:
+            if cls is ErrorMessage:
                 # A server that quotes the token (in the message, the payload
                 # or any field) would put it in the application's logs.
                 text = data if isinstance(data, str) else data.decode("utf-8", "replace")
                 if self._scrub.leaks(text):
                     return ErrorMessage.model_validate(_scrub_json(message.model_dump(by_alias=True), self._scrub))
-            return message
+            return message  # type: ignore[return-value]  # its class is one of FeedEvent's
         if isinstance(message, AuthError):
             self._reject(message.message)
         if isinstance(message, AuthSuccess):
