@@ -36,10 +36,30 @@ logger = logging.getLogger("chatfeed.protocol")
 _EVENT_CLASSES: tuple[type[FeedEvent], ...] = get_args(FeedEvent)
 _EVENT_CLASS_SET = frozenset(_EVENT_CLASSES)
 
-_ADAPTER: TypeAdapter[AnyServerMessage] = TypeAdapter(_ServerMessageUnion)
-# The core validator itself: TypeAdapter.validate_json adds a Python call per frame.
-_validate_json: Callable[[str | bytes], AnyServerMessage] = _ADAPTER.validator.validate_json
-_validate_python: Callable[[object], AnyServerMessage] = _ADAPTER.validator.validate_python
+
+
+class _Parser:
+    """The validator of every server frame, built when first needed.
+
+    Building it takes pydantic tens of milliseconds (and the import of its
+    schema machinery), so ``import chatfeed`` does not: the first client
+    builds it when it starts connecting, before any frame arrives, and
+    ``parse_server_message`` at its first call.
+    """
+
+    validate_json: Callable[[str | bytes], AnyServerMessage]
+    validate_python: Callable[[object], AnyServerMessage]
+
+    def __getattr__(self, name: str) -> Callable[..., AnyServerMessage]:
+        # Only until built: then the attributes are found without this.
+        adapter: TypeAdapter[AnyServerMessage] = TypeAdapter(_ServerMessageUnion)
+        # The core validator itself: TypeAdapter.validate_json adds a Python call per frame.
+        self.validate_json = adapter.validator.validate_json
+        self.validate_python = adapter.validator.validate_python
+        return getattr(self, name)  # type: ignore[no-any-return]
+
+
+_PARSER = _Parser()
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -66,7 +86,7 @@ def parse_server_message(data: str | bytes) -> AnyServerMessage:
         ErrorMessage(type='error', message='busy')
     """
     try:
-        return _validate_json(data)
+        return _PARSER.validate_json(data)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
     return _parse_again(data, errors)
@@ -79,7 +99,7 @@ def _parse_again(data: str | bytes, errors: list[ErrorDetails]) -> AnyServerMess
         document = _lenient_json(data)
         if document is not None:
             try:
-                return _validate_python(document)
+                return _PARSER.validate_python(document)
             except ValidationError as exc:
                 errors = exc.errors(include_url=False, include_input=False)
     # Raised outside the except block so that it is neither chained to nor
@@ -164,11 +184,12 @@ class FeedProtocol:
         <HandshakeState.OPEN: 'open'>
     """
 
-    __slots__ = ("_scrub", "state")
+    __slots__ = ("_scrub", "_validate_json", "state")
 
     def __init__(self) -> None:
         self.state: HandshakeState = HandshakeState.AWAITING_AUTH
         self._scrub = _NO_SECRET
+        self._validate_json = _PARSER.validate_json
 
     def __repr__(self) -> str:
         return f"<FeedProtocol state={self.state.value}>"
@@ -198,7 +219,7 @@ class FeedProtocol:
                 whatever else the frame holds.
         """
         try:
-            message = _validate_json(data)  # parse_server_message, less a call: this runs for every frame
+            message = self._validate_json(data)  # parse_server_message, less a call: this runs for every frame
         except ValidationError as exc:
             errors = exc.errors(include_url=False, include_input=False)
             message = None

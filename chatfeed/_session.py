@@ -69,12 +69,12 @@ class Session:
         Raises:
             ChatfeedError: The attempt failed (its subclass says how).
         """
+        protocol = FeedProtocol()  # the first builds the frames' validator, before the network waits
         token = await fetch_token(options)
         connection = await Connection.open(options, secret=token)
         frames = connection.frames()
         try:
             authenticating()
-            protocol = FeedProtocol()
             await _authenticate(connection, protocol, frames, token, options.auth_timeout, counters)
         except BaseException:
             await frames.aclose()

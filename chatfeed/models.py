@@ -26,18 +26,15 @@ import enum
 import json
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Any, ClassVar, Literal, TypeAlias, Union, get_args
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias, Union, get_args
 
 from pydantic import (
     AfterValidator,
-    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
-    JsonValue,
-    NaiveDatetime,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -100,6 +97,27 @@ class _NullAs:
         )
 
 
+if TYPE_CHECKING:
+    from pydantic import JsonValue
+else:
+    # As pydantic's JsonValue for what comes from JSON, and without importing
+    # pydantic.types, which costs importing chatfeed 10 ms.
+    JsonValue = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Zone:
+    """A timestamp that must (``"aware"``) or must not (``"naive"``) carry a zone; as pydantic's AwareDatetime."""
+
+    constraint: Literal["aware", "naive"]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.datetime_schema(tz_constraint=self.constraint)
+
+
+AwareDatetime = Annotated[datetime, _Zone("aware")]
+NaiveDatetime = Annotated[datetime, _Zone("naive")]
+
 Id = Annotated[str, Field(coerce_numbers_to_str=True)]
 # Aware timestamps, the protocol's promise and so the common case, are
 # validated without a Python call; only naive ones go through _assume_utc,
@@ -161,7 +179,13 @@ class _Model(BaseModel):
         extra="allow",
         alias_generator=to_camel,
         populate_by_name=True,
-        use_attribute_docstrings=True,
+        # Each class's own validator is built at its first use. The receive
+        # path parses with one adapter over the union (chatfeed._protocol),
+        # built once by the first client: building every class's validator
+        # at import would cost tens of milliseconds for nothing. (The fields'
+        # docstrings are for the reference, which reads them from the source;
+        # pydantic's use_attribute_docstrings would parse the source at import.)
+        defer_build=True,
     )
 
 
