@@ -68,13 +68,14 @@ def targets(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     throughput = results["throughput"]
     hand = throughput["hand"]["frames_per_second"]
     rows = [
-        ("handler / hand loop, frames per second", throughput["handler"]["frames_per_second"] / hand, ">= 1.0"),
-        ("events() / hand loop, frames per second", throughput["events"]["frames_per_second"] / hand, ">= 0.95"),
+        ("handler / hand loop, frames per second", throughput["handler"]["frames_per_second"] / hand, ">= 1.5"),
+        ("events() / hand loop, frames per second", throughput["events"]["frames_per_second"] / hand, ">= 1.2"),
     ]
     for rate, latency in results["latency"].items():
         rows.append((f"p99 latency at {rate} frames/s, chatfeed / hand loop", latency["p99_ratio"], "<= 1.1"))
     for scale in results["scale"]:
-        rows.append((f"memory per connection at {scale['connections']}, chatfeed / bare", scale["rss_ratio"], "<= 1.2"))
+        wanted = "<= 1.1" if scale["connections"] >= 1000 else "<= 1.2"
+        rows.append((f"memory per connection at {scale['connections']}, chatfeed / bare", scale["rss_ratio"], wanted))
         # The waits the backoff drew: what the SDK controls. When the
         # reconnects themselves saturate the CPU, the times seen run later.
         drawn = scale["details"]["scheduled_spread"]
@@ -100,8 +101,8 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
             latency: dict[str, Any] = dict(measure_latency(url, rate, seconds))
             latency["p99_ratio"] = latency["handler"]["p99"] / latency["hand"]["p99"]
             results["latency"][f"{rate:,.0f}"] = latency
-    print("import time", flush=True)
-    results["import"] = measure_import(settings["import_runs"])
+        print("import time, and time to a first event", flush=True)
+        results["import"] = measure_import(settings["import_runs"], url)
     print(f"scale: {settings['scale']} connections, {settings['idle']} s idle", flush=True)
     results["scale"] = run_scale(settings["scale"], settings["idle"])
     results["targets"] = [
@@ -180,7 +181,9 @@ def report(results: dict[str, Any]) -> str:
         "| import | median seconds |",
         "|---|---|",
         f"| `import chatfeed` | {imports['chatfeed']:.3f} |",
-        f"| `import websockets.asyncio.client, pydantic, tenacity` | {imports['dependencies']:.3f} |",
+        f"| its dependencies, with pydantic's `BaseModel` and `Field` | {imports['dependencies']:.3f} |",
+        f"| a program up to its first event, chatfeed | {imports['first_event_chatfeed']:.3f} |",
+        f"| a program up to its first event, hand-written loop | {imports['first_event_hand']:.3f} |",
         "",
         "### Targets",
         "",
@@ -204,6 +207,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     names = ["hand", "bare", "handler", "events"]
     rates = [results["throughput"][name]["frames_per_second"] / 1000 for name in names]
     left.bar(names, rates, color=["#888", "#bbb", "#3a7", "#37a"])
+    # The ceiling of a client that reads through websockets' recv(): a bare loop that parses nothing.
+    left.axhline(rates[1], color="#999", linestyle="--", linewidth=1)
+    left.annotate("bare recv() ceiling", (0, rates[1]), xytext=(0, 3), textcoords="offset points", fontsize=8)
     left.set_ylabel("thousand frames per second (median)")
     left.set_title("Throughput per consumer")
     width = 0.2

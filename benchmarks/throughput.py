@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -151,16 +152,56 @@ def measure_latency(url: str, rate: float, seconds: float) -> dict[str, dict[str
     return results
 
 
-def measure_import(runs: int) -> dict[str, float]:
-    """Median wall time of a fresh interpreter importing chatfeed, and importing its dependencies alone."""
+# The honest baseline: chatfeed's dependencies, with pydantic's BaseModel and
+# Field loaded, as any program that defines a pydantic model has them (a bare
+# ``import pydantic`` is lazy and loads neither).
+DEPENDENCIES = (
+    "import websockets.asyncio.client, tenacity, typing_extensions; from pydantic import BaseModel, Field, TypeAdapter"
+)
+
+_FIRST_EVENT_CHATFEED = """
+import asyncio, sys, chatfeed
+async def main():
+    async with chatfeed.Client(sys.argv[1], token="firehose:1", reconnect=False) as client:
+        async for event in client.events():
+            return
+asyncio.run(main())
+"""
+
+_FIRST_EVENT_HAND = """
+import asyncio, json, sys
+from websockets.asyncio.client import connect
+async def main():
+    async with connect(sys.argv[1], compression=None) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": "firehose:1"}))
+        json.loads(await ws.recv())
+        message = json.loads(await ws.recv())
+        assert message["type"] == "new_message"
+asyncio.run(main())
+"""
+
+
+def measure_import(runs: int, url: str) -> dict[str, float]:
+    """Median wall times of fresh interpreters: importing chatfeed, its dependencies, and up to a first event.
+
+    ``first_event_*`` is a whole program: start, import, connect, authenticate
+    and receive one ``new_message``, with chatfeed and with the hand-written loop.
+    """
     programs = {
-        "chatfeed": "import chatfeed",
-        "dependencies": "import websockets.asyncio.client, pydantic, tenacity",
+        "chatfeed": ["-c", "import chatfeed"],
+        "dependencies": ["-c", DEPENDENCIES],
+        "first_event_chatfeed": ["-c", _FIRST_EVENT_CHATFEED, url],
+        "first_event_hand": ["-c", _FIRST_EVENT_HAND, url],
     }
+    # As installed: from bytecode. A first run of each writes it, even where
+    # PYTHONDONTWRITEBYTECODE is set (then every run would compile chatfeed).
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
+    for arguments in programs.values():
+        subprocess.run([sys.executable, *arguments], check=True, env=environment)
     samples: dict[str, list[float]] = {name: [] for name in programs}
     for _ in range(runs):
-        for name, program in programs.items():
+        for name, arguments in programs.items():
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-c", program], check=True)
+            subprocess.run([sys.executable, *arguments], check=True, env=environment)
             samples[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in samples.items()}

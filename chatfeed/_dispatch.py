@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import difflib
 import inspect
 import logging
 import sys
@@ -68,6 +67,8 @@ def resolve_event(event: str | type[Any]) -> type[Any]:
             return EVENT_NAMES[event]
         except KeyError:
             names = ", ".join(repr(name) for name in EVENT_NAMES)
+            import difflib  # only for this mistake: importing chatfeed need not pay for it
+
             close = difflib.get_close_matches(event, EVENT_NAMES, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UsageError(f"unknown event {event!r}; {hint}expected one of {names}, or an event class") from None
