@@ -135,8 +135,9 @@ class Client:
             a fresh token when ``token`` is a function. A static token is
             never retried, and nothing is with ``reconnect=False``.
         compression: ``"deflate"`` to offer permessage-deflate, which the
-            server may accept, or ``None`` for no compression; see
-            [reconnection and tuning](../guides/reconnection.md).
+            server may accept, or ``None`` (the default) for no compression,
+            which saves about 40 KiB per connection and lets the fast frame
+            path read the feed; see [compression](../architecture.md#compression).
 
     Raises:
         UsageError: An argument is invalid.
