@@ -155,11 +155,12 @@ class Client:
     """
 
     __slots__ = (
-        "_cancelled_by_close",
         "_cancelled_host",
+        "_cancels_by_close",
         "_connecting",
         "_counters",
         "_dispatcher",
+        "_first_session",
         "_host",
         "_in_block",
         "_options",
@@ -205,9 +206,10 @@ class Client:
         self._counters = Counters()
         self._state = _State.UNOPENED
         self._task: asyncio.Task[None] | None = None  # the supervisor, with async with
+        self._first_session: Session | None = None  # async with's, until the supervisor takes it
         self._runner: asyncio.Task[Any] | None = None  # the task in run(), while it runs
         self._stopped: asyncio.Future[None] | None = None  # made by close() to wait for run() to return
-        self._cancelled_by_close = False
+        self._cancels_by_close = 0  # cancellations of run()'s task that close() made
         self._connecting: asyncio.Task[Any] | None = None  # the caller's task inside __aenter__
         # The task inside ``async with client:``, cancelled if the client stops on an error.
         self._host: asyncio.Task[Any] | None = None
@@ -346,14 +348,18 @@ class Client:
             self._runner = asyncio.current_task()
             await self._supervise(retry, None)
         except asyncio.CancelledError:
-            if not self._cancelled_by_close:
+            ours, self._cancels_by_close = self._cancels_by_close, 0
+            if not ours:
                 raise
             uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python 3.11+
-            if uncancel is not None and uncancel() > 0:
-                raise  # cancelled from outside too: that cancellation goes on
+            if uncancel is not None:
+                for _ in range(ours):
+                    remaining = uncancel()
+                if remaining > 0:
+                    raise  # cancelled from outside too: that cancellation goes on
         finally:
             self._runner = None
-            self._cancelled_by_close = False
+            self._cancels_by_close = 0
             if self._stopped is not None and not self._stopped.done():
                 self._stopped.set_result(None)
             if restore is not None:
@@ -388,6 +394,12 @@ class Client:
         # Nothing is delivered before the supervisor's first step, which comes
         # after the caller's next await: a stream it opens on the next line
         # sees every event.
+        if session is None:  # closed from the token function, in this task
+            self._stop(None)
+            raise UsageError("the client was closed while connecting")
+        # Held here until the supervisor takes it: a supervisor cancelled
+        # before its first step would never close it.
+        self._first_session = session
         self._task = asyncio.get_running_loop().create_task(self._supervise(retry, session), name=_TASK_NAME)
         self._host = asyncio.current_task()
         self._in_block = True
@@ -433,9 +445,10 @@ class Client:
         if runner is not None:  # run(), in a task of the caller's: wait for run() to return, not for the task
             if runner is asyncio.current_task():
                 return  # a handler: the receive loop stops when it returns
-            if was is not _State.CLOSED:
-                self._cancelled_by_close = True
-                runner.cancel()
+            # Also when closed already (from a handler that still runs, say):
+            # a close() from elsewhere stops it now.
+            self._cancels_by_close += 1
+            runner.cancel()
             if self._stopped is None:
                 self._stopped = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._stopped)
@@ -448,6 +461,10 @@ class Client:
             pass  # a handler: the receive loop stops when it returns
         elif not task.done():
             await cancel_and_wait(task)
+            session, self._first_session = self._first_session, None
+            if session is not None:  # the supervisor was cancelled before it started
+                await session.close()
+            self._stop(None)
         elif not task.cancelled():
             # The client stopped on a fatal error, which the event streams
             # and the Disconnected event have already reported.
@@ -494,31 +511,38 @@ class Client:
         self._set_state(_State.CLOSED)
         self._dispatcher.end_streams(error if isinstance(error, Exception) else None)
 
-    async def _connect(self, retry: RetryState, lost_at: float | None = None) -> Session:
+    async def _connect(self, retry: RetryState, lost_at: float | None = None) -> Session | None:
         """Open and authenticate a session, retrying as ``retry`` says.
+
+        Returns:
+            The session, or ``None`` when the client was closed meanwhile from
+            this very task (by the token function).
 
         Raises:
             ChatfeedError: The last attempt's error, when retrying stops.
         """
         options = self._options
-        while True:
+        while self._state is not _State.CLOSED:
             self._set_state(_State.CONNECTING)
             try:
                 session = await Session.open(
                     options, self._counters, authenticating=lambda: self._set_state(_State.AUTHENTICATING)
                 )
             except ChatfeedError as exc:
+                if self._closing():
+                    return None
                 delay = retry.after(exc, uptime=None)
                 if delay is None:
                     self._give_up(retry, exc)
                 await self._back_off(delay, retry, exc)
                 continue
-            if self._state is _State.CLOSED:  # close() from a token function
+            if self._closing():
                 await session.close()
-                raise UsageError("the client was closed while connecting")
+                return None
             session.lost_at = lost_at
             self._set_state(_State.OPEN)
             return session
+        return None
 
     async def _back_off(self, delay: float | None, retry: RetryState, error: ChatfeedError) -> None:
         assert delay is not None
@@ -541,10 +565,11 @@ class Client:
 
     async def _supervise(self, retry: RetryState, session: Session | None) -> None:
         error: BaseException | None = None
+        self._first_session = None  # this task owns it now, and closes it
         try:
             if session is None:
                 session = await self._connect(retry)
-            while True:
+            while session is not None:
                 if not await self._announce_connected(session):
                     return
                 ended = await session.deliver(self._dispatcher, self._counters, self._closing)
@@ -646,9 +671,9 @@ class Client:
         def stop(signum: signal.Signals) -> None:
             logger.info("received %s: closing the client", signum.name)
             restore()  # a second Ctrl-C interrupts as usual
-            if self._state is not _State.CLOSED and self._runner is not None:
+            if self._runner is not None:
                 self._set_state(_State.CLOSED)
-                self._cancelled_by_close = True
+                self._cancels_by_close += 1
                 self._runner.cancel()
 
         try:

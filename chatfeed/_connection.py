@@ -245,14 +245,17 @@ class Connection:
         """
         ws = self._ws
         recv = ws.recv
-        messages = ws.recv_messages
-        frames = messages.frames
-        queue: collections.deque[Frame | str] = frames.queue  # type: ignore[assignment]
-        fast = ws.fast
         closed: ConnectionClosed | None = None
         try:
+            # websockets' internals are looked at only past this loop: on a
+            # version chatfeed does not know, there may be none of them.
             while _RECEIVE == "recv":
                 yield await recv()
+            messages = ws.recv_messages
+            frames = messages.frames
+            queue: collections.deque[Frame | str] = frames.queue  # type: ignore[assignment]
+            fast = ws.fast
+            low = messages.low or 0  # None only without flow control, when it never pauses
             while True:
                 while queue:
                     item = queue.popleft()
@@ -267,7 +270,7 @@ class Connection:
                     else:
                         queue.appendleft(item)
                         break  # binary, or the first of fragments: recv() assembles it
-                    if messages.paused:
+                    if messages.paused and len(queue) <= low:  # as maybe_resume() does, without its calls
                         messages.maybe_resume()
                     yield text
                 if queue or not fast or messages.closed:

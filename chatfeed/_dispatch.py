@@ -112,7 +112,7 @@ class Dispatcher:
         "__weakref__",
         "_error_hooks",
         "_handlers",
-        "_lone_event",
+        "_lone",
         "_routes",
         "_streams",
         "error_raised_to",
@@ -126,7 +126,8 @@ class Dispatcher:
         self._routes: dict[type[Any], _Route] = {}
         self._streams: tuple[weakref.ref[EventStream[Any]], ...] = ()
         self._error_hooks: tuple[ErrorHook, ...] = ()
-        self._lone_event: object = None  # the event whose lone handler's coroutine dispatch() returned last
+        # The event whose lone handler's coroutine dispatch() returned last, and that handler.
+        self._lone: tuple[object, _Entry | None] = (None, None)
         self.handler_errors = 0
         # The tasks to which a stream has raised the client's fatal error.
         self.error_raised_to: tuple[asyncio.Task[Any] | None, ...] = ()
@@ -193,8 +194,12 @@ class Dispatcher:
         streams = self._streams
         lone = route.lone_async
         if lone is not None and not streams:
-            self._lone_event = event
-            return lone(event)  # type: ignore[no-any-return]
+            try:
+                pending: Awaitable[None] = lone(event)
+            except Exception as exc:  # raised on the call itself: a wrong signature, say
+                return self._deliver((), event, streams, failed=(exc, route.entries[0]))
+            self._lone = (event, route.entries[0])
+            return pending
         entries = route.entries
         for index, entry in enumerate(entries):
             if entry.is_async:
@@ -221,9 +226,10 @@ class Dispatcher:
         Raises:
             CancelledError: ``exc``, when it is a cancellation of the client itself.
         """
-        if event is not self._lone_event:
+        lone_event, entry = self._lone
+        if event is not lone_event or entry is None:
             raise exc
-        await self._handle_failure(exc, self._routes[event.__class__].entries[0], event)
+        await self._handle_failure(exc, entry, event)
 
     async def _deliver(
         self,

@@ -37,12 +37,24 @@ class FrameSplitter:
         forward: Feeds bytes to websockets' parser, in order; returns whether
             the connection is still open there (after a close frame or a
             failure it is not, and from then on every byte goes to websockets).
+        largest: The largest text frame taken here. A larger one goes to
+            websockets, whose reader collects a frame that arrives in many
+            reads in linear time; the splitter would join its reads again
+            and again.
     """
 
-    __slots__ = ("_buffer", "_forward", "_fragmented", "_max_size", "_remaining", "_take", "done")
+    __slots__ = ("_buffer", "_forward", "_fragmented", "_largest", "_remaining", "_take", "done")
 
-    def __init__(self, max_size: int, take: Callable[[str], object], forward: Callable[[bytes], bool]) -> None:
-        self._max_size = max_size
+    def __init__(
+        self,
+        max_size: int,
+        take: Callable[[str], object],
+        forward: Callable[[bytes], bool],
+        *,
+        largest: int = 65536,
+    ) -> None:
+        # Beyond max_size, websockets fails the connection (1009): its to do.
+        self._largest = min(largest, max_size)
         self._take = take
         self._forward = forward
         self._buffer = b""
@@ -60,7 +72,7 @@ class FrameSplitter:
         size = len(buffer)
         position = 0
         take = self._take
-        max_size = self._max_size
+        largest = self._largest
         while True:
             if self._remaining:
                 end = min(position + self._remaining, size)
@@ -91,7 +103,7 @@ class FrameSplitter:
                 length = int.from_bytes(buffer[position + 2 : position + 10], "big")
                 header += 8
             # A server must not mask; websockets fails the connection for it.
-            if first == _TEXT_FIN and not masked and length <= max_size and not self._fragmented:
+            if first == _TEXT_FIN and not masked and length <= largest and not self._fragmented:
                 end = position + header + length
                 if end > size:
                     break

@@ -37,7 +37,6 @@ _EVENT_CLASSES: tuple[type[FeedEvent], ...] = get_args(FeedEvent)
 _EVENT_CLASS_SET = frozenset(_EVENT_CLASSES)
 
 
-
 class _Parser:
     """The validator of every server frame, built when first needed.
 

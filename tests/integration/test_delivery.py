@@ -322,3 +322,48 @@ async def test_a_feed_is_delivered_whole_and_in_order_with_and_without_compressi
     assert received == [message.content for message in sent]
     assert isinstance(error, chatfeed.ErrorMessage) and error.message == "binary frame"
     assert content(last) == "last"
+
+
+async def test_a_lone_handler_that_cannot_be_called_is_reported_like_any_other(server: FeedServer) -> None:
+    client = make_client(server.url)
+    reported: list[str] = []
+    both = asyncio.Event()
+
+    @client.on("new_message")  # type: ignore[type-var]  # a type checker sees the mistake; at run time:
+    async def wrong(event: chatfeed.NewMessage, extra: int) -> None:
+        pass
+
+    @client.on_error
+    def report(exc: Exception, event: object) -> None:
+        reported.append(type(exc).__name__)
+        if len(reported) == 2:
+            both.set()
+
+    async with client:
+        await server.push_message()
+        await server.push_message()
+        await asyncio.wait_for(both.wait(), WAIT)
+        assert client.connected
+    assert reported == ["TypeError", "TypeError"]
+
+
+async def test_a_lone_handler_that_adds_a_handler_then_raises_is_reported(server: FeedServer) -> None:
+    client = make_client(server.url)
+    reported: list[str] = []
+    later = Recorder()
+
+    @client.on("new_message")
+    async def adds_then_raises(event: chatfeed.NewMessage) -> None:
+        client.on("new_chat")(later)
+        raise ValueError("after registering")
+
+    @client.on_error
+    def report(exc: Exception, event: object) -> None:
+        reported.append(type(exc).__name__)
+
+    async with client:
+        await server.push_message()
+        await server.push_chat()
+        await later.wait_for(1)
+        assert reported == ["ValueError"]
+        assert client.connected

@@ -16,7 +16,7 @@ import chatfeed
 from chatfeed.testing import FeedServer
 
 from ..conftest import MS, SECRET, TOKEN
-from .conftest import WAIT, Recorder, chatfeed_tasks, content, make_client, running, tcp_server
+from .conftest import WAIT, Recorder, chatfeed_tasks, content, free_port, make_client, running, tcp_server
 
 T = TypeVar("T")
 
@@ -598,3 +598,51 @@ async def test_close_waits_for_run_to_return_and_leaves_the_task_that_ran_it_alo
     assert not task.done()
     release.set()
     await asyncio.wait_for(task, WAIT)
+
+
+async def test_an_async_with_block_that_awaits_nothing_leaves_nothing_behind(server: FeedServer) -> None:
+    before = asyncio.all_tasks()
+    client = make_client(server.url)
+    stream = client.events()
+    reader = asyncio.create_task(anext(stream, None))
+    async with client:
+        pass  # the supervisor is cancelled before its first step
+    await asyncio.wait_for(server.wait_for_clients(0), WAIT)
+    assert await asyncio.wait_for(reader, WAIT) is None  # the stream ended
+    assert unfinished_tasks(before) == []
+    assert client.statistics().state == "closed"
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+async def test_close_from_the_token_function_stops_run(server: FeedServer, reachable: bool) -> None:
+    calls = 0
+
+    async def token() -> str:
+        nonlocal calls
+        calls += 1
+        await client.close()
+        return TOKEN
+
+    url = server.url if reachable else f"ws://127.0.0.1:{free_port()}"
+    client = make_client(url, token=token)
+    await asyncio.wait_for(client.run(), WAIT)
+    assert calls == 1
+    assert client.statistics().state == "closed"
+
+
+async def test_a_second_close_from_elsewhere_stops_a_handler_that_closed_and_goes_on(server: FeedServer) -> None:
+    client = make_client(server.url)
+    entered = asyncio.Event()
+
+    @client.on("new_message")
+    async def closes_then_waits(event: chatfeed.NewMessage) -> None:
+        await client.close()  # returns at once, from a handler
+        entered.set()
+        await asyncio.Event().wait()  # and the handler goes on
+
+    run = asyncio.create_task(client.run())
+    await server.wait_for_clients()
+    await server.push_message()
+    await asyncio.wait_for(entered.wait(), WAIT)
+    await asyncio.wait_for(client.close(), WAIT)
+    await asyncio.wait_for(run, WAIT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import itertools
 import json
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -173,7 +174,7 @@ def test_every_field_of_the_models_has_a_docstring() -> None:
         [body] = [node.body for node in tree.body if isinstance(node, ast.ClassDef) and node.name == model.__name__]
         documented = {
             statement.target.id
-            for statement, after in zip(body, body[1:])
+            for statement, after in itertools.pairwise(body)
             if isinstance(statement, ast.AnnAssign)
             and isinstance(statement.target, ast.Name)
             and isinstance(after, ast.Expr)
