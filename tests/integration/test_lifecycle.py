@@ -435,12 +435,14 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-async def test_run_with_handle_signals_stops_cleanly_on_a_signal(server: FeedServer, signum: signal.Signals) -> None:
+async def signal_a_program(
+    source: str, server: FeedServer, ready: bytes, signum: signal.Signals
+) -> tuple[int | None, bytes, bytes]:
+    """Run ``source`` against ``server``; once it prints ``ready``, send it ``signum``; return how it ended."""
     program = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        _SIGNALLED_PROGRAM,
+        source,
         server.url,
         TOKEN,
         stdout=asyncio.subprocess.PIPE,
@@ -448,14 +450,20 @@ async def test_run_with_handle_signals_stops_cleanly_on_a_signal(server: FeedSer
     )
     try:
         assert program.stdout is not None
-        assert await asyncio.wait_for(program.stdout.readline(), WAIT * 2) == b"connected\n"
+        assert await asyncio.wait_for(program.stdout.readline(), WAIT * 2) == ready
         program.send_signal(signum)
         stdout, stderr = await asyncio.wait_for(program.communicate(), WAIT)
     finally:
         if program.returncode is None:
             program.kill()
             await program.wait()
-    assert program.returncode == 0, stderr.decode()
+    return program.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_run_with_handle_signals_stops_cleanly_on_a_signal(server: FeedServer, signum: signal.Signals) -> None:
+    returncode, stdout, stderr = await signal_a_program(_SIGNALLED_PROGRAM, server, b"connected\n", signum)
+    assert returncode == 0, stderr.decode()
     assert stdout == b"stopped cleanly\n"
     assert b"Traceback" not in stderr
     await server.wait_for_clients(0)
@@ -541,25 +549,10 @@ asyncio.run(main())
 
 
 async def test_handle_signals_puts_the_handlers_it_replaced_back(server: FeedServer) -> None:
-    program = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _PROGRAM_WITH_ITS_OWN_HANDLER,
-        server.url,
-        TOKEN,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    returncode, stdout, stderr = await signal_a_program(
+        _PROGRAM_WITH_ITS_OWN_HANDLER, server, b"run returned\n", signal.SIGTERM
     )
-    try:
-        assert program.stdout is not None
-        assert await asyncio.wait_for(program.stdout.readline(), WAIT * 2) == b"run returned\n"
-        program.send_signal(signal.SIGTERM)
-        stdout, stderr = await asyncio.wait_for(program.communicate(), WAIT)
-    finally:
-        if program.returncode is None:
-            program.kill()
-            await program.wait()
-    assert (program.returncode, stdout) == (0, b"the app's handler\n"), stderr.decode()
+    assert (returncode, stdout) == (0, b"the app's handler\n"), stderr.decode()
 
 
 async def test_handle_signals_refused_leaves_the_client_unstarted() -> None:
