@@ -164,7 +164,9 @@ async def _authenticate(
     await connection.send(protocol.auth_frame(token, scrub=connection.scrub))
     # A timer that fails the connection, rather than asyncio.wait_for, which
     # before Python 3.12 can swallow a cancellation from close().
-    timer = asyncio.get_running_loop().call_later(timeout, connection.fail, AuthTimeoutError(timeout))
+    # The error is made only if the timer fires: asyncio keeps a cancelled
+    # timer, and what it holds, until its deadline would have come.
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, connection, timeout)
     try:
         async for frame in frames:
             counters.frames_received += 1
@@ -177,3 +179,7 @@ async def _authenticate(
                 return
     finally:
         timer.cancel()
+
+
+def _expire(connection: Connection, timeout: float) -> None:
+    connection.fail(AuthTimeoutError(timeout))
