@@ -25,7 +25,6 @@ from .exceptions import UsageError
 from .models import EVENTS_BY_NAME, Chat, EventName, FeedEvent, Message, ServerMessage
 
 __all__ = [
-    "EVENT_NAMES",
     "Dispatcher",
     "ErrorHook",
     "EventName",
@@ -45,12 +44,11 @@ Handler = Callable[[E], "Awaitable[None] | None"]
 ErrorHook = Callable[[Exception, Any], "Awaitable[None] | None"]
 """Called with the exception a handler raised and the event it was handling."""
 
-EVENT_NAMES = EVENTS_BY_NAME
 
 STALL_WARNING_AFTER = 30.0
 """Seconds a full event stream may hold the receive loop up before each warning."""
 
-_EVENT_CLASSES = frozenset(EVENT_NAMES.values()) | {ServerMessage}
+_EVENT_CLASSES = frozenset(EVENTS_BY_NAME.values()) | {ServerMessage}
 
 # Payloads mistaken for the events that carry them.
 _EVENT_OF_PAYLOAD: dict[type[Any], str] = {Message: "NewMessage", Chat: "NewChat"}
@@ -64,12 +62,12 @@ def resolve_event(event: str | type[Any]) -> type[Any]:
     """
     if isinstance(event, str):
         try:
-            return EVENT_NAMES[event]
+            return EVENTS_BY_NAME[event]
         except KeyError:
-            names = ", ".join(repr(name) for name in EVENT_NAMES)
+            names = ", ".join(repr(name) for name in EVENTS_BY_NAME)
             import difflib  # only for this mistake: importing chatfeed need not pay for it
 
-            close = difflib.get_close_matches(event, EVENT_NAMES, n=1)
+            close = difflib.get_close_matches(event, EVENTS_BY_NAME, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UsageError(f"unknown event {event!r}; {hint}expected one of {names}, or an event class") from None
     if isinstance(event, type) and event in _EVENT_CLASSES:
@@ -102,7 +100,11 @@ class _Route:
         self.lone_async = entries[0].func if len(entries) == 1 and entries[0].is_async else None
 
 
+# The routes of a dispatcher without handlers, shared by all of them and never
+# changed: thousands of clients may have no handler at all, and each would
+# otherwise fill a table of its own, or work its route out for every frame.
 _NO_HANDLERS = _Route(())
+_NO_ROUTES: dict[type[Any], _Route] = dict.fromkeys((*EVENTS_BY_NAME.values(), ServerMessage), _NO_HANDLERS)
 
 
 class Dispatcher:
@@ -123,7 +125,7 @@ class Dispatcher:
         self._handlers: dict[type[Any], list[_Entry]] = {}
         # Handlers of each concrete class, its own and its bases' (a handler
         # for ServerMessage sees every server message). Rebuilt on registration.
-        self._routes: dict[type[Any], _Route] = {}
+        self._routes = _NO_ROUTES
         self._streams: tuple[weakref.ref[EventStream[Any]], ...] = ()
         self._error_hooks: tuple[ErrorHook, ...] = ()
         # The event whose lone handler's coroutine dispatch() returned last, and that handler.
@@ -136,7 +138,7 @@ class Dispatcher:
         if not callable(func):
             raise UsageError(f"a handler must be callable, not {func!r}")
         self._handlers.setdefault(resolve_event(event), []).append(_Entry(func))
-        self._routes.clear()
+        self._routes = {}  # worked out again, by _route, as events come
 
     def add_error_hook(self, hook: ErrorHook) -> None:
         if not callable(hook):
@@ -290,8 +292,8 @@ class Dispatcher:
         await self._deliver(route.entries, event, ())
 
     def _route(self, cls: type[Any]) -> _Route:
-        if not self._handlers:
-            return _NO_HANDLERS  # not remembered: thousands of clients may have no handler at all
+        if self._routes is _NO_ROUTES:
+            return _NO_HANDLERS  # a class it does not list; the shared table stays as it is
         route = self._routes[cls] = _Route(
             tuple(entry for base in cls.__mro__ for entry in self._handlers.get(base, ()))
         )

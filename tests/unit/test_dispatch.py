@@ -12,7 +12,8 @@ import pytest
 
 import chatfeed
 from chatfeed import Connected, Disconnected, ErrorMessage, NewChat, NewMessage, ServerMessage, UnknownMessage
-from chatfeed._dispatch import EVENT_NAMES, Dispatcher, EventStream
+from chatfeed._dispatch import Dispatcher, EventStream
+from chatfeed.models import EVENTS_BY_NAME
 from chatfeed.testing import make_chat, make_message
 from tests.conftest import MS
 
@@ -82,7 +83,7 @@ class Recorder:
 
 
 def test_every_event_name_maps_to_its_class() -> None:
-    assert dict(EVENT_NAMES) == {
+    assert dict(EVENTS_BY_NAME) == {
         "new_message": NewMessage,
         "new_chat": NewChat,
         "error": ErrorMessage,
@@ -97,7 +98,7 @@ async def test_handlers_by_name_and_by_class_are_equivalent(name: str) -> None:
     dispatcher = Dispatcher()
     by_name, by_class = Recorder(), Recorder()
     dispatcher.add_handler(name, by_name)
-    dispatcher.add_handler(EVENT_NAMES[name], by_class)
+    dispatcher.add_handler(EVENTS_BY_NAME[name], by_class)
 
     for event in SAMPLES.values():
         await dispatcher.call_handlers(event)
@@ -128,7 +129,7 @@ def test_unknown_event_name_is_a_usage_error_naming_the_choices() -> None:
 
     text = str(excinfo.value)
     assert "'new_mesage'" in text
-    for name in EVENT_NAMES:
+    for name in EVENTS_BY_NAME:
         assert repr(name) in text
 
 
