@@ -64,7 +64,8 @@ class _ClientConnection(ClientConnection):
     And it runs the fast frame path (`chatfeed._frames`) when no extension was
     negotiated: websockets is fed the handshake response alone, so that its
     parser stands at a frame boundary, and from then on a `FrameSplitter`
-    takes the bytes, keeps whole text frames in `fast` and forwards the rest.
+    takes the bytes, puts whole text frames in websockets' queue as ``str``
+    and forwards the rest to websockets' parser.
     """
 
     arrivals = 0
@@ -234,10 +235,11 @@ class Connection:
     async def frames(self) -> AsyncGenerator[str | bytes, None]:
         """Yield every frame: ``str`` for a text frame, ``bytes`` for a binary one.
 
-        Text frames that are already queued are taken straight off
-        websockets' queue (see `_drainable`), without the three coroutines per
-        frame that ``recv()`` creates; any other frame, and every frame on a
-        version of websockets this was not tested with, goes through ``recv()``.
+        Text messages that are already queued (the fast path's, and the text
+        frames websockets parsed) are taken straight off websockets' queue,
+        without the three coroutines per frame that ``recv()`` creates; any
+        other message, and every frame on a version of websockets this was not
+        tested with (see `_receive_path`), goes through ``recv()``.
 
         Raises:
             ConnectionLostError: The connection closed, for whatever reason
@@ -366,8 +368,9 @@ def _receive_path() -> str:
     """How frames are read: ``"fast"``, ``"drain"`` or ``"recv"``.
 
     The fast frame path and the queue drain rely on websockets' internals:
-    ``ClientConnection.recv_messages`` (its ``frames.queue``,
-    ``get_in_progress``, ``paused``, ``maybe_resume()``), the sans-I/O
+    ``ClientConnection.recv_messages`` (its ``frames.queue`` and
+    ``frames.get_waiter``, ``high``, ``low``, ``paused``, ``pause()`` and
+    ``maybe_resume()``), the sans-I/O
     protocol's ``state``, ``extensions`` and maximum message size, and the
     response being parsed in ``data_received``. They are the same from
     websockets 15.0 to 17.x, the versions this is tested with. On any other

@@ -40,19 +40,13 @@ class Session:
 
     __slots__ = ("_frames", "_protocol", "authenticated_at", "connection", "lost_at")
 
-    def __init__(
-        self,
-        connection: Connection,
-        protocol: FeedProtocol,
-        frames: AsyncGenerator[str | bytes, None],
-        authenticated_at: float,
-    ) -> None:
+    def __init__(self, connection: Connection, protocol: FeedProtocol) -> None:
         self.connection = connection
-        self.authenticated_at = authenticated_at
+        self.authenticated_at = 0.0  # set by open(), once the server said auth_success
         # When the connection before this one was lost, if there was one.
         self.lost_at: float | None = None
         self._protocol = protocol
-        self._frames = frames
+        self._frames: AsyncGenerator[str | bytes, None] = connection.frames()
 
     @classmethod
     async def open(
@@ -71,17 +65,16 @@ class Session:
         """
         protocol = FeedProtocol()  # the first builds the frames' validator, before the network waits
         token = await fetch_token(options)
-        connection = await Connection.open(options, secret=token)
-        frames = connection.frames()
+        session = cls(await Connection.open(options, secret=token), protocol)
         try:
             authenticating()
-            await _authenticate(connection, protocol, frames, token, options.auth_timeout, counters)
+            await _authenticate(session.connection, protocol, session._frames, token, options.auth_timeout, counters)
         except BaseException:
-            await frames.aclose()
-            await connection.close()
+            await session.close()
             raise
+        session.authenticated_at = asyncio.get_running_loop().time()
         counters.connections += 1
-        return cls(connection, protocol, frames, asyncio.get_running_loop().time())
+        return session
 
     async def deliver(
         self, dispatcher: Dispatcher, counters: Counters, stopping: Callable[[], bool]
@@ -109,7 +102,8 @@ class Session:
                 if pending is None:
                     continue
                 # A lone async handler's own coroutine, awaited here without a
-                # wrapper; its exception is reported as any handler's is.
+                # wrapper (its exception is reported as any handler's is), or
+                # chatfeed's for the rest of a delivery that has to wait.
                 try:
                     await pending
                 except (Exception, asyncio.CancelledError) as exc:
