@@ -531,10 +531,7 @@ class Client:
             except ChatfeedError as exc:
                 if self._closing():
                     return None
-                delay = retry.after(exc, uptime=None)
-                if delay is None:
-                    self._give_up(retry, exc)
-                await self._back_off(delay, retry, exc)
+                await self._back_off(retry.after(exc, uptime=None), retry, exc)
                 continue
             if self._closing():
                 await session.close()
@@ -545,7 +542,9 @@ class Client:
         return None
 
     async def _back_off(self, delay: float | None, retry: RetryState, error: ChatfeedError) -> None:
-        assert delay is not None
+        """Wait ``delay`` before the next attempt; with no delay, give up on ``error``."""
+        if delay is None:
+            self._give_up(retry, error)
         self._set_state(_State.BACKING_OFF)
         logger.info("reconnecting in %.3f s (attempt %d): %s", delay, retry.failures, error)
         await asyncio.sleep(delay)
@@ -578,9 +577,7 @@ class Client:
                 lost_at = asyncio.get_running_loop().time()
                 delay = retry.after(ended, uptime=lost_at - session.authenticated_at)
                 await self._announce_lost(ended, delay)
-                if delay is None:
-                    self._give_up(retry, ended)
-                if self._state is _State.CLOSED:  # close() from a Disconnected handler
+                if delay is not None and self._state is _State.CLOSED:  # close() from a Disconnected handler
                     return
                 await self._back_off(delay, retry, ended)
                 session = await self._connect(retry, lost_at)
