@@ -469,11 +469,11 @@ async def test_run_with_handle_signals_stops_cleanly_on_a_signal(server: FeedSer
     await server.wait_for_clients(0)
 
 
-def test_handle_signals_outside_the_main_thread_is_a_usage_error() -> None:
+def test_handle_signals_outside_the_main_thread_is_a_usage_error_and_leaves_the_client_unstarted() -> None:
     errors: list[BaseException] = []
+    client = make_client("ws://127.0.0.1:9")
 
     def in_thread() -> None:
-        client = make_client("ws://127.0.0.1:9")
         try:
             asyncio.run(asyncio.wait_for(client.run(handle_signals=True), WAIT))
         except BaseException as exc:
@@ -484,6 +484,7 @@ def test_handle_signals_outside_the_main_thread_is_a_usage_error() -> None:
     thread.join(WAIT)
     assert len(errors) == 1 and isinstance(errors[0], chatfeed.UsageError), errors
     assert "main thread" in str(errors[0])
+    assert client.statistics().state == "unopened"
 
 
 async def test_async_with_lets_a_slow_events_loop_finish_what_its_stream_holds(server: FeedServer) -> None:
@@ -553,23 +554,6 @@ async def test_handle_signals_puts_the_handlers_it_replaced_back(server: FeedSer
         _PROGRAM_WITH_ITS_OWN_HANDLER, server, b"run returned\n", signal.SIGTERM
     )
     assert (returncode, stdout) == (0, b"the app's handler\n"), stderr.decode()
-
-
-async def test_handle_signals_refused_leaves_the_client_unstarted() -> None:
-    errors: list[BaseException] = []
-    client = make_client("ws://127.0.0.1:9")
-
-    def in_thread() -> None:
-        try:
-            asyncio.run(asyncio.wait_for(client.run(handle_signals=True), WAIT))
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=in_thread)
-    thread.start()
-    thread.join(WAIT)
-    assert [type(error) for error in errors] == [chatfeed.UsageError]
-    assert client.statistics().state == "unopened"
 
 
 async def test_close_waits_for_run_to_return_and_leaves_the_task_that_ran_it_alone(server: FeedServer) -> None:

@@ -33,13 +33,16 @@ def assert_no_token_in(error: BaseException) -> None:
 
 
 @contextlib.asynccontextmanager
-async def http_server(reply: bytes) -> AsyncIterator[tuple[str, list[bytes]]]:
-    """A loopback server that reads a request and answers ``reply``, whatever it was asked."""
+async def http_server(reply: bytes | str) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A loopback server that reads a request and answers ``reply``, whatever it was asked.
+
+    A ``str`` reply is a template: ``{port}`` in it is the server's own port.
+    """
     requests: list[bytes] = []
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         requests.append(await reader.readuntil(b"\r\n\r\n"))
-        writer.write(reply)
+        writer.write(reply.format(port=port).encode() if isinstance(reply, str) else reply)
         await writer.drain()
         writer.close()
 
@@ -182,15 +185,18 @@ async def test_a_reply_that_is_not_a_redirect_keeps_its_meaning_whatever_its_loc
     "location", ["ws://[broken/", "ws://user@127.0.0.1:{port}/"], ids=["unparsable", "credentials"]
 )
 async def test_a_redirect_to_an_invalid_address_is_a_final_handshake_error(location: str) -> None:
-    async with http_server(b"") as (url, _):
-        port = int(url.rsplit(":", 1)[1])
-    reply = f"HTTP/1.1 302 Found\r\nLocation: {location.format(port=port)}\r\n\r\n".encode()
+    refused = await refused_redirect(f"HTTP/1.1 302 Found\r\nLocation: {location}\r\n\r\n", match="not valid")
+    assert refused.status_code == 302
+
+
+async def refused_redirect(reply: str, *, match: str) -> chatfeed.HandshakeError:
+    """Connect to a server that answers ``reply``; check the client gives up at once, saying ``match``."""
     async with http_server(reply) as (url, requests):
         client = make_client(url)
-        with pytest.raises(chatfeed.HandshakeError, match="not valid") as caught:
+        with pytest.raises(chatfeed.HandshakeError, match=match) as caught:
             await asyncio.wait_for(client.run(), WAIT)
-    assert caught.value.status_code == 302
-    assert len(requests) == 1
+    assert len(requests) == 1  # final, not retried
+    return caught.value
 
 
 async def test_websockets_debug_log_after_a_redirect_to_a_path_holding_the_token(
@@ -223,26 +229,21 @@ async def test_websockets_debug_log_after_a_redirect_to_a_path_holding_the_token
 
 async def test_a_redirect_to_another_origin_is_refused_and_gets_no_token() -> None:
     async with FeedServer(tokens=[TOKEN]) as elsewhere:
-        reply = f"HTTP/1.1 302 Found\r\nLocation: {elsewhere.url}/feed\r\nContent-Length: 0\r\n\r\n".encode()
-        async with http_server(reply) as (url, requests):
-            client = make_client(url)
-            with pytest.raises(chatfeed.HandshakeError, match="another origin") as caught:
-                await asyncio.wait_for(client.run(), WAIT)
-    assert caught.value.status_code == 302
-    assert len(requests) == 1  # final, not retried
+        refused = await refused_redirect(
+            f"HTTP/1.1 302 Found\r\nLocation: {elsewhere.url}/feed\r\nContent-Length: 0\r\n\r\n",
+            match="another origin",
+        )
+    assert refused.status_code == 302
     assert (elsewhere.handshakes, elsewhere.received_tokens) == (0, [])
 
 
 @pytest.mark.parametrize("target", ["ws://localhost:{port}/", "wss://127.0.0.1:{port}/"], ids=["host", "scheme"])
 async def test_a_redirect_that_changes_only_host_or_scheme_is_refused(target: str) -> None:
-    async with http_server(b"") as (url, _):  # only for a port that is ours
-        port = int(url.rsplit(":", 1)[1])
-    reply = f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {target.format(port=port)}\r\n\r\n".encode()
-    async with http_server(reply) as (url, requests):
-        client = make_client(url)
-        with pytest.raises(chatfeed.HandshakeError, match="another origin"):
-            await asyncio.wait_for(client.run(), WAIT)
-    assert len(requests) == 1
+    # The server redirects to its own port: only the host, or only the scheme, differs.
+    refused = await refused_redirect(
+        f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {target}\r\n\r\n", match="another origin"
+    )
+    assert refused.status_code == 307
 
 
 async def test_a_redirect_within_the_same_origin_is_followed() -> None:
