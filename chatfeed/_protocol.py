@@ -9,14 +9,15 @@ feeds it frames from the socket; tests feed it strings.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import re
 from collections.abc import Callable
-from typing import NoReturn, get_args
+from typing import TYPE_CHECKING, NoReturn, get_args
 
 from pydantic import TypeAdapter, ValidationError
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, SchemaValidator
 
 from ._logging import Scrubber
 from .exceptions import AuthenticationError, ProtocolError
@@ -29,36 +30,28 @@ from .models import (
     _ServerMessageUnion,
 )
 
+if TYPE_CHECKING:
+    from pydantic.plugin._schema_validator import PluggableSchemaValidator
+
 __all__ = ["FeedProtocol", "HandshakeState", "parse_server_message"]
 
 logger = logging.getLogger("chatfeed.protocol")
 
-_EVENT_CLASSES: tuple[type[FeedEvent], ...] = get_args(FeedEvent)
-_EVENT_CLASS_SET = frozenset(_EVENT_CLASSES)
+_EVENT_CLASS_SET: frozenset[type[FeedEvent]] = frozenset(get_args(FeedEvent))
 
 
-class _Parser:
-    """The validator of every server frame, built when first needed.
+@functools.cache
+def _validator() -> SchemaValidator | PluggableSchemaValidator:
+    """The validator of every server frame, built at the first call.
 
     Building it takes pydantic tens of milliseconds (and the import of its
     schema machinery), so ``import chatfeed`` does not: the first client
     builds it when it starts connecting, before any frame arrives, and
-    ``parse_server_message`` at its first call.
+    ``parse_server_message`` at its first call. The core validator itself:
+    TypeAdapter.validate_json adds a Python call per frame.
     """
+    return TypeAdapter(_ServerMessageUnion).validator
 
-    validate_json: Callable[[str | bytes], AnyServerMessage]
-    validate_python: Callable[[object], AnyServerMessage]
-
-    def __getattr__(self, name: str) -> Callable[..., AnyServerMessage]:
-        # Only until built: then the attributes are found without this.
-        adapter: TypeAdapter[AnyServerMessage] = TypeAdapter(_ServerMessageUnion)
-        # The core validator itself: TypeAdapter.validate_json adds a Python call per frame.
-        self.validate_json = adapter.validator.validate_json
-        self.validate_python = adapter.validator.validate_python
-        return getattr(self, name)  # type: ignore[no-any-return]
-
-
-_PARSER = _Parser()
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -85,7 +78,7 @@ def parse_server_message(data: str | bytes) -> AnyServerMessage:
         ErrorMessage(type='error', message='busy')
     """
     try:
-        return _PARSER.validate_json(data)
+        return _validator().validate_json(data)  # type: ignore[no-any-return]
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
     return _parse_again(data, errors)
@@ -98,7 +91,7 @@ def _parse_again(data: str | bytes, errors: list[ErrorDetails]) -> AnyServerMess
         document = _lenient_json(data)
         if document is not None:
             try:
-                return _PARSER.validate_python(document)
+                return _validator().validate_python(document)  # type: ignore[no-any-return]
             except ValidationError as exc:
                 errors = exc.errors(include_url=False, include_input=False)
     # Raised outside the except block so that it is neither chained to nor
@@ -188,7 +181,7 @@ class FeedProtocol:
     def __init__(self) -> None:
         self.state: HandshakeState = HandshakeState.AWAITING_AUTH
         self._scrub = _NO_SECRET
-        self._validate_json = _PARSER.validate_json
+        self._validate_json: Callable[[str | bytes], AnyServerMessage] = _validator().validate_json
 
     def __repr__(self) -> str:
         return f"<FeedProtocol state={self.state.value}>"
