@@ -14,9 +14,11 @@ Example:
     ```
 """
 
-from ._client import Client, ClientState, ClientStatistics, TokenSource
+from ._client import Client, ClientState, ClientStatistics, HandlerStatistics, TokenSource
 from ._config import Compression
-from ._dispatch import EventName, EventStream
+from ._delivery import Backfill, BackfillItem, Dedupe, Gap
+from ._dispatch import EventName, EventStream, Expectation
+from ._lanes import by_chat
 from ._policy import Backoff
 from ._protocol import parse_server_message
 from ._version import __version__
@@ -24,6 +26,7 @@ from .exceptions import (
     AuthenticationError,
     AuthTimeoutError,
     ChatfeedError,
+    ClientClosedError,
     ConnectError,
     ConnectionFailedError,
     ConnectionLostError,
@@ -56,10 +59,13 @@ __all__ = [
     "AuthSuccess",
     "AuthTimeoutError",
     "AuthenticationError",
+    "Backfill",
+    "BackfillItem",
     "Backoff",
     "Chat",
     "ChatfeedError",
     "Client",
+    "ClientClosedError",
     "ClientState",
     "ClientStatistics",
     "Compression",
@@ -67,11 +73,15 @@ __all__ = [
     "Connected",
     "ConnectionFailedError",
     "ConnectionLostError",
+    "Dedupe",
     "Disconnected",
     "ErrorMessage",
     "EventName",
     "EventStream",
+    "Expectation",
     "FeedEvent",
+    "Gap",
+    "HandlerStatistics",
     "HandshakeError",
     "Message",
     "MessageStatus",
@@ -85,5 +95,6 @@ __all__ = [
     "UnknownMessage",
     "UsageError",
     "__version__",
+    "by_chat",
     "parse_server_message",
 ]

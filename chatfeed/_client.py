@@ -6,8 +6,11 @@ and one supervisor task that delivers its events and, when it ends, asks
 supervisor is started by [`Client.run`][chatfeed.Client.run] or ``async with``
 (which first connects in the caller's task, as websockets' ``connect`` does)
 and ended by [`Client.close`][chatfeed.Client.close]. Each connection has one
-more task, its keepalive. Nothing else is spawned: handlers run inline in the
-receive loop, one event at a time, in the order the frames arrived.
+more task, its keepalive. Handlers run inline in the receive loop, one event
+at a time, in the order the frames arrived; only a handler registered with
+``concurrency`` runs in worker tasks (`chatfeed._lanes`), which ``close()``
+drains and ends. After a reconnect, the supervisor runs the ``backfill``
+function before it reads the new connection (`chatfeed._delivery`).
 """
 
 from __future__ import annotations
@@ -19,13 +22,27 @@ import logging
 import signal
 import ssl as ssl_module
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, Literal, NoReturn, TypeAlias, TypeVar, overload
 
 from typing_extensions import Self
 
 from ._config import Compression, Options, TokenSource
 from ._connection import cancel_and_wait
-from ._dispatch import Dispatcher, ErrorHook, EventName, EventStream, Handler, resolve_event
+from ._delivery import Backfill, Dedupe, Delivery, Gap, fetch_backfill
+from ._dispatch import (
+    DEFAULT_MAX_PENDING,
+    Dispatcher,
+    ErrorHook,
+    EventName,
+    EventStream,
+    Expectation,
+    Handler,
+    KeyFunction,
+    check_concurrency,
+    resolve_event,
+)
+from ._lanes import by_chat
 from ._logging import redact_url
 from ._policy import Backoff, RetryState
 from ._session import Counters, Session
@@ -41,7 +58,7 @@ from .models import (
     UnknownMessage,
 )
 
-__all__ = ["Client", "ClientState", "ClientStatistics", "TokenSource"]
+__all__ = ["Client", "ClientState", "ClientStatistics", "HandlerStatistics", "TokenSource"]
 
 logger = logging.getLogger("chatfeed")
 
@@ -75,6 +92,32 @@ class _State(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class HandlerStatistics:
+    """Where a handler registered with ``concurrency`` stands; one of ``ClientStatistics.handlers``.
+
+    Attributes:
+        name: The handler's qualified name.
+        event: The class of the events it handles.
+        concurrency: The most calls it runs at once.
+        max_pending: The most events it holds, queued or running.
+        running: Calls running now.
+        queued: Events waiting for their turn.
+        deepest_lane: The most events waiting for one key.
+        oldest_queued_age: Seconds the oldest waiting event has waited, or
+            ``None`` when none waits.
+    """
+
+    name: str
+    event: type[Any]
+    concurrency: int
+    max_pending: int
+    running: int
+    queued: int
+    deepest_lane: int
+    oldest_queued_age: float | None
+
+
+@dataclasses.dataclass(frozen=True)
 class ClientStatistics:
     """A snapshot of what a client has done, from [`Client.statistics`][chatfeed.Client.statistics].
 
@@ -89,6 +132,12 @@ class ClientStatistics:
         handler_errors: Exceptions raised by handlers.
         event_streams: Open ``events()`` streams.
         buffered_events: Events waiting in those streams' buffers.
+        handlers: One entry per handler registered with ``concurrency``.
+        expectations: Pending [`expect`][chatfeed.Client.expect] calls.
+        duplicates_dropped: Events not delivered because ``dedupe`` had seen them.
+        backfilled_events: Events delivered from the ``backfill`` function.
+        backfill_errors: Backfills that raised, timed out or gave items of the
+            wrong type.
     """
 
     state: ClientState
@@ -99,6 +148,11 @@ class ClientStatistics:
     handler_errors: int
     event_streams: int
     buffered_events: int
+    handlers: tuple[HandlerStatistics, ...] = ()
+    expectations: int = 0
+    duplicates_dropped: int = 0
+    backfilled_events: int = 0
+    backfill_errors: int = 0
 
 
 class Client:
@@ -138,6 +192,23 @@ class Client:
             server may accept, or ``None`` (the default) for no compression,
             which saves about 40 KiB per connection and lets the fast frame
             path read the feed; see [compression](../architecture.md#compression).
+        backfill: A function called after every reconnect with a
+            [`Gap`][chatfeed.Gap], to fetch what the feed pushed meanwhile
+            (over the backend's REST API): an async generator, or a function
+            (sync or async) returning an iterable, of [`Message`][chatfeed.Message]
+            and [`Chat`][chatfeed.Chat]. Its items are delivered as events with
+            ``source == "backfill"``, oldest first, before the new connection's.
+            See [backfill](../guides/backfill.md).
+        backfill_since: Also backfill after the first connection, from this
+            (timezone-aware) time: what a restarted program missed.
+        backfill_timeout: Seconds a backfill may take to fetch its items;
+            what it fetched by then is delivered, and the rest is missed.
+        dedupe: ``True``, or a [`Dedupe`][chatfeed.Dedupe] to size the window,
+            to drop a message or chat delivered already (as a backfill's
+            overlap with the live feed would deliver it twice).
+        drain_timeout: Seconds [`close`][chatfeed.Client.close] lets the calls
+            of handlers registered with ``concurrency`` (queued and running)
+            finish before it cancels them.
 
     Raises:
         UsageError: An argument is invalid.
@@ -155,10 +226,12 @@ class Client:
     """
 
     __slots__ = (
+        "_backfill_errors",
         "_cancelled_host",
         "_cancels_by_close",
         "_connecting",
         "_counters",
+        "_delivery",
         "_dispatcher",
         "_first_session",
         "_host",
@@ -186,6 +259,11 @@ class Client:
         proxy: str | bool | None = True,
         auth_retries: int = 1,
         compression: Compression = None,
+        backfill: Backfill | None = None,
+        backfill_since: datetime | None = None,
+        backfill_timeout: float = 30.0,
+        dedupe: Dedupe | bool = False,
+        drain_timeout: float = 5.0,
     ) -> None:
         self._options = Options.check(
             url,
@@ -201,8 +279,22 @@ class Client:
             proxy=proxy,
             auth_retries=auth_retries,
             compression=compression,
+            backfill=backfill,
+            backfill_since=backfill_since,
+            backfill_timeout=backfill_timeout,
+            dedupe=dedupe,
+            drain_timeout=drain_timeout,
         )
         self._dispatcher = Dispatcher()
+        options = self._options
+        # Only a client that drops duplicates or backfills puts anything in
+        # front of the dispatcher's own dispatch.
+        self._delivery = (
+            Delivery(self._dispatcher.dispatch, options.dedupe, options.backfill_since)
+            if options.dedupe is not None or options.backfill is not None
+            else None
+        )
+        self._backfill_errors = 0
         self._counters = Counters()
         self._state = _State.UNOPENED
         self._task: asyncio.Task[None] | None = None  # the supervisor, with async with
@@ -222,13 +314,41 @@ class Client:
     # Registration
 
     @overload
-    def on(self, event: Literal["new_message"] | type[NewMessage]) -> Callable[[_OnNewMessage], _OnNewMessage]: ...
+    def on(
+        self,
+        event: Literal["new_message"] | type[NewMessage],
+        *,
+        concurrency: int = ...,
+        key: KeyFunction[NewMessage] | None = ...,
+        max_pending: int = ...,
+    ) -> Callable[[_OnNewMessage], _OnNewMessage]: ...
     @overload
-    def on(self, event: Literal["new_chat"] | type[NewChat]) -> Callable[[_OnNewChat], _OnNewChat]: ...
+    def on(
+        self,
+        event: Literal["new_chat"] | type[NewChat],
+        *,
+        concurrency: int = ...,
+        key: KeyFunction[NewChat] | None = ...,
+        max_pending: int = ...,
+    ) -> Callable[[_OnNewChat], _OnNewChat]: ...
     @overload
-    def on(self, event: Literal["error"] | type[ErrorMessage]) -> Callable[[_OnError], _OnError]: ...
+    def on(
+        self,
+        event: Literal["error"] | type[ErrorMessage],
+        *,
+        concurrency: int = ...,
+        key: KeyFunction[ErrorMessage] | None = ...,
+        max_pending: int = ...,
+    ) -> Callable[[_OnError], _OnError]: ...
     @overload
-    def on(self, event: Literal["unknown"] | type[UnknownMessage]) -> Callable[[_OnUnknown], _OnUnknown]: ...
+    def on(
+        self,
+        event: Literal["unknown"] | type[UnknownMessage],
+        *,
+        concurrency: int = ...,
+        key: KeyFunction[UnknownMessage] | None = ...,
+        max_pending: int = ...,
+    ) -> Callable[[_OnUnknown], _OnUnknown]: ...
     @overload
     def on(self, event: Literal["connected"] | type[Connected]) -> Callable[[_OnConnected], _OnConnected]: ...
     @overload
@@ -236,11 +356,32 @@ class Client:
         self, event: Literal["disconnected"] | type[Disconnected]
     ) -> Callable[[_OnDisconnected], _OnDisconnected]: ...
     @overload
-    def on(self, event: type[ServerMessage]) -> Callable[[_OnServerMessage], _OnServerMessage]: ...
+    def on(
+        self,
+        event: type[ServerMessage],
+        *,
+        concurrency: int = ...,
+        key: KeyFunction[ServerMessage] | None = ...,
+        max_pending: int = ...,
+    ) -> Callable[[_OnServerMessage], _OnServerMessage]: ...
     @overload
-    def on(self, event: EventName) -> Callable[[_OnAny], _OnAny]: ...
+    def on(
+        self,
+        event: EventName,
+        *,
+        concurrency: int = ...,
+        key: KeyFunction[Any] | None = ...,
+        max_pending: int = ...,
+    ) -> Callable[[_OnAny], _OnAny]: ...
 
-    def on(self, event: EventName | type[Any]) -> Callable[[_OnAny], _OnAny]:
+    def on(
+        self,
+        event: EventName | type[Any],
+        *,
+        concurrency: int = 1,
+        key: KeyFunction[Any] | None = by_chat,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> Callable[[_OnAny], _OnAny]:
         """Register the decorated function as a handler of one kind of event.
 
         Args:
@@ -250,30 +391,157 @@ class Client:
                 matching class; [`ServerMessage`][chatfeed.ServerMessage] receives every
                 server event. A misspelt name is a type error for a type checker,
                 and a [`UsageError`][chatfeed.UsageError] at run time.
+            concurrency: With 1 (the default), the handler runs inline in the
+                receive loop, one event at a time. With ``N > 1`` (async
+                handlers of server events only), up to ``N`` calls run at
+                once, in worker tasks, while events with the same ``key`` run
+                one after another in the order they arrived.
+            key: The ordering key of an event, for ``concurrency > 1``: by
+                default [`by_chat`][chatfeed.by_chat] (in order within a chat,
+                parallel across chats); ``None`` for no ordering at all.
+            max_pending: For ``concurrency > 1``, the most events the handler
+                holds, queued or running; when it holds that many, the client
+                stops reading the feed until one finishes (nothing is dropped).
 
         Handlers may be sync or async; several may handle one kind, and run in
-        registration order. They run one event at a time in the receive loop,
-        so a slow handler slows reading (nothing is dropped); hand long work
-        to a task of your own. An exception in a handler is logged and passed
-        to the [`on_error`][chatfeed.Client.on_error] hooks; it stops nothing else.
+        registration order. Inline handlers run one event at a time in the
+        receive loop, so a slow handler slows reading (nothing is dropped):
+        give it ``concurrency`` to run calls side by side. An exception in a
+        handler is logged and passed to the [`on_error`][chatfeed.Client.on_error]
+        hooks; it stops nothing else (a concurrent handler's key goes on with
+        its next event). See [concurrency](../guides/concurrency.md).
 
         Raises:
-            UsageError: ``event`` is not an event chatfeed delivers.
+            UsageError: ``event`` is not an event chatfeed delivers, or the
+                concurrency arguments are wrong (``concurrency`` for a sync
+                handler or a lifecycle event, ``key`` without ``concurrency``).
 
         Example:
             ```python
             @client.on("new_chat")
             def remember(event: chatfeed.NewChat) -> None:
                 chats[event.payload.id] = event.payload
+
+            @client.on("new_message", concurrency=8)  # in order within each chat
+            async def answer(event: chatfeed.NewMessage) -> None:
+                await model.reply_to(event.payload)
             ```
         """
         cls = resolve_event(event)
+        check_concurrency(concurrency, key, max_pending)
 
         def register(func: _OnAny) -> _OnAny:
-            self._dispatcher.add_handler(cls, func)
+            self._dispatcher.add_handler(cls, func, concurrency=concurrency, key=key, max_pending=max_pending)
             return func
 
         return register
+
+    @overload
+    def expect(
+        self,
+        event: Literal["new_message"] | type[NewMessage],
+        *,
+        where: Callable[[NewMessage], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[NewMessage]: ...
+    @overload
+    def expect(
+        self,
+        event: Literal["new_chat"] | type[NewChat],
+        *,
+        where: Callable[[NewChat], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[NewChat]: ...
+    @overload
+    def expect(
+        self,
+        event: Literal["error"] | type[ErrorMessage],
+        *,
+        where: Callable[[ErrorMessage], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[ErrorMessage]: ...
+    @overload
+    def expect(
+        self,
+        event: Literal["unknown"] | type[UnknownMessage],
+        *,
+        where: Callable[[UnknownMessage], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[UnknownMessage]: ...
+    @overload
+    def expect(
+        self,
+        event: Literal["connected"] | type[Connected],
+        *,
+        where: Callable[[Connected], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[Connected]: ...
+    @overload
+    def expect(
+        self,
+        event: Literal["disconnected"] | type[Disconnected],
+        *,
+        where: Callable[[Disconnected], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[Disconnected]: ...
+    @overload
+    def expect(
+        self,
+        event: type[ServerMessage],
+        *,
+        where: Callable[[ServerMessage], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[ServerMessage]: ...
+    @overload
+    def expect(
+        self, event: EventName, *, where: Callable[[Any], bool] | None = ..., timeout: float | None = ...
+    ) -> Expectation[Any]: ...
+
+    def expect(
+        self,
+        event: EventName | type[Any],
+        *,
+        where: Callable[[Any], bool] | None = None,
+        timeout: float | None = None,
+    ) -> Expectation[Any]:
+        """Start waiting for the next event of one kind that passes ``where``; await the result later.
+
+        The expectation is registered when ``expect()`` is called, so an
+        event that comes before the caller reaches ``await`` is not missed:
+        call it *before* the request whose answer it waits for.
+
+        Args:
+            event: An event name or class, as for [`on`][chatfeed.Client.on];
+                the result is typed after it.
+            where: A sync test of the event; the first event for which it
+                returns True resolves the expectation. An exception it
+                raises is what awaiting the expectation raises.
+            timeout: Seconds from now after which awaiting raises
+                `TimeoutError`, or ``None`` for no limit.
+
+        Returns:
+            An [`Expectation`][chatfeed.Expectation]: ``await`` it, or call its
+            ``wait(timeout=...)``; ``cancel()`` it when no longer needed.
+            Awaiting it raises the error that stopped the client, or
+            [`ClientClosedError`][chatfeed.ClientClosedError] when the client
+            is closed first.
+
+        Raises:
+            UsageError: The client is closed, or an argument is wrong.
+
+        Example:
+            ```python
+            reply = client.expect(
+                "new_message",
+                where=lambda e: e.payload.chat_id == chat_id and e.payload.role == "assistant",
+            )
+            await post_prompt(chat_id, "hello")  # over REST
+            event = await reply.wait(timeout=30)
+            ```
+        """
+        if self._state is _State.CLOSED:
+            raise UsageError("the client is closed")
+        return self._dispatcher.expect(event, where, timeout)
 
     def on_error(self, hook: _OnErrorHook) -> _OnErrorHook:
         """Register a function called with ``(exception, event)`` when a handler raises.
@@ -442,8 +710,18 @@ class Client:
         self._set_state(_State.CLOSED)
         task = self._task
         runner = self._runner
+        current = asyncio.current_task()
+        if self._dispatcher.runs_a_handler(current):
+            # A concurrent handler: stop the receive loop, which then waits
+            # for this very call to finish (drain_timeout), so do not wait here.
+            if runner is not None and runner is not current:
+                self._cancels_by_close += 1
+                runner.cancel()
+            elif task is not None and not task.done():
+                task.cancel()
+            return
         if runner is not None:  # run(), in a task of the caller's: wait for run() to return, not for the task
-            if runner is asyncio.current_task():
+            if runner is current:
                 return  # a handler: the receive loop stops when it returns
             # Also when closed already (from a handler that still runs, say):
             # a close() from elsewhere stops it now.
@@ -477,8 +755,27 @@ class Client:
 
     def statistics(self) -> ClientStatistics:
         """Return a snapshot of the client's counters."""
-        streams = self._dispatcher.streams()
+        dispatcher = self._dispatcher
+        streams = dispatcher.streams()
         counters = self._counters
+        delivery = self._delivery
+        handlers = []
+        for entry in dispatcher.concurrent:
+            lanes = entry.lanes
+            assert lanes is not None
+            now = lanes.snapshot()
+            handlers.append(
+                HandlerStatistics(
+                    name=entry.name,
+                    event=entry.event,
+                    concurrency=lanes.concurrency,
+                    max_pending=lanes.max_pending,
+                    running=now.running,
+                    queued=now.queued,
+                    deepest_lane=now.deepest_lane,
+                    oldest_queued_age=now.oldest_queued_age,
+                )
+            )
         return ClientStatistics(
             state=self._state.value,
             connected=self._state is _State.OPEN,
@@ -488,6 +785,11 @@ class Client:
             handler_errors=self._dispatcher.handler_errors,
             event_streams=len(streams),
             buffered_events=sum(stream.pending() for stream in streams),
+            handlers=tuple(handlers),
+            expectations=dispatcher.expectations(),
+            duplicates_dropped=0 if delivery is None else delivery.duplicates,
+            backfilled_events=0 if delivery is None else delivery.backfilled,
+            backfill_errors=self._backfill_errors,
         )
 
     # The supervisor
@@ -564,14 +866,19 @@ class Client:
 
     async def _supervise(self, retry: RetryState, session: Session | None) -> None:
         error: BaseException | None = None
+        abandoned = False  # cancelled by someone other than close(): handlers are cancelled, not drained
         self._first_session = None  # this task owns it now, and closes it
+        dispatcher = self._dispatcher
+        dispatch = None if self._delivery is None else self._delivery.dispatch
         try:
             if session is None:
                 session = await self._connect(retry)
             while session is not None:
                 if not await self._announce_connected(session):
                     return
-                ended = await session.deliver(self._dispatcher, self._counters, self._closing)
+                if not await self._backfill(session):
+                    return
+                ended = await session.deliver(dispatcher, self._counters, self._closing, dispatch)
                 if ended is None:
                     return
                 lost_at = asyncio.get_running_loop().time()
@@ -584,16 +891,70 @@ class Client:
         except Exception as exc:
             error = exc
             raise
+        except asyncio.CancelledError:
+            abandoned = self._state is not _State.CLOSED
+            raise
         finally:
             host = self._host
-            host_reads = self._dispatcher.reads_a_stream(host)
+            host_reads = dispatcher.reads_a_stream(host)
             self._stop(error)
+            if abandoned:
+                await dispatcher.cancel_handlers()
+            else:
+                await dispatcher.drain(self._options.drain_timeout)
             if error is not None and self._in_block and not host_reads and host is not None and not host.done():
                 # A task group's rule: the block stops, and __aexit__ raises the
                 # error. Unless the block reads events(): it gets the error from
                 # there, after the events the stream still holds.
                 self._cancelled_host = True
                 host.cancel()
+
+    async def _backfill(self, session: Session) -> bool:
+        """Deliver what the ``backfill`` function fetches for the gap before ``session``, if one is due.
+
+        Returns:
+            False when the client was closed meanwhile (``session`` is then closed).
+        """
+        options = self._options
+        delivery = self._delivery
+        backfill = options.backfill
+        is_reconnect = self._counters.connections > 1
+        if backfill is None or delivery is None or not (is_reconnect or options.backfill_since is not None):
+            return True
+        lost_at = session.lost_at
+        gap = Gap(
+            since=delivery.watermark,
+            is_reconnect=is_reconnect,
+            downtime=None if lost_at is None else session.authenticated_at - lost_at,
+        )
+        try:
+            events, error = await fetch_backfill(backfill, gap, options.backfill_timeout)
+            if error is not None:
+                self._backfill_errors += 1
+                logger.warning("the backfill failed, the feed goes on without what it missed: %r", error)
+                await self._dispatcher.call_error_hooks(error, gap)
+            dispatcher = self._dispatcher
+            for event in events:
+                if self._closing():
+                    break
+                duplicates = delivery.duplicates
+                pending = delivery.dispatch(event)
+                if delivery.duplicates == duplicates:
+                    delivery.backfilled += 1
+                if pending is not None:
+                    try:
+                        await pending
+                    except (Exception, asyncio.CancelledError) as exc:
+                        await dispatcher.handler_failed(exc, event)  # raises the client's own cancellation
+            if events:
+                logger.info("backfilled %d event(s) since %s", len(events), gap.since)
+        except BaseException:
+            await session.close()
+            raise
+        if self._closing():
+            await session.close()
+            return False
+        return True
 
     async def _announce_connected(self, session: Session) -> bool:
         """Log the session and dispatch `Connected`; return False (and close it) if the client was closed meanwhile."""

@@ -14,8 +14,10 @@ import math
 import ssl as ssl_module
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Literal, TypeAlias
 
+from ._delivery import Backfill, Dedupe
 from ._logging import redact_url
 from ._policy import Backoff
 from .exceptions import UsageError
@@ -32,6 +34,7 @@ Compression: TypeAlias = Literal["deflate"] | None
 
 
 _DEFAULT_BACKOFF = Backoff()  # frozen: one for every client
+_DEFAULT_DEDUPE = Dedupe()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -51,6 +54,11 @@ class Options:
     proxy: str | bool | None
     auth_retries: int
     compression: Compression
+    backfill: Backfill | None = None
+    backfill_since: datetime | None = None
+    backfill_timeout: float = 30.0
+    dedupe: Dedupe | None = None
+    drain_timeout: float = 5.0
 
     @classmethod
     def check(
@@ -69,6 +77,11 @@ class Options:
         proxy: str | bool | None,
         auth_retries: int,
         compression: Compression,
+        backfill: Backfill | None = None,
+        backfill_since: datetime | None = None,
+        backfill_timeout: float = 30.0,
+        dedupe: Dedupe | bool = False,
+        drain_timeout: float = 5.0,
     ) -> Options:
         """Return the options, or raise `UsageError` naming the first argument that is wrong."""
         if reconnect is True:
@@ -83,6 +96,19 @@ class Options:
             raise UsageError(f"auth_retries must be a non-negative int, not {auth_retries!r}")
         if compression not in ("deflate", None):
             raise UsageError(f'compression must be "deflate" or None, not {compression!r}')
+        if backfill is not None and not callable(backfill):
+            raise UsageError(f"backfill must be a function of a chatfeed.Gap, or None, not {backfill!r}")
+        if backfill_since is not None:
+            if not isinstance(backfill_since, datetime) or backfill_since.utcoffset() is None:
+                raise UsageError(f"backfill_since must be a timezone-aware datetime, not {backfill_since!r}")
+            if backfill is None:
+                raise UsageError("backfill_since is the start of the first backfill: it needs backfill=")
+        if dedupe is True:
+            dedupe = _DEFAULT_DEDUPE
+        if dedupe is not False and not isinstance(dedupe, Dedupe):
+            raise UsageError(f"dedupe must be a Dedupe, True or False, not {dedupe!r}")
+        if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float)) or not drain_timeout >= 0:
+            raise UsageError(f"drain_timeout must be a number of seconds, 0 or more, not {drain_timeout!r}")
         return cls(
             url=_check_url(url, ssl),
             token=_check_token(token),
@@ -97,6 +123,11 @@ class Options:
             proxy=proxy,
             auth_retries=auth_retries,
             compression=compression,
+            backfill=backfill,
+            backfill_since=backfill_since,
+            backfill_timeout=_positive("backfill_timeout", backfill_timeout),
+            dedupe=dedupe or None,
+            drain_timeout=float(drain_timeout),
         )
 
     def __repr__(self) -> str:

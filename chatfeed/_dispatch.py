@@ -4,7 +4,12 @@ The receive loop awaits `Dispatcher.dispatch` once per event, so events
 reach handlers and [`EventStream`][chatfeed.EventStream] subscribers in the order the frames
 arrived, with no task or queue hop in between. A subscriber whose buffer is
 full makes ``dispatch`` wait, which stops the loop reading from the socket:
-TCP backpressure instead of dropping or growing without bound.
+TCP backpressure instead of dropping or growing without bound. A handler
+registered with ``concurrency`` hands the event to its `chatfeed._lanes.Lanes`
+instead of running it, and makes ``dispatch`` wait the same way when it holds
+its ``max_pending`` events. A pending [`Expectation`][chatfeed.Expectation] is
+one more entry of its event's route, so that none costs anything per frame
+while nothing waits.
 """
 
 from __future__ import annotations
@@ -16,20 +21,23 @@ import inspect
 import logging
 import sys
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator, Hashable
 from typing import Any, Generic, TypeVar
 
 from typing_extensions import Self
 
-from .exceptions import UsageError
-from .models import EVENTS_BY_NAME, Chat, EventName, FeedEvent, Message, ServerMessage
+from ._lanes import Lanes, by_chat
+from .exceptions import ClientClosedError, UsageError
+from .models import EVENTS_BY_NAME, Chat, Connected, Disconnected, EventName, FeedEvent, Message, ServerMessage
 
 __all__ = [
     "Dispatcher",
     "ErrorHook",
     "EventName",
     "EventStream",
+    "Expectation",
     "Handler",
+    "KeyFunction",
     "being_cancelled",
     "resolve_event",
 ]
@@ -43,6 +51,15 @@ Handler = Callable[[E], "Awaitable[None] | None"]
 
 ErrorHook = Callable[[Exception, Any], "Awaitable[None] | None"]
 """Called with the exception a handler raised and the event it was handling."""
+
+KeyFunction = Callable[[E], Hashable]
+"""The ordering key of an event, for a handler registered with ``concurrency``."""
+
+DEFAULT_MAX_PENDING = 1024
+"""Events a concurrent handler holds, queued or running, before the feed stops being read."""
+
+# Events the receive loop does not deliver: their handlers run inline, always.
+_LIFECYCLE = (Connected, Disconnected)
 
 
 STALL_WARNING_AFTER = 30.0
@@ -81,13 +98,29 @@ def resolve_event(event: str | type[Any]) -> type[Any]:
     raise UsageError(f"cannot register a handler for {event!r}; expected an event name or class")
 
 
-class _Entry:
-    __slots__ = ("func", "is_async", "name")
+def check_concurrency(concurrency: int, key: KeyFunction[Any] | None, max_pending: int) -> None:
+    """Raise `UsageError` unless the arguments make a valid concurrency setting."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise UsageError(f"concurrency must be a positive int, not {concurrency!r}")
+    if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+        raise UsageError(f"max_pending must be a positive int, not {max_pending!r}")
+    if key is not None and not callable(key):
+        raise UsageError(f"key must be a function of the event, or None for no ordering, not {key!r}")
+    if concurrency == 1 and (key is not by_chat or max_pending != DEFAULT_MAX_PENDING):
+        raise UsageError("key and max_pending apply to a handler registered with concurrency > 1")
+    if max_pending < concurrency:
+        raise UsageError(f"max_pending ({max_pending}) must be at least concurrency ({concurrency})")
 
-    def __init__(self, func: Callable[[Any], Any]) -> None:
+
+class _Entry:
+    __slots__ = ("event", "func", "is_async", "lanes", "name")
+
+    def __init__(self, func: Callable[[Any], Any], event: type[Any]) -> None:
         self.func = func
+        self.event = event
         self.is_async = inspect.iscoroutinefunction(func)
         self.name = getattr(func, "__qualname__", repr(func))
+        self.lanes: Lanes | None = None  # with concurrency > 1
 
 
 class _Route:
@@ -97,7 +130,8 @@ class _Route:
 
     def __init__(self, entries: tuple[_Entry, ...]) -> None:
         self.entries = entries
-        self.lone_async = entries[0].func if len(entries) == 1 and entries[0].is_async else None
+        lone = entries[0] if len(entries) == 1 else None
+        self.lone_async = lone.func if lone is not None and lone.is_async and lone.lanes is None else None
 
 
 # The routes of a dispatcher without handlers, shared by all of them and never
@@ -113,16 +147,22 @@ class Dispatcher:
     __slots__ = (
         "__weakref__",
         "_error_hooks",
+        "_expectations",
         "_handlers",
         "_lone",
         "_routes",
         "_streams",
+        "concurrent",
         "error_raised_to",
         "handler_errors",
     )
 
     def __init__(self) -> None:
         self._handlers: dict[type[Any], list[_Entry]] = {}
+        # Pending expectations by event class; each is an entry of the routes.
+        self._expectations: dict[type[Any], list[Expectation[Any]]] = {}
+        # The entries of the handlers registered with concurrency > 1.
+        self.concurrent: tuple[_Entry, ...] = ()
         # Handlers of each concrete class, its own and its bases' (a handler
         # for ServerMessage sees every server message). Rebuilt on registration.
         self._routes = _NO_ROUTES
@@ -134,11 +174,103 @@ class Dispatcher:
         # The tasks to which a stream has raised the client's fatal error.
         self.error_raised_to: tuple[asyncio.Task[Any] | None, ...] = ()
 
-    def add_handler(self, event: str | type[Any], func: Callable[[Any], Any]) -> None:
+    def add_handler(
+        self,
+        event: str | type[Any],
+        func: Callable[[Any], Any],
+        *,
+        concurrency: int = 1,
+        key: KeyFunction[Any] | None = by_chat,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        """Register ``func`` for ``event``; with ``concurrency > 1``, through lanes ordered by ``key``.
+
+        Raises:
+            UsageError: An argument is wrong, or does not go with another.
+        """
+        cls = resolve_event(event)
         if not callable(func):
             raise UsageError(f"a handler must be callable, not {func!r}")
-        self._handlers.setdefault(resolve_event(event), []).append(_Entry(func))
+        entry = _Entry(func, cls)
+        check_concurrency(concurrency, key, max_pending)
+        if concurrency > 1:
+            if issubclass(cls, _LIFECYCLE):
+                raise UsageError(f"{cls.__name__} handlers always run inline; concurrency applies to server events")
+            if not entry.is_async:
+                raise UsageError(
+                    f"handler {entry.name} is not async: concurrency runs async handlers side by side. "
+                    "Make it `async def`; to run blocking code, await asyncio.to_thread(...) in it"
+                )
+            entry.lanes = Lanes(
+                func,
+                lambda exc, event: self._report(exc, event, entry),
+                concurrency=concurrency,
+                key=key,
+                max_pending=max_pending,
+            )
+            self.concurrent = (*self.concurrent, entry)
+        self._handlers.setdefault(cls, []).append(entry)
         self._routes = {}  # worked out again, by _route, as events come
+
+    def expect(
+        self, event: str | type[Any], where: Callable[[Any], bool] | None, timeout: float | None
+    ) -> Expectation[Any]:
+        """Register an expectation of the next ``event`` for which ``where`` is true."""
+        cls = resolve_event(event)
+        if where is not None and not callable(where):
+            raise UsageError(f"where must be a function of the event returning a bool, not {where!r}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)):
+            raise UsageError(f"timeout must be a number of seconds or None, not {timeout!r}")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise UsageError("expect() needs a running event loop: call it from async code") from None
+        expectation: Expectation[Any] = Expectation(self, cls, where, loop, timeout)
+        self._expectations.setdefault(cls, []).append(expectation)
+        self._routes = {}
+        return expectation
+
+    def forget(self, expectation: Expectation[Any], cls: type[Any]) -> None:
+        """Take an ended expectation out of the routes."""
+        pending = self._expectations.get(cls)
+        if pending is not None and expectation in pending:
+            pending.remove(expectation)
+            if not pending:
+                del self._expectations[cls]
+            self._routes = {} if self._handlers or self._expectations else _NO_ROUTES
+
+    def expectations(self) -> int:
+        """Return how many expectations are pending."""
+        return sum(map(len, self._expectations.values()))
+
+    def runs_a_handler(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether ``task`` is a worker of a concurrent handler."""
+        return any(entry.lanes is not None and entry.lanes.runs_in(task) for entry in self.concurrent)
+
+    async def drain(self, timeout: float) -> None:
+        """Let the concurrent handlers' held calls finish for ``timeout`` seconds, then cancel the rest."""
+        entries = [entry for entry in self.concurrent if entry.lanes is not None and entry.lanes.held]
+        if not entries:
+            return
+        results = await asyncio.gather(
+            *(entry.lanes.drain(timeout) for entry in entries if entry.lanes is not None), return_exceptions=True
+        )
+        for entry, result in zip(entries, results, strict=True):
+            if isinstance(result, BaseException):
+                raise result
+            if result:
+                logger.warning(
+                    "cancelled %d call(s) of handler %s still queued or running %g s after close()",
+                    result,
+                    entry.name,
+                    timeout,
+                )
+
+    async def cancel_handlers(self) -> None:
+        """Cancel every concurrent handler's calls at once, and wait until they have ended."""
+        for entry in self.concurrent:
+            if entry.lanes is not None:
+                await entry.lanes.cancel()
 
     def add_error_hook(self, hook: ErrorHook) -> None:
         if not callable(hook):
@@ -171,12 +303,14 @@ class Dispatcher:
         return any(stream.owner is task for stream in self.streams())
 
     def end_streams(self, error: BaseException | None = None) -> None:
-        """End every open stream: after what they hold, with ``error`` if given."""
+        """End every open stream (after what they hold) and every expectation, with ``error`` if given."""
         for ref in self._streams:
             stream = ref()
             if stream is not None:
                 stream.end(error)
         self._streams = ()
+        for expectation in [each for pending in self._expectations.values() for each in pending]:
+            expectation._end(error or ClientClosedError("the client closed before the expected event came"))
 
     def dispatch(self, event: FeedEvent) -> Awaitable[None] | None:
         """Deliver a server event to its handlers, then to every stream, in order.
@@ -204,6 +338,14 @@ class Dispatcher:
             return pending
         entries = route.entries
         for index, entry in enumerate(entries):
+            lanes = entry.lanes
+            if lanes is not None:
+                try:
+                    if lanes.offer(event):
+                        continue
+                except Exception as exc:  # the key function's
+                    return self._deliver(entries[index + 1 :], event, streams, failed=(exc, entry))
+                return self._deliver(entries[index:], event, streams)
             if entry.is_async:
                 return self._deliver(entries[index:], event, streams)
             try:
@@ -255,7 +397,9 @@ class Dispatcher:
             await self._handle_failure(*failed, event)
         for entry in entries:
             try:
-                if entry.is_async:
+                if entry.lanes is not None:
+                    await _hand_over(entry.lanes, event, entry.name)
+                elif entry.is_async:
                     await entry.func(event)
                 else:
                     result = entry.func(event)
@@ -294,8 +438,12 @@ class Dispatcher:
     def _route(self, cls: type[Any]) -> _Route:
         if self._routes is _NO_ROUTES:
             return _NO_HANDLERS  # a class it does not list; the shared table stays as it is
+        # Expectations first: resolving one is immediate, whatever the handlers then take.
         route = self._routes[cls] = _Route(
-            tuple(entry for base in cls.__mro__ for entry in self._handlers.get(base, ()))
+            (
+                *(expectation.entry for base in cls.__mro__ for expectation in self._expectations.get(base, ())),
+                *(entry for base in cls.__mro__ for entry in self._handlers.get(base, ())),
+            )
         )
         return route
 
@@ -304,9 +452,13 @@ class Dispatcher:
         logger.error("handler %s raised on a %s event", entry.name, event.type, exc_info=exc)
         if not isinstance(exc, Exception):
             return  # a stray CancelledError: logged and counted, not a hook's business
+        await self.call_error_hooks(exc, event)
+
+    async def call_error_hooks(self, exc: Exception, subject: Any) -> None:
+        """Call the ``on_error`` hooks with ``exc`` and what failed on (an event, or a `Gap`)."""
         for hook in self._error_hooks:
             try:
-                result = hook(exc, event)
+                result = hook(exc, subject)
                 if result is not None and inspect.isawaitable(result):
                     await result
             except Exception:
@@ -433,18 +585,132 @@ class EventStream(Generic[E]):
             _wake(self._putter)
 
 
-async def _wait_for_room(waiter: asyncio.Future[None]) -> None:
+class Expectation(Generic[E]):
+    """The next event of one kind that passes a test, expected from the moment it was asked for.
+
+    Returned by [`Client.expect`][chatfeed.Client.expect]. Await it (``await
+    reply``) or call [`wait`][chatfeed.Expectation.wait] with a timeout. It is
+    resolved by the first matching event delivered after it was made, even
+    before anything awaits it, so an answer that comes back faster than the
+    caller reaches its ``await`` is not missed.
+    """
+
+    __slots__ = ("_cls", "_dispatcher", "_error", "_event", "_timer", "_waiter", "_where", "entry")
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        cls: type[Any],
+        where: Callable[[Any], bool] | None,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float | None,
+    ) -> None:
+        self._dispatcher: Dispatcher | None = dispatcher
+        self._cls = cls
+        self._where = where
+        self.entry = _Entry(self._check, cls)
+        self.entry.name = f"expect({cls.__name__})"
+        self._event: E | None = None
+        self._error: BaseException | None = None
+        # Woken when done; the outcome itself is kept here, so that an
+        # expectation nobody awaits leaves no "exception never retrieved".
+        self._waiter: asyncio.Future[None] = loop.create_future()
+        self._timer = None if timeout is None else loop.call_later(timeout, self._expire, timeout)
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else "failed" if self._error is not None else "done"
+        return f"<chatfeed.Expectation {self._cls.__name__} {state}>"
+
+    def __await__(self) -> Generator[Any, None, E]:
+        return self.wait().__await__()
+
+    async def wait(self, timeout: float | None = None) -> E:
+        """Wait for the event and return it.
+
+        Args:
+            timeout: Seconds to wait from now, on top of the timeout given to
+                ``expect()``; ``None`` for no more limit than that one.
+
+        Raises:
+            TimeoutError: No matching event within a timeout; the expectation ends.
+            ClientClosedError: The client was closed first.
+            ChatfeedError: The error that stopped the client first.
+            Exception: What ``where`` raised for an event.
+        """
+        if not self.done():
+            try:
+                done, _ = await asyncio.wait([self._waiter], timeout=timeout)
+            except asyncio.CancelledError:
+                self.cancel()
+                raise
+            if not done:
+                self._end(TimeoutError(f"no matching {self._cls.__name__} within {timeout} s"))
+        if self._error is not None:
+            raise self._error
+        return self._event  # type: ignore[return-value]  # done without an error: the event
+
+    def done(self) -> bool:
+        """Whether it has its event, or has ended without one."""
+        return self._dispatcher is None
+
+    def cancel(self) -> None:
+        """Stop expecting; a ``wait()`` in progress raises `CancelledError`."""
+        self._end(asyncio.CancelledError())
+
+    def _check(self, event: Any) -> None:
+        # An entry of the route of its event class: sync, and never raises.
+        if self._dispatcher is None:
+            return
+        try:
+            if self._where is not None and not self._where(event):
+                return
+        except Exception as exc:
+            self._end(exc)
+            return
+        self._event = event
+        self._end(None)
+
+    def _expire(self, timeout: float) -> None:
+        self._end(TimeoutError(f"no matching {self._cls.__name__} within {timeout} s of expect()"))
+
+    def _end(self, error: BaseException | None) -> None:
+        dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is None:
+            return
+        self._error = error
+        dispatcher.forget(self, self._cls)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        _wake(self._waiter)
+
+
+async def _hand_over(lanes: Lanes, event: Any, name: str) -> None:
+    # Waits until the handler's lanes take the event: they hold max_pending.
+    while not lanes.offer(event):
+        await _wait_for_room(
+            lanes.wait_for_room(),
+            "handler %s has held its max_pending events for %.0f s; the feed is not read until one finishes",
+            name,
+        )
+
+
+async def _wait_for_room(waiter: asyncio.Future[None], message: str | None = None, *args: object) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     timer: asyncio.TimerHandle
 
     def warn() -> None:
         nonlocal timer
-        logger.warning(
-            "an events() stream has not been read for %.0f s; the feed is not read until it is. A stream left "
-            "with `break` but still referenced stays subscribed: use `async with client.events() as stream:`",
-            loop.time() - started,
-        )
+        if message is None:
+            logger.warning(
+                "an events() stream has not been read for %.0f s; the feed is not read until it is. A stream "
+                "left with `break` but still referenced stays subscribed: use `async with client.events() as "
+                "stream:`",
+                loop.time() - started,
+            )
+        else:
+            logger.warning(message, *args, loop.time() - started)
         timer = loop.call_later(STALL_WARNING_AFTER, warn)
 
     # A timer rather than a timeout on the wait: this runs whenever a buffer

@@ -13,7 +13,8 @@ import asyncio
 import dataclasses
 import inspect
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
 
 from ._config import Options
 from ._connection import Connection
@@ -77,16 +78,28 @@ class Session:
         return session
 
     async def deliver(
-        self, dispatcher: Dispatcher, counters: Counters, stopping: Callable[[], bool]
+        self,
+        dispatcher: Dispatcher,
+        counters: Counters,
+        stopping: Callable[[], bool],
+        dispatch: Callable[[Any], Awaitable[None] | None] | None = None,
     ) -> ChatfeedError | None:
         """Deliver every event of the connection, in order, then close it.
+
+        Args:
+            dispatcher: Where events go, and where a handler's failure is reported.
+            counters: Where frames and protocol errors are counted.
+            stopping: Whether the client was closed (from a handler).
+            dispatch: What delivers an event, when not ``dispatcher.dispatch``
+                itself (a client that drops duplicates).
 
         Returns:
             What ended the connection, or ``None`` when ``stopping()`` turned
             true after a delivery (the client was closed from a handler).
         """
         parse = self._protocol.receive
-        dispatch = dispatcher.dispatch
+        if dispatch is None:
+            dispatch = dispatcher.dispatch
         try:
             async for frame in self._frames:
                 counters.frames_received += 1

@@ -10,6 +10,7 @@ ChatfeedError
 ├── ProtocolError               a frame that does not fit the protocol
 ├── AuthenticationError         the server rejected the token (auth_error)
 ├── TokenProviderError          the token function raised (its exception is __cause__)
+├── ClientClosedError           the client closed before an expected event came
 └── ConnectionFailedError       the feed could not be reached or was lost
     ├── ConnectError            TCP, DNS or TLS failure before the WebSocket handshake
     ├── HandshakeError          the server did not upgrade to WebSocket (HTTP status)
@@ -28,6 +29,7 @@ __all__ = [
     "AuthTimeoutError",
     "AuthenticationError",
     "ChatfeedError",
+    "ClientClosedError",
     "ConnectError",
     "ConnectionFailedError",
     "ConnectionLostError",
@@ -76,6 +78,10 @@ class TokenProviderError(ChatfeedError):
     Treated like a failed connection attempt: retried with backoff, since a
     token refresh often fails for a passing reason.
     """
+
+
+class ClientClosedError(ChatfeedError):
+    """The client was closed before the event an [`Expectation`][chatfeed.Expectation] waits for came."""
 
 
 class ConnectionFailedError(ChatfeedError):

@@ -253,6 +253,9 @@ class ServerMessage(_Model):
 
     type: str
     """``type``: the kind of frame."""
+    source: ClassVar[Literal["live", "backfill"]] = "live"
+    """Where the client got the event: ``"live"`` from the feed, ``"backfill"`` from the client's
+    ``backfill`` function after a gap. Not part of the frame: never parsed, never serialised."""
 
 
 class AuthSuccess(ServerMessage):
