@@ -5,7 +5,9 @@
 answers ``auth_success`` or ``auth_error``, and pushes what you tell it to. It
 can also misbehave on purpose (reject the handshake with an HTTP status, stay
 silent, close with any code, drop or freeze connections, restart) so that you
-can test how your application copes.
+can test how your application copes. It keeps a history of the messages and
+chats it pushed, as a backend's database would, for a client to backfill from
+after a gap.
 
 Example:
     ```python
@@ -29,8 +31,10 @@ import contextlib
 import itertools
 import json
 import logging
+import operator
 import random
 import ssl as ssl_module
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -196,6 +200,12 @@ class FeedServer:
         close_on_auth_error: Close the connection (code 1008) after
             ``auth_error``, as most backends do.
         ssl: A server-side TLS context, to serve ``wss://``.
+        history_size: How many pushed messages and chats
+            [`history`][chatfeed.testing.FeedServer.history] keeps; the oldest
+            are forgotten first.
+
+    Raises:
+        UsageError: ``history_size`` is not a positive int.
 
     Attributes:
         tokens: The accepted tokens.
@@ -212,7 +222,10 @@ class FeedServer:
         port: int = 0,
         close_on_auth_error: bool = True,
         ssl: ssl_module.SSLContext | None = None,
+        history_size: int = 100_000,
     ) -> None:
+        if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
+            raise UsageError(f"history_size must be a positive int, not {history_size!r}")
         self.tokens: set[str] = set(tokens)
         self.silent = False
         self.close_on_auth_error = close_on_auth_error
@@ -227,6 +240,7 @@ class FeedServer:
         self._frozen: set[ServerConnection] = set()
         self._rejections: list[tuple[int, dict[str, str]]] = []
         self._changed: asyncio.Future[None] | None = None
+        self._history: deque[Message | Chat] = deque(maxlen=history_size)
 
     # Life cycle
 
@@ -330,7 +344,7 @@ class FeedServer:
             The message sent.
         """
         message = message or make_message(**fields)
-        await self.send_raw(NewMessage(type="new_message", payload=message).model_dump_json(by_alias=True))
+        await self._publish(NewMessage(type="new_message", payload=message))
         return message
 
     async def push_chat(self, chat: Chat | None = None, **fields: Any) -> Chat:
@@ -339,7 +353,7 @@ class FeedServer:
         Works like [`push_message`][chatfeed.testing.FeedServer.push_message].
         """
         chat = chat or make_chat(**fields)
-        await self.send_raw(NewChat(type="new_chat", payload=chat).model_dump_json(by_alias=True))
+        await self._publish(NewChat(type="new_chat", payload=chat))
         return chat
 
     async def push_error(self, message: str) -> None:
@@ -348,6 +362,10 @@ class FeedServer:
 
     async def send_raw(self, frame: str | bytes) -> int:
         """Send ``frame`` as is (text for ``str``, binary for ``bytes``) to every authenticated client.
+
+        The frame is opaque to the server, so it is not recorded in the
+        [`history`][chatfeed.testing.FeedServer.history], even when it holds a
+        message or a chat.
 
         Returns:
             How many clients it was sent to.
@@ -362,7 +380,9 @@ class FeedServer:
         """Send ``events`` to every authenticated client, ``rate`` per second, until they run out.
 
         Events are sent whether or not anyone is connected, as a live backend
-        would; cancel the task running it to stop an endless feed.
+        would; cancel the task running it to stop an endless feed. The
+        payloads of ``new_message`` and ``new_chat`` events are recorded in the
+        [`history`][chatfeed.testing.FeedServer.history].
 
         Example:
             ``await server.play(synthetic_conversation(), rate=2.0)``
@@ -372,10 +392,72 @@ class FeedServer:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         for event in events:
-            await self.send_raw(event.model_dump_json(by_alias=True))
+            await self._publish(event)
             # Scheduled from the start, so that slow sends do not make it drift.
             next_at += 1 / rate
             await asyncio.sleep(max(next_at - loop.time(), 0))
+
+    async def _publish(self, event: ServerMessage) -> None:
+        # Stored before it is sent, and whether or not anyone is connected, as
+        # a backend writes to its database before it pushes.
+        if isinstance(event, (NewMessage, NewChat)):
+            self._history.append(event.payload)
+        await self.send_raw(event.model_dump_json(by_alias=True))
+
+    # History
+
+    def history(self, since: datetime | None = None, *, user_id: str | None = None) -> list[Message | Chat]:
+        """Return the messages and chats pushed so far, oldest first, as a backend's REST API would.
+
+        Everything [`push_message`][chatfeed.testing.FeedServer.push_message],
+        [`push_chat`][chatfeed.testing.FeedServer.push_chat] and
+        [`play`][chatfeed.testing.FeedServer.play] sent is recorded, whether or
+        not a client was connected, and kept across restarts, up to
+        ``history_size`` items.
+
+        Args:
+            since: Only what was created at or after this time (``created_at >= since``);
+                everything when ``None``. It must be timezone-aware.
+            user_id: Only the chats of this user, and the messages of those of
+                its chats that are still in the history.
+
+        Returns:
+            The items, sorted by ``created_at``; items created at the same time
+            keep the order they were pushed in.
+
+        Raises:
+            UsageError: ``since`` is naive (has no timezone).
+
+        Example:
+            A client that fetches what it missed while it was disconnected:
+
+            ```python
+            async with FeedServer(tokens=["t"]) as server:
+                client = chatfeed.Client(
+                    server.url,
+                    token="t",
+                    backfill=lambda gap: server.history(since=gap.since),
+                )
+            ```
+        """
+        if since is not None and since.utcoffset() is None:
+            raise UsageError(f"since must be a timezone-aware datetime, not {since!r}")
+        items: Iterable[Message | Chat] = self._history
+        if user_id is not None:
+            chat_ids = {item.id for item in items if isinstance(item, Chat) and item.user_id == user_id}
+            items = [
+                item
+                for item in items
+                if (isinstance(item, Chat) and item.user_id == user_id)
+                or (isinstance(item, Message) and item.chat_id in chat_ids)
+            ]
+        if since is not None:
+            items = [item for item in items if item.created_at >= since]
+        return sorted(items, key=operator.attrgetter("created_at"))
+
+    def clear_history(self) -> None:
+        """Forget every message and chat recorded so far."""
+        self._history.clear()
 
     # Waiting
 
