@@ -118,8 +118,11 @@ class _Entry:
     def __init__(self, func: Callable[[Any], Any], event: type[Any]) -> None:
         self.func = func
         self.event = event
-        self.is_async = inspect.iscoroutinefunction(func)
-        self.name = getattr(func, "__qualname__", repr(func))
+        # A function, or an object whose __call__ is one (a handler with state).
+        self.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+            getattr(func, "__call__", None)  # noqa: B004  (the method itself, to inspect it)
+        )
+        self.name = getattr(func, "__qualname__", None) or type(func).__qualname__
         self.lanes: Lanes | None = None  # with concurrency > 1
 
 
