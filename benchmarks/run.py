@@ -22,6 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from delivery import measure_concurrency, measure_dedupe
 from scale import run_scale
 from throughput import firehose_server, measure_import, measure_latency, measure_throughput
 
@@ -35,6 +36,8 @@ FULL = {
     "import_runs": 15,
     "scale": [100, 1000, 2000],
     "idle": 30.0,
+    "concurrency": (1_000, 50, 0.010),
+    "dedupe_events": 200_000,
 }
 SMOKE = {
     "frames": 2_000,
@@ -43,6 +46,8 @@ SMOKE = {
     "import_runs": 1,
     "scale": [10],
     "idle": 0.5,
+    "concurrency": (100, 10, 0.005),
+    "dedupe_events": 10_000,
 }
 
 
@@ -82,6 +87,9 @@ def targets(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
         rows.append((f"reconnect waits drawn over the jitter window at {scale['connections']}", drawn, ">= 0.8"))
     imports = results["import"]
     rows.append(("import chatfeed / import its dependencies", imports["chatfeed"] / imports["dependencies"], "<= 1.15"))
+    concurrency = results["concurrency"]
+    # The figures: about 10 s inline, at most 1.5 s with concurrency=8.
+    rows.append(("slow handlers, inline / concurrency=8, seconds", concurrency["speedup"], ">= 6.67"))
     checked = []
     for name, value, target in rows:
         bound = float(target.split()[1])
@@ -103,6 +111,10 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
             results["latency"][f"{rate:,.0f}"] = latency
         print("import time, and time to a first event", flush=True)
         results["import"] = measure_import(settings["import_runs"], url)
+    events, chats, work = settings["concurrency"]
+    print(f"delivery: {events:,} handler calls of {work * 1000:g} ms over {chats} chats; the dedupe window", flush=True)
+    results["concurrency"] = measure_concurrency(events, chats, work)
+    results["dedupe"] = measure_dedupe(settings["dedupe_events"])
     print(f"scale: {settings['scale']} connections, {settings['idle']} s idle", flush=True)
     results["scale"] = run_scale(settings["scale"], settings["idle"])
     results["targets"] = [
@@ -184,6 +196,29 @@ def report(results: dict[str, Any]) -> str:
         f"| its dependencies, with pydantic's `BaseModel` and `Field` | {imports['dependencies']:.3f} |",
         f"| a program up to its first event, chatfeed | {imports['first_event_chatfeed']:.3f} |",
         f"| a program up to its first event, hand-written loop | {imports['first_event_hand']:.3f} |",
+    ]
+    concurrency = results["concurrency"]
+    dedupe = results["dedupe"]
+    lines += [
+        "",
+        "### Delivery",
+        "",
+        f"{concurrency['events']:,} handler calls of {concurrency['work_ms']:g} ms each over "
+        f"{concurrency['chats']} chats, in order within each chat:",
+        "",
+        "| handler | seconds | speed-up |",
+        "|---|---|---|",
+        f"| inline (`concurrency=1`) | {concurrency['inline_seconds']:.2f} | 1.00 |",
+        f"| `concurrency=8` | {concurrency['concurrency_8_seconds']:.2f} | {concurrency['speedup']:.2f} |",
+        "",
+        "| duplicate window | value |",
+        "|---|---|",
+        f"| `dispatch` per event, without the window | {dedupe['plain_us_per_event']:.2f} µs |",
+        f"| `dispatch` per event, through the window | {dedupe['dedupe_us_per_event']:.2f} µs |",
+        f"| memory of a full window ({dedupe['window_ids']:,} ids) | {dedupe['window_kib']:,.0f} KiB "
+        f"({dedupe['bytes_per_id']:.0f} bytes per id) |",
+    ]
+    lines += [
         "",
         "### Targets",
         "",
