@@ -18,6 +18,7 @@ import collections
 import gc
 import time
 import tracemalloc
+from datetime import datetime, timezone
 from typing import Any
 
 import chatfeed
@@ -67,7 +68,9 @@ def measure_concurrency(events: int, chats: int, work: float) -> dict[str, float
     }
 
 
-_MESSAGE = chatfeed.Message(id="0", chat_id="1", role="assistant", created_at="2025-10-07T12:00:00Z")
+_MESSAGE = chatfeed.Message(
+    id="0", chat_id="1", role="assistant", created_at=datetime(2025, 10, 7, tzinfo=timezone.utc)
+)
 
 
 def _event(number: int) -> chatfeed.NewMessage:
