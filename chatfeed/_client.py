@@ -365,14 +365,7 @@ class Client:
         max_pending: int = ...,
     ) -> Callable[[_OnServerMessage], _OnServerMessage]: ...
     @overload
-    def on(
-        self,
-        event: EventName,
-        *,
-        concurrency: int = ...,
-        key: KeyFunction[Any] | None = ...,
-        max_pending: int = ...,
-    ) -> Callable[[_OnAny], _OnAny]: ...
+    def on(self, event: EventName) -> Callable[[_OnAny], _OnAny]: ...
 
     def on(
         self,
