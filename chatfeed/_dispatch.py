@@ -19,6 +19,7 @@ import collections
 import contextlib
 import inspect
 import logging
+import math
 import sys
 import weakref
 from collections.abc import Awaitable, Callable, Generator, Hashable
@@ -45,6 +46,7 @@ __all__ = [
 logger = logging.getLogger("chatfeed")
 
 E = TypeVar("E")
+E_co = TypeVar("E_co", covariant=True)
 
 Handler = Callable[[E], "Awaitable[None] | None"]
 """A function called with each event of one kind; sync or async."""
@@ -110,6 +112,14 @@ def check_concurrency(concurrency: int, key: KeyFunction[Any] | None, max_pendin
         raise UsageError("key and max_pending apply to a handler registered with concurrency > 1")
     if max_pending < concurrency:
         raise UsageError(f"max_pending ({max_pending}) must be at least concurrency ({concurrency})")
+
+
+def check_timeout(timeout: float | None) -> None:
+    """Raise `UsageError` unless ``timeout`` is a positive, finite number of seconds or ``None``."""
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0
+    ):
+        raise UsageError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
 
 
 class _Entry:
@@ -222,8 +232,9 @@ class Dispatcher:
         cls = resolve_event(event)
         if where is not None and not callable(where):
             raise UsageError(f"where must be a function of the event returning a bool, not {where!r}")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)):
-            raise UsageError(f"timeout must be a number of seconds or None, not {timeout!r}")
+        if where is not None and _Entry(where, cls).is_async:
+            raise UsageError("where must be a sync function: it is called for each event as it is delivered")
+        check_timeout(timeout)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -588,7 +599,7 @@ class EventStream(Generic[E]):
             _wake(self._putter)
 
 
-class Expectation(Generic[E]):
+class Expectation(Generic[E_co]):
     """The next event of one kind that passes a test, expected from the moment it was asked for.
 
     Returned by [`Client.expect`][chatfeed.Client.expect]. Await it (``await
@@ -613,7 +624,7 @@ class Expectation(Generic[E]):
         self._where = where
         self.entry = _Entry(self._check, cls)
         self.entry.name = f"expect({cls.__name__})"
-        self._event: E | None = None
+        self._event: E_co | None = None
         self._error: BaseException | None = None
         # Woken when done; the outcome itself is kept here, so that an
         # expectation nobody awaits leaves no "exception never retrieved".
@@ -624,10 +635,10 @@ class Expectation(Generic[E]):
         state = "pending" if not self.done() else "failed" if self._error is not None else "done"
         return f"<chatfeed.Expectation {self._cls.__name__} {state}>"
 
-    def __await__(self) -> Generator[Any, None, E]:
+    def __await__(self) -> Generator[Any, None, E_co]:
         return self.wait().__await__()
 
-    async def wait(self, timeout: float | None = None) -> E:
+    async def wait(self, timeout: float | None = None) -> E_co:
         """Wait for the event and return it.
 
         Args:
@@ -640,6 +651,7 @@ class Expectation(Generic[E]):
             ChatfeedError: The error that stopped the client first.
             Exception: What ``where`` raised for an event.
         """
+        check_timeout(timeout)
         if not self.done():
             try:
                 done, _ = await asyncio.wait([self._waiter], timeout=timeout)

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -16,55 +16,26 @@ import chatfeed
 from chatfeed.testing import FeedServer
 
 from ..conftest import MS, SECRET, TOKEN
-from .conftest import WAIT, Recorder, chatfeed_tasks, content, free_port, make_client, running, tcp_server
+from .conftest import (
+    WAIT,
+    Recorder,
+    ThreadedFeedServer,
+    chatfeed_tasks,
+    content,
+    free_port,
+    make_client,
+    running,
+    tcp_server,
+    unfinished_tasks,
+)
 
 T = TypeVar("T")
-
-
-class ThreadedFeedServer:
-    """A FeedServer running on its own event loop in another thread.
-
-    The test's loop then holds only the client's tasks, so "close() leaves no
-    task running" can be checked against every task, not just named ones.
-    """
-
-    def __init__(self, **options: Any) -> None:
-        self.server = FeedServer(**options)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="feed-server", daemon=True)
-
-    def __enter__(self) -> ThreadedFeedServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(WAIT)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(WAIT)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(WAIT)
-            self._loop.close()
-
-    async def call(self, make: Callable[[], Awaitable[T]]) -> T:
-        """Await ``make()`` on the server's loop."""
-
-        async def run() -> T:
-            return await make()
-
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self._loop))
 
 
 @pytest.fixture
 def feed() -> Iterator[ThreadedFeedServer]:
     with ThreadedFeedServer(tokens=[TOKEN]) as feed:
         yield feed
-
-
-def unfinished_tasks(before: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
-    """Tasks of this loop, other than the current one, started after ``before`` and still running."""
-    current = asyncio.current_task()
-    return [task for task in asyncio.all_tasks() - before if task is not current and not task.done()]
 
 
 async def close_promptly(client: chatfeed.Client, run: asyncio.Task[None], before: set[asyncio.Task[Any]]) -> None:

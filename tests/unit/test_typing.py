@@ -1,10 +1,16 @@
-"""Decorators keep the type of what they decorate (checked by mypy --strict in CI)."""
+"""What a type checker sees (checked by mypy --strict in CI).
+
+Decorators keep the type of what they decorate; an expectation, its ``where``
+and a concurrent handler's ``key`` are typed after the event they are for.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
+from typing_extensions import assert_type
 
 import chatfeed
 from chatfeed.testing import make_message
@@ -49,3 +55,124 @@ def test_a_payload_class_is_a_type_error_with_a_hint_at_its_event() -> None:
         client.on(chatfeed.Message)  # type: ignore[arg-type]
     with pytest.raises(chatfeed.UsageError, match=r"register chatfeed\.NewChat"):
         client.on(chatfeed.Chat)  # type: ignore[arg-type]
+
+
+# expect(): the expectation, and the event its where= gets, are typed after the event named.
+
+
+async def test_expect_is_typed_after_the_event_name_or_class() -> None:
+    replies: list[chatfeed.Expectation[Any]] = [
+        assert_type(client.expect("new_message"), chatfeed.Expectation[chatfeed.NewMessage]),
+        assert_type(client.expect(chatfeed.NewMessage), chatfeed.Expectation[chatfeed.NewMessage]),
+        assert_type(client.expect("new_chat", timeout=1.0), chatfeed.Expectation[chatfeed.NewChat]),
+        assert_type(client.expect("error"), chatfeed.Expectation[chatfeed.ErrorMessage]),
+        assert_type(client.expect("unknown"), chatfeed.Expectation[chatfeed.UnknownMessage]),
+        assert_type(client.expect("connected"), chatfeed.Expectation[chatfeed.Connected]),
+        assert_type(client.expect("disconnected"), chatfeed.Expectation[chatfeed.Disconnected]),
+        assert_type(client.expect(chatfeed.ServerMessage), chatfeed.Expectation[chatfeed.ServerMessage]),
+    ]
+    name: chatfeed.EventName = "new_chat"
+    replies.append(assert_type(client.expect(name), chatfeed.Expectation[Any]))
+    for reply in replies:
+        reply.cancel()
+
+
+async def test_awaiting_an_expectation_gives_its_event_type() -> None:
+    reply = client.expect("new_message", timeout=1.0)
+    reply.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        assert_type(await reply, chatfeed.NewMessage)
+    with pytest.raises(asyncio.CancelledError):
+        assert_type(await reply.wait(timeout=1.0), chatfeed.NewMessage)
+
+
+def is_answer(event: chatfeed.NewMessage) -> bool:
+    return event.payload.role == "assistant"
+
+
+def is_titled(event: chatfeed.NewChat) -> bool:
+    return bool(event.payload.title)
+
+
+async def test_where_gets_the_event_named() -> None:
+    replies: list[chatfeed.Expectation[Any]] = [
+        assert_type(client.expect("new_message", where=is_answer), chatfeed.Expectation[chatfeed.NewMessage]),
+        # A lambda is checked against the event too, and leaves the result typed.
+        assert_type(
+            client.expect("new_message", where=lambda e: e.payload.role == "assistant"),
+            chatfeed.Expectation[chatfeed.NewMessage],
+        ),
+        assert_type(
+            client.expect("connected", where=lambda e: e.is_reconnect), chatfeed.Expectation[chatfeed.Connected]
+        ),
+        assert_type(
+            client.expect(chatfeed.NewChat, where=lambda e: e.payload.title == ""),
+            chatfeed.Expectation[chatfeed.NewChat],
+        ),
+    ]
+    for reply in replies:
+        reply.cancel()
+
+
+async def test_a_where_for_another_event_is_a_type_error() -> None:
+    # mypy --strict (warn_unused_ignores) fails CI if these lines type-check.
+    replies: list[chatfeed.Expectation[Any]] = [
+        client.expect("new_message", where=is_titled),  # type: ignore[call-overload]
+        client.expect("new_message", where=lambda e: e.payload.title == ""),  # type: ignore[call-overload]
+        client.expect(chatfeed.NewMessage, where=is_titled),  # type: ignore[arg-type]
+    ]
+    for reply in replies:
+        reply.cancel()
+
+
+def test_expect_of_a_misspelt_name_or_a_payload_class_is_a_type_error() -> None:
+    # Outside a running loop: a UsageError either way, once the type checker has had its say.
+    with pytest.raises(chatfeed.UsageError):
+        client.expect("new_mesage")  # type: ignore[call-overload]
+    with pytest.raises(chatfeed.UsageError):
+        client.expect(chatfeed.Message)  # type: ignore[arg-type]
+
+
+# on(..., concurrency=...): key is a function of the event named.
+
+
+concurrent = chatfeed.Client("wss://api.example.com", token="t")
+
+
+@concurrent.on("new_message", concurrency=8, key=lambda e: e.payload.role)
+async def answer(event: chatfeed.NewMessage) -> None:
+    pass
+
+
+def role_of(event: chatfeed.NewMessage) -> str:
+    return event.payload.role
+
+
+async def test_a_concurrent_handler_keeps_its_type_and_its_key_is_typed_by_the_event() -> None:
+    assert_type(await answer(chatfeed.NewMessage(type="new_message", payload=make_message())), None)
+    concurrent.on("new_message", concurrency=8, key=role_of, max_pending=64)(answer)
+    concurrent.on(chatfeed.NewMessage, concurrency=8, key=lambda e: e.payload.chat_id)(answer)
+    concurrent.on("new_message", concurrency=8, key=None)(answer)
+
+
+def test_a_key_for_another_event_is_a_type_error() -> None:
+    # mypy --strict (warn_unused_ignores) fails CI if these lines type-check.
+    concurrent.on("new_chat", concurrency=8, key=lambda e: e.payload.role)  # type: ignore[call-overload]
+    concurrent.on("new_chat", concurrency=8, key=role_of)  # type: ignore[call-overload]
+    concurrent.on(chatfeed.NewChat, concurrency=8, key=role_of)  # type: ignore[arg-type]
+
+
+def test_concurrency_for_a_lifecycle_event_is_a_type_error_and_a_usage_error() -> None:
+    async def on_connect(event: chatfeed.Connected) -> None:
+        pass
+
+    async def on_disconnect(event: chatfeed.Disconnected) -> None:
+        pass
+
+    # Registered through Any: what a type checker rejects, the run time rejects too.
+    on_connected: Any = concurrent.on("connected", concurrency=2)  # type: ignore[call-overload]
+    with pytest.raises(chatfeed.UsageError, match="inline"):
+        on_connected(on_connect)
+    on_disconnected: Any = concurrent.on(chatfeed.Disconnected, concurrency=2)  # type: ignore[arg-type]
+    with pytest.raises(chatfeed.UsageError, match="inline"):
+        on_disconnected(on_disconnect)
