@@ -607,6 +607,10 @@ class Expectation(Generic[E_co]):
     resolved by the first matching event delivered after it was made, even
     before anything awaits it, so an answer that comes back faster than the
     caller reaches its ``await`` is not missed.
+
+    It is meant for one waiter: a wait that times out or is cancelled ends
+    the expectation, for any other task awaiting it too. Awaiting it again
+    once it is done gives the same result.
     """
 
     __slots__ = ("_cls", "_dispatcher", "_error", "_event", "_timer", "_waiter", "_where", "entry")
