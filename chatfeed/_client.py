@@ -925,6 +925,7 @@ class Client:
                 logger.warning("the backfill failed, the feed goes on without what it missed: %r", error)
                 await self._dispatcher.call_error_hooks(error, gap)
             dispatcher = self._dispatcher
+            delivered = delivery.backfilled
             for event in events:
                 if self._closing():
                     break
@@ -938,7 +939,12 @@ class Client:
                     except (Exception, asyncio.CancelledError) as exc:
                         await dispatcher.handler_failed(exc, event)  # raises the client's own cancellation
             if events:
-                logger.info("backfilled %d event(s) since %s", len(events), gap.since)
+                logger.info(
+                    "backfilled %d event(s) since %s (%d already delivered)",
+                    delivery.backfilled - delivered,
+                    gap.since,
+                    len(events) - (delivery.backfilled - delivered),
+                )
         except BaseException:
             await session.close()
             raise

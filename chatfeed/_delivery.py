@@ -19,9 +19,11 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Hashable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Hashable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, TypeAlias
+
+from pydantic import BaseModel
 
 from .exceptions import UsageError
 from .models import Chat, Message, NewChat, NewMessage
@@ -57,7 +59,8 @@ BackfillItem: TypeAlias = Message | Chat
 
 Backfill: TypeAlias = Callable[
     [Gap],
-    "AsyncIterable[BackfillItem] | Awaitable[Iterable[BackfillItem]] | Iterable[BackfillItem]",
+    "AsyncIterable[BackfillItem] | Awaitable[Iterable[BackfillItem] | AsyncIterable[BackfillItem]] "
+    "| Iterable[BackfillItem]",
 ]
 """A function of a [`Gap`][chatfeed.Gap]: an async generator, or a function (sync or async) returning an iterable."""
 
@@ -220,10 +223,14 @@ async def fetch_backfill(backfill: Backfill, gap: Gap, timeout: float) -> tuple[
         else:
             strays.append(item)
     if strays:
-        error = TypeError(
+        stray_error = TypeError(
             f"the backfill gave {len(strays)} item(s) that are neither a chatfeed.Message nor a chatfeed.Chat "
             f"(the first is a {type(strays[0]).__name__}); they were left out"
         )
+        if error is None:
+            error = stray_error
+        else:  # what stopped the backfill is what its owner needs to see first
+            logger.warning("%s", stray_error)
     events.sort(key=_created_at)  # stable: items created at the same time keep their order
     for event in events:
         object.__setattr__(event, "source", "backfill")  # not a field: never on the wire, never validated
@@ -239,6 +246,13 @@ async def _collect(backfill: Backfill, gap: Gap, items: list[Any]) -> None:
     result: Any = backfill(gap)
     if inspect.isawaitable(result):
         result = await result
+    if isinstance(result, (str, bytes, Mapping, BaseModel)):
+        # Iterable, but not a collection of items: a lone Message would
+        # iterate over its fields.
+        raise TypeError(
+            f"the backfill function returned a {type(result).__name__}; expected an iterable or async iterable "
+            "of chatfeed.Message and chatfeed.Chat"
+        )
     if isinstance(result, AsyncIterable):
         try:
             async for item in result:
