@@ -42,9 +42,10 @@ from ._dispatch import (
     check_concurrency,
     resolve_event,
 )
+from ._keepalive import Keepalive
 from ._lanes import by_chat
 from ._logging import redact_url
-from ._policy import Backoff, RetryState
+from ._policy import Backoff, Ramp, RetryState
 from ._session import Counters, Session
 from .exceptions import ChatfeedError, ConnectionLostError, UsageError
 from .models import (
@@ -232,15 +233,21 @@ class Client:
         "_connecting",
         "_counters",
         "_delivery",
+        "_dispatch",
         "_dispatcher",
+        "_feed",
         "_first_session",
         "_host",
         "_in_block",
+        "_keepalive",
+        "_on_state",
         "_options",
+        "_ramp",
         "_runner",
         "_state",
         "_stopped",
         "_task",
+        "_token",
     )
 
     def __init__(
@@ -285,14 +292,38 @@ class Client:
             dedupe=dedupe,
             drain_timeout=drain_timeout,
         )
-        self._dispatcher = Dispatcher()
+        self._setup(Dispatcher(), token=token)
+
+    def _setup(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        token: TokenSource,
+        feed: str | None = None,
+        keepalive: Keepalive | None = None,
+        ramp: Ramp | None = None,
+        on_state: Callable[[Client], None] | None = None,
+    ) -> None:
+        # A pool's feed (``feed`` is its key) shares the pool's dispatcher,
+        # keepalive and ramp; see chatfeed._pool.
         options = self._options
-        # Only a client that drops duplicates or backfills puts anything in
-        # front of the dispatcher's own dispatch.
+        self._dispatcher = dispatcher
+        self._token = token
+        self._feed = feed
+        self._keepalive = keepalive
+        self._ramp = ramp
+        self._on_state = on_state
+        # What the receive loop delivers an event with: the dispatcher's own
+        # dispatch, unless duplicates are dropped or events are marked with
+        # their feed; then something in front of it, which only such clients pay for.
+        base = dispatcher.dispatch if feed is None else self._dispatch_of_feed
         self._delivery = (
-            Delivery(self._dispatcher.dispatch, options.dedupe, options.backfill_since)
+            Delivery(base, options.dedupe, options.backfill_since)
             if options.dedupe is not None or options.backfill is not None
             else None
+        )
+        self._dispatch = (
+            self._delivery.dispatch if self._delivery is not None else None if feed is None else self._dispatch_of_feed
         )
         self._backfill_errors = 0
         self._counters = Counters()
@@ -307,6 +338,10 @@ class Client:
         self._host: asyncio.Task[Any] | None = None
         self._in_block = False
         self._cancelled_host = False
+
+    def _dispatch_of_feed(self, event: Any) -> Any:
+        object.__setattr__(event, "feed", self._feed)  # not a field: never on the wire
+        return self._dispatcher.dispatch(event)
 
     def __repr__(self) -> str:
         return f"<chatfeed.Client url={redact_url(self._options.url)!r} state={self._state.value}>"
@@ -792,17 +827,23 @@ class Client:
             raise UsageError("the client is already running")
         self._set_state(_State.CONNECTING)
         options = self._options
-        return RetryState(options.backoff, options.auth_retries, token_refreshes=not isinstance(options.token, str))
+        return RetryState(options.backoff, options.auth_retries, token_refreshes=not isinstance(self._token, str))
 
     def _set_state(self, state: _State) -> None:
         if state is not self._state and self._state is not _State.CLOSED:
             logger.debug("client state: %s -> %s", self._state.value, state.value)
             self._state = state
+            if self._on_state is not None:
+                self._on_state(self)
 
     def _stop(self, error: BaseException | None) -> None:
-        """The client is done: closed for good, its streams ended (with ``error``)."""
+        """The client is done: closed for good, its streams ended (with ``error``).
+
+        A pool's feed leaves the shared streams to the pool.
+        """
         self._set_state(_State.CLOSED)
-        self._dispatcher.end_streams(error if isinstance(error, Exception) else None)
+        if self._feed is None:
+            self._dispatcher.end_streams(error if isinstance(error, Exception) else None)
 
     async def _connect(self, retry: RetryState, lost_at: float | None = None) -> Session | None:
         """Open and authenticate a session, retrying as ``retry`` says.
@@ -818,8 +859,14 @@ class Client:
         while self._state is not _State.CLOSED:
             self._set_state(_State.CONNECTING)
             try:
+                if self._ramp is not None:
+                    await asyncio.sleep(self._ramp.delay(asyncio.get_running_loop().time()))
                 session = await Session.open(
-                    options, self._counters, authenticating=lambda: self._set_state(_State.AUTHENTICATING)
+                    options,
+                    self._counters,
+                    token=self._token,
+                    authenticating=lambda: self._set_state(_State.AUTHENTICATING),
+                    keepalive=self._keepalive,
                 )
             except ChatfeedError as exc:
                 if self._closing():
@@ -860,7 +907,7 @@ class Client:
         abandoned = False  # cancelled by someone other than close(): handlers are cancelled, not drained
         self._first_session = None  # this task owns it now, and closes it
         dispatcher = self._dispatcher
-        dispatch = None if self._delivery is None else self._delivery.dispatch
+        dispatch = self._dispatch
         try:
             if session is None:
                 session = await self._connect(retry)
@@ -889,7 +936,9 @@ class Client:
             host = self._host
             host_reads = dispatcher.reads_a_stream(host)
             self._stop(error)
-            if abandoned:
+            if self._feed is not None:
+                pass  # the pool's handlers are the pool's to drain
+            elif abandoned:
                 await dispatcher.cancel_handlers()
             else:
                 await dispatcher.drain(self._options.drain_timeout)
@@ -965,7 +1014,9 @@ class Client:
         else:
             logger.info("connected to %s", url)
         try:
-            await self._dispatcher.call_handlers(Connected(is_reconnect=is_reconnect, downtime=downtime))
+            await self._dispatcher.call_handlers(
+                Connected(is_reconnect=is_reconnect, downtime=downtime, feed=self._feed)
+            )
         except BaseException:
             await session.close()
             raise
@@ -989,6 +1040,7 @@ class Client:
                 will_retry=delay is not None,
                 retry_in=delay,
                 error=error,
+                feed=self._feed,
             )
         )
 

@@ -16,7 +16,7 @@ import logging
 import os
 import ssl as ssl_module
 import urllib.parse
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -42,6 +42,7 @@ from .exceptions import ChatfeedError, ConnectError, ConnectionLostError, Handsh
 
 if TYPE_CHECKING:
     from ._config import Options
+    from ._keepalive import Keepalive
 
 __all__ = ["Connection", "cancel_and_wait"]
 
@@ -160,18 +161,38 @@ class Connection:
         *,
         ping_interval: float | None,
         ping_timeout: float | None,
+        keepalive: Keepalive | None = None,
     ) -> None:
         self._ws = ws
         self.scrub = scrub
         self._cause: ChatfeedError | None = None
-        self._keepalive: asyncio.Task[None] | None = None
-        if ping_interval is not None:
+        self._keepalive: asyncio.Task[None] | Keepalive | None = keepalive
+        if keepalive is not None:
+            keepalive.add(self)
+        elif ping_interval is not None:
             self._keepalive = asyncio.get_running_loop().create_task(
                 self._run_keepalive(ping_interval, ping_timeout), name="chatfeed-keepalive"
             )
 
+    @property
+    def arrivals(self) -> int:
+        """How many reads from the network this connection has had: a sign of life."""
+        return self._ws.arrivals
+
+    def reading(self) -> bool:
+        """Whether the transport is being read (not paused for backpressure)."""
+        return self._ws.transport.is_reading()
+
+    async def ping(self) -> Awaitable[float]:
+        """Send a ping; return what is done when its pong comes.
+
+        Raises:
+            ConnectionClosed: The connection is closed.
+        """
+        return await self._ws.ping()
+
     @classmethod
-    async def open(cls, options: Options, *, secret: str) -> Connection:
+    async def open(cls, options: Options, *, secret: str, keepalive: Keepalive | None = None) -> Connection:
         """Open the TCP connection and complete the WebSocket handshake.
 
         Args:
@@ -216,7 +237,9 @@ class Connection:
             leaks = isinstance(error, UsageError) or scrub.leaks_in_chain(failure)
             raise error from (None if leaks else failure)
         assert isinstance(ws, _ClientConnection)
-        return cls(ws, scrub, ping_interval=options.ping_interval, ping_timeout=options.ping_timeout)
+        return cls(
+            ws, scrub, ping_interval=options.ping_interval, ping_timeout=options.ping_timeout, keepalive=keepalive
+        )
 
     async def send(self, text: str) -> None:
         """Send one text frame.
@@ -303,8 +326,11 @@ class Connection:
         """
         transport = self._ws.transport
         try:
-            if self._keepalive is not None:
-                await cancel_and_wait(self._keepalive)
+            keepalive = self._keepalive
+            if isinstance(keepalive, asyncio.Task):
+                await cancel_and_wait(keepalive)
+            elif keepalive is not None:
+                keepalive.remove(self)
             # While reading is paused for backpressure, the server's closing
             # frame would sit unread behind the backlog until close_timeout.
             if transport.is_reading():

@@ -29,7 +29,17 @@ from typing_extensions import Self
 
 from ._lanes import Lanes, by_chat
 from .exceptions import ClientClosedError, UsageError
-from .models import EVENTS_BY_NAME, Chat, Connected, Disconnected, EventName, FeedEvent, Message, ServerMessage
+from .models import (
+    EVENTS_BY_NAME,
+    Chat,
+    Connected,
+    Disconnected,
+    EventName,
+    FeedEvent,
+    FeedStopped,
+    Message,
+    ServerMessage,
+)
 
 __all__ = [
     "Dispatcher",
@@ -61,13 +71,13 @@ DEFAULT_MAX_PENDING = 1024
 """Events a concurrent handler holds, queued or running, before the feed stops being read."""
 
 # Events the receive loop does not deliver: their handlers run inline, always.
-_LIFECYCLE = (Connected, Disconnected)
+_LIFECYCLE = (Connected, Disconnected, FeedStopped)
 
 
 STALL_WARNING_AFTER = 30.0
 """Seconds a full event stream may hold the receive loop up before each warning."""
 
-_EVENT_CLASSES = frozenset(EVENTS_BY_NAME.values()) | {ServerMessage}
+_EVENT_CLASSES = frozenset(EVENTS_BY_NAME.values()) | {ServerMessage, FeedStopped}
 
 # Payloads mistaken for the events that carry them.
 _EVENT_OF_PAYLOAD: dict[type[Any], str] = {Message: "NewMessage", Chat: "NewChat"}
@@ -123,10 +133,13 @@ def check_timeout(timeout: float | None) -> None:
 
 
 class _Entry:
-    __slots__ = ("event", "func", "is_async", "lanes", "name")
+    __slots__ = ("call", "event", "func", "is_async", "lanes", "name")
 
-    def __init__(self, func: Callable[[Any], Any], event: type[Any]) -> None:
+    def __init__(self, func: Callable[..., Any], event: type[Any], *, with_feed: bool = False) -> None:
         self.func = func
+        # What delivery calls with the event: the function itself, or, for a
+        # pool's handler, a function passing it the event's feed too.
+        self.call: Callable[[Any], Any] = (lambda event: func(event, event.feed)) if with_feed else func
         self.event = event
         # A function, or an object whose __call__ is one (a handler with state).
         self.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
@@ -144,7 +157,7 @@ class _Route:
     def __init__(self, entries: tuple[_Entry, ...]) -> None:
         self.entries = entries
         lone = entries[0] if len(entries) == 1 else None
-        self.lone_async = lone.func if lone is not None and lone.is_async and lone.lanes is None else None
+        self.lone_async = lone.call if lone is not None and lone.is_async and lone.lanes is None else None
 
 
 # The routes of a dispatcher without handlers, shared by all of them and never
@@ -190,13 +203,17 @@ class Dispatcher:
     def add_handler(
         self,
         event: str | type[Any],
-        func: Callable[[Any], Any],
+        func: Callable[..., Any],
         *,
         concurrency: int = 1,
         key: KeyFunction[Any] | None = by_chat,
         max_pending: int = DEFAULT_MAX_PENDING,
+        with_feed: bool = False,
     ) -> None:
         """Register ``func`` for ``event``; with ``concurrency > 1``, through lanes ordered by ``key``.
+
+        With ``with_feed``, ``func`` is called with the event and its ``feed``
+        (a pool's handler).
 
         Raises:
             UsageError: An argument is wrong, or does not go with another.
@@ -204,7 +221,7 @@ class Dispatcher:
         cls = resolve_event(event)
         if not callable(func):
             raise UsageError(f"a handler must be callable, not {func!r}")
-        entry = _Entry(func, cls)
+        entry = _Entry(func, cls, with_feed=with_feed)
         check_concurrency(concurrency, key, max_pending)
         if concurrency > 1:
             if issubclass(cls, _LIFECYCLE):
@@ -215,7 +232,7 @@ class Dispatcher:
                     "Make it `async def`; to run blocking code, await asyncio.to_thread(...) in it"
                 )
             entry.lanes = Lanes(
-                func,
+                entry.call,
                 lambda exc, event: self._report(exc, event, entry),
                 concurrency=concurrency,
                 key=key,
@@ -363,7 +380,7 @@ class Dispatcher:
             if entry.is_async:
                 return self._deliver(entries[index:], event, streams)
             try:
-                result = entry.func(event)
+                result = entry.call(event)
             except (Exception, asyncio.CancelledError) as exc:
                 return self._deliver(entries[index + 1 :], event, streams, failed=(exc, entry))
             if result is not None and inspect.isawaitable(result):
@@ -414,9 +431,9 @@ class Dispatcher:
                 if entry.lanes is not None:
                     await _hand_over(entry.lanes, event, entry.name)
                 elif entry.is_async:
-                    await entry.func(event)
+                    await entry.call(event)
                 else:
-                    result = entry.func(event)
+                    result = entry.call(event)
                     if result is not None and inspect.isawaitable(result):
                         await result
             except (Exception, asyncio.CancelledError) as exc:

@@ -16,9 +16,10 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
-from ._config import Options
+from ._config import Options, TokenSource
 from ._connection import Connection
 from ._dispatch import Dispatcher
+from ._keepalive import Keepalive
 from ._protocol import FeedProtocol, HandshakeState
 from .exceptions import AuthTimeoutError, ChatfeedError, ProtocolError, TokenProviderError, UsageError
 
@@ -51,25 +52,34 @@ class Session:
 
     @classmethod
     async def open(
-        cls, options: Options, counters: Counters, *, authenticating: Callable[[], None] = lambda: None
+        cls,
+        options: Options,
+        counters: Counters,
+        *,
+        token: TokenSource,
+        authenticating: Callable[[], None] = lambda: None,
+        keepalive: Keepalive | None = None,
     ) -> Session:
         """Fetch a token, connect and authenticate.
 
         Args:
             options: The client's options.
             counters: Where frames and protocol errors are counted.
+            token: The token, or the function that gives one.
             authenticating: Called once the connection is open, before the
                 auth frame is sent.
+            keepalive: The keepalive the connection joins, instead of running
+                its own (a pool's feeds share one).
 
         Raises:
             ChatfeedError: The attempt failed (its subclass says how).
         """
         protocol = FeedProtocol()  # the first builds the frames' validator, before the network waits
-        token = await fetch_token(options)
-        session = cls(await Connection.open(options, secret=token), protocol)
+        secret = await fetch_token(token)
+        session = cls(await Connection.open(options, secret=secret, keepalive=keepalive), protocol)
         try:
             authenticating()
-            await _authenticate(session.connection, protocol, session._frames, token, options.auth_timeout, counters)
+            await _authenticate(session.connection, protocol, session._frames, secret, options.auth_timeout, counters)
         except BaseException:
             await session.close()
             raise
@@ -137,14 +147,13 @@ class Session:
             await self.connection.close()
 
 
-async def fetch_token(options: Options) -> str:
+async def fetch_token(source: TokenSource) -> str:
     """Return the token to send: the static one, or what the token function gives.
 
     Raises:
         TokenProviderError: The function raised (its exception is ``__cause__``).
         UsageError: The function returned something other than a non-empty str.
     """
-    source = options.token
     if isinstance(source, str):
         return source
     try:

@@ -51,6 +51,7 @@ __all__ = [
     "Disconnected",
     "ErrorMessage",
     "FeedEvent",
+    "FeedStopped",
     "Message",
     "MessageStatus",
     "NewChat",
@@ -256,6 +257,9 @@ class ServerMessage(_Model):
     source: ClassVar[Literal["live", "backfill"]] = "live"
     """Where the client got the event: ``"live"`` from the feed, ``"backfill"`` from the client's
     ``backfill`` function after a gap. Not part of the frame: never parsed, never serialised."""
+    feed: ClassVar[str | None] = None
+    """The key of the [`Pool`][chatfeed.Pool] feed the event came from, or ``None`` for a
+    [`Client`][chatfeed.Client]'s. Not part of the frame."""
 
 
 class AuthSuccess(ServerMessage):
@@ -365,11 +369,14 @@ class Connected:
         downtime: Seconds since the previous connection was lost, or ``None``
             for the first connection. The protocol has no replay: anything
             pushed during that gap must be fetched over the backend's REST API.
+        feed: The key of the [`Pool`][chatfeed.Pool] feed it happened to, or
+            ``None`` for a [`Client`][chatfeed.Client].
     """
 
     type: ClassVar[Literal["connected"]] = "connected"
     is_reconnect: bool
     downtime: float | None
+    feed: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,6 +390,8 @@ class Disconnected:
         will_retry: Whether the client will reconnect.
         error: What ended the connection, as a chatfeed exception.
         retry_in: Seconds until the next attempt, when it will retry.
+        feed: The key of the [`Pool`][chatfeed.Pool] feed it happened to, or
+            ``None`` for a [`Client`][chatfeed.Client].
     """
 
     type: ClassVar[Literal["disconnected"]] = "disconnected"
@@ -391,6 +400,23 @@ class Disconnected:
     will_retry: bool
     error: ChatfeedError
     retry_in: float | None = None
+    feed: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedStopped:
+    """A feed of a [`Pool`][chatfeed.Pool] stopped for good on an error; the pool's other feeds go on.
+
+    Attributes:
+        feed: The feed's key.
+        error: Why it stopped: its token was rejected (a static token, or the
+            token function's retries ran out), a fatal close code, or its
+            reconnect attempts ran out.
+    """
+
+    type: ClassVar[Literal["feed_stopped"]] = "feed_stopped"
+    feed: str
+    error: ChatfeedError
 
 
 EventName: TypeAlias = Literal["new_message", "new_chat", "error", "unknown", "connected", "disconnected"]
