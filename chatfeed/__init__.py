@@ -20,6 +20,7 @@ from ._delivery import Backfill, BackfillItem, Dedupe, Gap
 from ._dispatch import EventName, EventStream, Expectation
 from ._lanes import by_chat
 from ._policy import Backoff
+from ._pool import Pool, PoolEventName, PoolEventStream, PoolHandler, PoolStatistics
 from ._protocol import parse_server_message
 from ._version import __version__
 from .exceptions import (
@@ -44,6 +45,7 @@ from .models import (
     Disconnected,
     ErrorMessage,
     FeedEvent,
+    FeedStopped,
     Message,
     MessageStatus,
     NewChat,
@@ -80,6 +82,7 @@ __all__ = [
     "EventStream",
     "Expectation",
     "FeedEvent",
+    "FeedStopped",
     "Gap",
     "HandlerStatistics",
     "HandshakeError",
@@ -87,6 +90,11 @@ __all__ = [
     "MessageStatus",
     "NewChat",
     "NewMessage",
+    "Pool",
+    "PoolEventName",
+    "PoolEventStream",
+    "PoolHandler",
+    "PoolStatistics",
     "ProtocolError",
     "Role",
     "ServerMessage",

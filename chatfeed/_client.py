@@ -118,6 +118,28 @@ class HandlerStatistics:
     oldest_queued_age: float | None
 
 
+def handler_statistics(dispatcher: Dispatcher) -> tuple[HandlerStatistics, ...]:
+    """Return where each handler registered with ``concurrency`` stands."""
+    handlers = []
+    for entry in dispatcher.concurrent:
+        lanes = entry.lanes
+        assert lanes is not None
+        now = lanes.snapshot()
+        handlers.append(
+            HandlerStatistics(
+                name=entry.name,
+                event=entry.event,
+                concurrency=lanes.concurrency,
+                max_pending=lanes.max_pending,
+                running=now.running,
+                queued=now.queued,
+                deepest_lane=now.deepest_lane,
+                oldest_queued_age=now.oldest_queued_age,
+            )
+        )
+    return tuple(handlers)
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientStatistics:
     """A snapshot of what a client has done, from [`Client.statistics`][chatfeed.Client.statistics].
@@ -785,23 +807,6 @@ class Client:
         streams = dispatcher.streams()
         counters = self._counters
         delivery = self._delivery
-        handlers = []
-        for entry in dispatcher.concurrent:
-            lanes = entry.lanes
-            assert lanes is not None
-            now = lanes.snapshot()
-            handlers.append(
-                HandlerStatistics(
-                    name=entry.name,
-                    event=entry.event,
-                    concurrency=lanes.concurrency,
-                    max_pending=lanes.max_pending,
-                    running=now.running,
-                    queued=now.queued,
-                    deepest_lane=now.deepest_lane,
-                    oldest_queued_age=now.oldest_queued_age,
-                )
-            )
         return ClientStatistics(
             state=self._state.value,
             connected=self._state is _State.OPEN,
@@ -811,7 +816,7 @@ class Client:
             handler_errors=self._dispatcher.handler_errors,
             event_streams=len(streams),
             buffered_events=sum(stream.pending() for stream in streams),
-            handlers=tuple(handlers),
+            handlers=handler_statistics(dispatcher),
             expectations=dispatcher.expectations(),
             duplicates_dropped=0 if delivery is None else delivery.duplicates,
             backfilled_events=0 if delivery is None else delivery.backfilled,
@@ -891,6 +896,8 @@ class Client:
 
     def _give_up(self, retry: RetryState, error: ChatfeedError) -> NoReturn:
         url = redact_url(self._options.url)
+        if self._feed is not None:
+            url = f"{url} (feed {self._feed!r})"
         # Marked, so that a program that reports the error itself (the
         # command line) can leave this record out.
         marker = {"chatfeed_gave_up": True}
@@ -966,6 +973,7 @@ class Client:
             since=delivery.watermark,
             is_reconnect=is_reconnect,
             downtime=None if lost_at is None else session.authenticated_at - lost_at,
+            feed=self._feed,
         )
         try:
             events, error = await fetch_backfill(backfill, gap, options.backfill_timeout)

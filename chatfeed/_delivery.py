@@ -47,11 +47,14 @@ class Gap:
             (with ``backfill_since``), True after a reconnect.
         downtime: Seconds the client was disconnected, or ``None`` for the
             first connection.
+        feed: The key of the [`Pool`][chatfeed.Pool] feed that missed
+            something, or ``None`` for a [`Client`][chatfeed.Client].
     """
 
     since: datetime | None
     is_reconnect: bool
     downtime: float | None
+    feed: str | None = None
 
 
 BackfillItem: TypeAlias = Message | Chat
