@@ -129,8 +129,8 @@ def _parser() -> argparse.ArgumentParser:
         help="run a feed and a listener in one process (the default command)",
         description=(
             "Start a development feed on a free loopback port and a listener against it, show the live "
-            "events for a few seconds, restart the server once so that the reconnect is visible, and "
-            "print a summary."
+            "events for a few seconds, stop the server for a moment while the feed goes on, so that the "
+            "reconnect and the backfill of what was missed are visible, and print a summary."
         ),
     )
     demo.add_argument("--duration", type=_positive_float, default=6.0, help="seconds to run (default: 6)")
@@ -248,12 +248,14 @@ class _Printer:
                 extras.append("audio")
             if message.fallback_used:
                 extras.append("fallback")
+            if event.source == "backfill":
+                extras.append("backfill")
             return line + (" " + self._paint(f"({'; '.join(extras)})", "dim") if extras else "")
         if isinstance(event, NewChat):
             chat = event.payload
-            return (
-                f"{chat.created_at.astimezone():%H:%M:%S} {self._paint('new chat', 'new_chat')} {chat.id}: {chat.title}"
-            )
+            when = f"{chat.created_at.astimezone():%H:%M:%S}"
+            line = f"{when} {self._paint('new chat', 'new_chat')} {chat.id}: {chat.title}"
+            return line + (" " + self._paint("(backfill)", "dim") if event.source == "backfill" else "")
         if event.type == "error":
             return f"{self._paint('server error', 'error')}: {event.message}"
         return f"{self._paint(event.type, 'dim')}: {event.model_dump_json(by_alias=True)}"
@@ -393,11 +395,19 @@ async def _serve(args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     token = secrets.token_urlsafe(16)
     printer = _Printer(args.format or "pretty", no_color=args.no_color)
-    received = reconnects = 0
+    received = backfilled = reconnects = 0
     away = 0.0
 
     async with FeedServer(tokens=[token]) as server:
-        client = Client(server.url, token=token, reconnect=Backoff(initial=0.25, maximum=1.0))
+        client = Client(
+            server.url,
+            token=token,
+            reconnect=Backoff(initial=0.25, maximum=1.0),
+            # What the server pushed while the client was away, from its
+            # history: an application fetches it over the backend's REST API.
+            backfill=lambda gap: server.history(since=gap.since),
+            dedupe=True,
+        )
 
         @client.on("connected")
         def connected(event: Connected) -> None:
@@ -405,7 +415,7 @@ async def _demo(args: argparse.Namespace) -> int:
             if event.is_reconnect:
                 reconnects += 1
                 away += event.downtime or 0.0
-                _say(f"reconnected after {event.downtime or 0.0:.2f} s away; an app re-fetches over REST here")
+                _say(f"reconnected after {event.downtime or 0.0:.2f} s away; backfilling what was missed")
             else:
                 _say(f"connected to the demo feed on {server.url}")
 
@@ -416,23 +426,38 @@ async def _demo(args: argparse.Namespace) -> int:
         @client.on("new_message")
         @client.on("new_chat")
         def show(event: FeedEvent) -> None:
-            nonlocal received
+            nonlocal received, backfilled
             received += 1
+            if event.source == "backfill":
+                backfilled += 1
             printer(event)
 
         async with client:
             feed = asyncio.ensure_future(server.play(synthetic_conversation(), rate=4.0))
+            loop = asyncio.get_running_loop()
+            ends_at = loop.time() + args.duration
+            down = min(args.duration / 4, 1.0)
             try:
                 # Nobody to show the rest to once the output's reader has gone (``| head``).
                 if not await _wait_until_set(printer.closed, args.duration / 2):
-                    _say("restarting the server")
-                    await server.restart()
-                    await _wait_until_set(printer.closed, args.duration / 2)
+                    _say(f"stopping the server for {down:.2f} s; the feed goes on meanwhile")
+                    reconnected = client.expect("connected")
+                    await server.stop()
+                    await asyncio.sleep(down)  # nothing is shown meanwhile, so nothing to stop for
+                    await server.start()
+                    # The next attempt comes within the backoff's maximum: the
+                    # reconnect, and what it backfills, are part of the demo.
+                    with contextlib.suppress(TimeoutError):
+                        await reconnected.wait(timeout=5.0)
+                    await _wait_until_set(printer.closed, max(ends_at - loop.time(), 0.5))
             finally:
                 feed.cancel()
                 await asyncio.wait([feed])
 
-    _say(f"demo done: {received} events received, {reconnects} reconnect(s), {away:.2f} s away")
+    _say(
+        f"demo done: {received} events received ({backfilled} from backfill), {reconnects} reconnect(s), "
+        f"{away:.2f} s away"
+    )
     return EXIT_OK
 
 

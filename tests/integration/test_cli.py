@@ -412,14 +412,26 @@ async def test_serve_on_a_busy_port_says_so() -> None:
 # demo and the entry points
 
 
-async def test_demo_shows_events_and_a_reconnect_then_a_summary() -> None:
+async def test_demo_shows_events_and_a_reconnect_with_a_backfill_then_a_summary() -> None:
     status, out, err = await run("demo", "--duration", "2", env=environment(NO_COLOR="1"))
     assert status == 0, err
     assert re.search(r"\[chat \d+\] (user|assistant): ", out)
     assert "reconnected after" in err
     summary = err.strip().splitlines()[-1]
-    assert re.fullmatch(r"chatfeed: demo done: \d+ events received, 1 reconnect\(s\), [0-9.]+ s away", summary)
-    assert int(summary.split()[3]) > 0
+    match = re.fullmatch(
+        r"chatfeed: demo done: (\d+) events received \((\d+) from backfill\), 1 reconnect\(s\), [0-9.]+ s away", summary
+    )
+    assert match, summary
+    received, backfilled = int(match.group(1)), int(match.group(2))
+    # The feed went on while the server was down: what it pushed meanwhile came from the backfill.
+    assert 0 < backfilled < received
+    lines = out.splitlines()
+    assert len(lines) == received
+    marked = [line for line in lines if line.endswith(("; backfill)", "(backfill)"))]
+    assert len(marked) == backfilled, out
+    # Each event shown once: the backfill fetched from the last event delivered, which dedupe dropped.
+    shown = [line.split(" ", 1)[1].replace("; backfill)", ")").removesuffix(" (backfill)") for line in lines]
+    assert len(set(shown)) == len(shown), out
 
 
 async def test_demo_stops_when_the_reader_of_its_output_goes_away(command_cleanup: list[Command]) -> None:

@@ -65,17 +65,69 @@ def test_token_refresh_fetches_a_fresh_token_to_reconnect() -> None:
     assert lines[-1] == "summary: 2 token fetches, 2 distinct tokens in 2 auth frames"
 
 
-def test_backfill_recovers_what_was_pushed_during_the_gap() -> None:
+def test_backfill_delivers_what_was_pushed_during_the_gap_first_and_once() -> None:
     lines = run_example(str(EXAMPLES / "backfill.py")).stdout.splitlines()
-    assert lines[0].startswith("-- reconnected after")
-    assert lines[0].endswith(": 2 message(s) recovered over REST")
-    assert lines[1:] == [
-        "view: 1: live",
-        "view: 2: live",
-        "view: 3: pushed while disconnected",
-        "view: 4: pushed while disconnected",
-        "view: 5: live again",
-        "view: 6: live again",
+    assert lines[2].startswith("-- reconnected after") and lines[2].endswith(": backfilling")
+    assert lines[:2] + lines[3:-1] == [
+        "live      1: live",
+        "live      2: live",
+        "backfill  3: pushed while disconnected",
+        "backfill  4: pushed while disconnected",
+        "live      5: live again",
+        "live      6: live again",
+    ]
+    # It fetched from a second before the last message delivered: 1 and 2 came again, and were dropped.
+    assert lines[-1] == "summary: 6 messages delivered, each once; 2 from backfill, 2 duplicate(s) dropped"
+
+
+ANSWERED = re.compile(r"\[chat (\d+)\] answered question #(\d+) \((live|backfill)\)")
+TIMING = re.compile(r"took ([0-9.]+) s with concurrency=8; inline, the model alone would take ([0-9.]+) s")
+
+
+def test_the_ai_pipeline_answers_every_chat_in_order_side_by_side_across_a_restart() -> None:
+    lines = run_example(str(EXAMPLES / "ai_pipeline.py")).stdout.splitlines()
+    answers: list[tuple[int, int, str]] = []  # (chat, question, source), in the order they were answered
+    for line in lines[:-4]:
+        match = ANSWERED.fullmatch(line)
+        assert match, line
+        answers.append((int(match.group(1)), int(match.group(2)), match.group(3)))
+    by_chat: dict[int, list[int]] = {}
+    for chat, question, _ in answers:
+        by_chat.setdefault(chat, []).append(question)
+    assert by_chat == {chat: [1, 2, 3, 4, 5] for chat in range(1, 11)}  # each once, in order within its chat
+    # Question 4 of each chat was asked while the server was down: it came from the backfill, and only it did.
+    assert {(question, source) for _, question, source in answers} == {
+        (1, "live"),
+        (2, "live"),
+        (3, "live"),
+        (4, "backfill"),
+        (5, "live"),
+    }
+    assert [chat for chat, _, _ in answers] != sorted(chat for chat, _, _ in answers)  # not one chat after another
+    assert lines[-4:-1] == [
+        "handled 50 user messages in 10 chats, 10 of them from backfill",
+        "duplicates dropped: 1",  # the last answer before the drop: the backfill fetched from its created_at on
+        "each chat in order: yes",
+    ]
+    timing = TIMING.fullmatch(lines[-1])
+    assert timing, lines[-1]
+    took, inline = float(timing.group(1)), float(timing.group(2))
+    assert inline == 6.35
+    assert took < inline / 2, lines[-1]
+
+
+def test_expect_gets_an_answer_that_came_before_the_await() -> None:
+    lines = run_example(str(EXAMPLES / "expect.py")).stdout.splitlines()
+    assert lines == [
+        "wait after the request (the race):",
+        "  no answer within 0.5 s: it came before the wait began",
+        "expect before the request:",
+        "  answered before the await: yes",
+        "  chat 2: Too much sun at noon.",
+        "three chats at once:",
+        "  chat 3: Earl Grey.",
+        "  chat 4: Pepper.",
+        "  chat 5: A slow reader making the writer wait.",
     ]
 
 
