@@ -249,6 +249,7 @@ class Client:
     """
 
     __slots__ = (
+        "_abandoned",
         "_backfill_errors",
         "_cancelled_host",
         "_cancels_by_close",
@@ -360,6 +361,7 @@ class Client:
         self._host: asyncio.Task[Any] | None = None
         self._in_block = False
         self._cancelled_host = False
+        self._abandoned = False  # the block was cancelled from outside
 
     def _dispatch_of_feed(self, event: Any) -> Any:
         object.__setattr__(event, "feed", self._feed)  # not a field: never on the wire
@@ -734,6 +736,8 @@ class Client:
         """
         self._in_block = False
         cancelled_by_us, self._cancelled_host = self._cancelled_host, False
+        if isinstance(exc, asyncio.CancelledError) and not cancelled_by_us:
+            self._abandoned = True  # cancelled from outside: handlers are cancelled, not drained
         await self.close()
         error = self._fatal_error()
         if cancelled_by_us:
@@ -937,7 +941,7 @@ class Client:
             error = exc
             raise
         except asyncio.CancelledError:
-            abandoned = self._state is not _State.CLOSED
+            abandoned = self._state is not _State.CLOSED or self._abandoned
             raise
         finally:
             host = self._host

@@ -317,3 +317,34 @@ async def test_slow_handlers_over_many_chats(concurrency: int, caplog: pytest.Lo
         assert all(numbers == sorted(numbers) for numbers in seen.values())
         assert sum(map(len, seen.values())) == 100
         assert [record for record in caplog.records if record.name == "chatfeed"] == []
+
+
+async def test_a_block_cancelled_from_outside_cancels_the_handlers_at_once() -> None:
+    async with FeedServer(tokens=[TOKEN]) as server:
+        client = make_client(server.url, drain_timeout=3600.0)  # a drain would hang the test
+        handler = Gates()
+        cancelled = Counter()
+        inside = asyncio.Event()
+
+        @client.on("new_message", concurrency=2)
+        async def stuck(event: chatfeed.NewMessage) -> None:
+            try:
+                await handler(event)
+            except asyncio.CancelledError:
+                cancelled.bump()
+                raise
+
+        async def block() -> None:
+            async with client:
+                await push(server, "a", "a1")
+                await handler.started_count.wait_for(1)
+                inside.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(block())
+        await asyncio.wait_for(inside.wait(), WAIT)
+        task.cancel()
+        await asyncio.wait_for(asyncio.wait([task]), WAIT)
+        assert task.cancelled()
+        assert cancelled.value == 1
+        assert chatfeed_tasks() == []
