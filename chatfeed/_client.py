@@ -28,7 +28,6 @@ from typing import Any, Literal, NoReturn, TypeAlias, TypeVar, overload
 from typing_extensions import Self
 
 from ._config import Compression, Options, TokenSource
-from ._connection import cancel_and_wait
 from ._delivery import Backfill, Dedupe, Delivery, Gap, fetch_backfill
 from ._dispatch import (
     DEFAULT_MAX_PENDING,
@@ -228,7 +227,8 @@ class Client:
             what it fetched by then is delivered, and the rest is missed.
         dedupe: ``True``, or a [`Dedupe`][chatfeed.Dedupe] to size the window,
             to drop a message or chat delivered already (as a backfill's
-            overlap with the live feed would deliver it twice).
+            overlap with the live feed would deliver it twice); ``False`` for
+            none. By default (``None``), on when ``backfill`` is given.
         drain_timeout: Seconds [`close`][chatfeed.Client.close] lets the calls
             of handlers registered with ``concurrency`` (queued and running)
             finish before it cancels them.
@@ -260,6 +260,7 @@ class Client:
         "_dispatcher",
         "_feed",
         "_first_session",
+        "_halted",
         "_host",
         "_in_block",
         "_keepalive",
@@ -292,7 +293,7 @@ class Client:
         backfill: Backfill | None = None,
         backfill_since: datetime | None = None,
         backfill_timeout: float = 30.0,
-        dedupe: Dedupe | bool = False,
+        dedupe: Dedupe | bool | None = None,
         drain_timeout: float = 5.0,
     ) -> None:
         self._options = Options.check(
@@ -362,6 +363,7 @@ class Client:
         self._in_block = False
         self._cancelled_host = False
         self._abandoned = False  # the block was cancelled from outside
+        self._halted = False  # close() has cancelled the supervisor
 
     def _dispatch_of_feed(self, event: Any) -> Any:
         object.__setattr__(event, "feed", self._feed)  # not a field: never on the wire
@@ -597,7 +599,8 @@ class Client:
         """Register a function called with ``(exception, event)`` when a handler raises.
 
         Use it as a decorator. The hook may be sync or async; an exception in
-        the hook itself is logged and ignored.
+        the hook itself is logged and ignored. A ``backfill`` that fails is
+        reported here too, with its [`Gap`][chatfeed.Gap] in place of the event.
         """
         self._dispatcher.add_error_hook(hook)
         return hook
@@ -754,9 +757,14 @@ class Client:
     async def close(self) -> None:
         """Stop the client: close the connection, end every task and every event stream.
 
-        Returns promptly from any state. Safe to call more than once. Called
-        from a handler, it returns at once and the client stops as soon as
-        that handler returns.
+        Returns once everything has stopped: at once from a client that is
+        not running; otherwise once the connection is closed (within
+        ``close_timeout``) and the calls of handlers registered with
+        ``concurrency`` have finished (within ``drain_timeout``). Safe to call
+        more than once, and from several tasks: a later call waits for the
+        first one's work instead of cutting it short. Called from a handler,
+        it returns at once and the client stops as soon as that handler
+        returns.
         """
         was = self._state
         self._set_state(_State.CLOSED)
@@ -766,19 +774,16 @@ class Client:
         if self._dispatcher.runs_a_handler(current):
             # A concurrent handler: stop the receive loop, which then waits
             # for this very call to finish (drain_timeout), so do not wait here.
-            if runner is not None and runner is not current:
-                self._cancels_by_close += 1
-                runner.cancel()
-            elif task is not None and not task.done():
-                task.cancel()
+            target = runner if runner is not None else task
+            if target is not None and target is not current and not target.done():
+                self._halt(target)
             return
         if runner is not None:  # run(), in a task of the caller's: wait for run() to return, not for the task
             if runner is current:
                 return  # a handler: the receive loop stops when it returns
             # Also when closed already (from a handler that still runs, say):
             # a close() from elsewhere stops it now.
-            self._cancels_by_close += 1
-            runner.cancel()
+            self._halt(runner)
             if self._stopped is None:
                 self._stopped = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._stopped)
@@ -790,7 +795,8 @@ class Client:
         elif task is asyncio.current_task():
             pass  # a handler: the receive loop stops when it returns
         elif not task.done():
-            await cancel_and_wait(task)
+            self._halt(task)
+            await asyncio.wait([task])  # a cancellation of this caller's leaves the supervisor to finish
             session, self._first_session = self._first_session, None
             if session is not None:  # the supervisor was cancelled before it started
                 await session.close()
@@ -799,6 +805,15 @@ class Client:
             # The client stopped on a fatal error, which the event streams
             # and the Disconnected event have already reported.
             task.exception()
+
+    def _halt(self, supervisor: asyncio.Task[Any]) -> None:
+        """Cancel the supervisor's task, once: a second cancellation would cut its clean-up short."""
+        if self._halted:
+            return
+        self._halted = True
+        if supervisor is self._runner:
+            self._cancels_by_close += 1
+        supervisor.cancel()
 
     @property
     def connected(self) -> bool:
@@ -919,6 +934,9 @@ class Client:
         self._first_session = None  # this task owns it now, and closes it
         dispatcher = self._dispatcher
         dispatch = self._dispatch
+        receiver = asyncio.current_task()
+        if receiver is not None:
+            dispatcher.receivers.add(receiver)
         try:
             if session is None:
                 session = await self._connect(retry)
@@ -944,6 +962,8 @@ class Client:
             abandoned = self._state is not _State.CLOSED or self._abandoned
             raise
         finally:
+            if receiver is not None:
+                dispatcher.receivers.discard(receiver)
             host = self._host
             host_reads = dispatcher.reads_a_stream(host)
             self._stop(error)
@@ -1092,8 +1112,7 @@ class Client:
             restore()  # a second Ctrl-C interrupts as usual
             if self._runner is not None:
                 self._set_state(_State.CLOSED)
-                self._cancels_by_close += 1
-                self._runner.cancel()
+                self._halt(self._runner)
 
         try:
             for signum in signals:

@@ -80,7 +80,7 @@ class Options:
         backfill: Backfill | None = None,
         backfill_since: datetime | None = None,
         backfill_timeout: float = 30.0,
-        dedupe: Dedupe | bool = False,
+        dedupe: Dedupe | bool | None = None,
         drain_timeout: float = 5.0,
     ) -> Options:
         """Return the options, or raise `UsageError` naming the first argument that is wrong."""
@@ -103,6 +103,8 @@ class Options:
                 raise UsageError(f"backfill_since must be a timezone-aware datetime, not {backfill_since!r}")
             if backfill is None:
                 raise UsageError("backfill_since is the start of the first backfill: it needs backfill=")
+        if dedupe is None:  # on by default with a backfill, whose overlap it absorbs
+            dedupe = backfill is not None
         if dedupe is True:
             dedupe = _DEFAULT_DEDUPE
         if dedupe is not False and not isinstance(dedupe, Dedupe):

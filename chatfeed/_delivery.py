@@ -25,6 +25,7 @@ from typing import Any, TypeAlias
 
 from pydantic import BaseModel
 
+from ._lanes import CANCEL_GRACE
 from .exceptions import UsageError
 from .models import Chat, Message, NewChat, NewMessage
 
@@ -206,7 +207,11 @@ async def fetch_backfill(backfill: Backfill, gap: Gap, timeout: float) -> tuple[
     finally:
         if not task.done():
             task.cancel()
-            await asyncio.wait([task])  # a cancellation of ours goes on from the line above
+            await asyncio.wait([task], timeout=CANCEL_GRACE)  # a cancellation of ours goes on after
+            if not task.done():
+                logger.warning(
+                    "the backfill function did not end within %g s of being cancelled; left running", CANCEL_GRACE
+                )
     if not done:
         error = TimeoutError(f"the backfill did not finish within {timeout:g} s")
     elif task.cancelled():

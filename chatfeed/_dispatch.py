@@ -181,12 +181,19 @@ class Dispatcher:
         "concurrent",
         "error_raised_to",
         "handler_errors",
+        "receivers",
     )
 
     def __init__(self) -> None:
         self._handlers: dict[type[Any], list[_Entry]] = {}
         # Pending expectations by event class; each is an entry of the routes.
-        self._expectations: dict[type[Any], list[Expectation[Any]]] = {}
+        # Weakly: an expectation its caller dropped (the request failed, say)
+        # is forgotten, instead of being tested against every later event.
+        self._expectations: dict[type[Any], list[weakref.ref[Expectation[Any]]]] = {}
+        # The tasks that read the feed and deliver its events (a client's
+        # supervisor; a pool's feeds): awaiting an expectation there would
+        # wait for an event that only they can deliver.
+        self.receivers: set[asyncio.Task[Any]] = set()
         # The entries of the handlers registered with concurrency > 1.
         self.concurrent: tuple[_Entry, ...] = ()
         # Handlers of each concrete class, its own and its bases' (a handler
@@ -257,22 +264,33 @@ class Dispatcher:
         except RuntimeError:
             raise UsageError("expect() needs a running event loop: call it from async code") from None
         expectation: Expectation[Any] = Expectation(self, cls, where, loop, timeout)
-        self._expectations.setdefault(cls, []).append(expectation)
+        ref = weakref.ref(expectation, lambda dead: self._forget_ref(dead, cls))
+        self._expectations.setdefault(cls, []).append(ref)
         self._routes = {}
         return expectation
 
     def forget(self, expectation: Expectation[Any], cls: type[Any]) -> None:
         """Take an ended expectation out of the routes."""
+        for ref in self._expectations.get(cls, ()):
+            if ref() is expectation:
+                self._forget_ref(ref, cls)
+                return
+
+    def _forget_ref(self, ref: weakref.ref[Expectation[Any]], cls: type[Any]) -> None:
         pending = self._expectations.get(cls)
-        if pending is not None and expectation in pending:
-            pending.remove(expectation)
+        if pending is not None and ref in pending:
+            pending.remove(ref)
             if not pending:
                 del self._expectations[cls]
             self._routes = {} if self._handlers or self._expectations else _NO_ROUTES
 
+    def _pending_expectations(self) -> list[Expectation[Any]]:
+        alive = (ref() for refs in self._expectations.values() for ref in refs)
+        return [expectation for expectation in alive if expectation is not None]
+
     def expectations(self) -> int:
         """Return how many expectations are pending."""
-        return sum(map(len, self._expectations.values()))
+        return len(self._pending_expectations())
 
     def runs_a_handler(self, task: asyncio.Task[Any] | None) -> bool:
         """Whether ``task`` is a worker of a concurrent handler."""
@@ -280,28 +298,15 @@ class Dispatcher:
 
     async def drain(self, timeout: float) -> None:
         """Let the concurrent handlers' held calls finish for ``timeout`` seconds, then cancel the rest."""
-        entries = [entry for entry in self.concurrent if entry.lanes is not None and entry.lanes.held]
-        if not entries:
-            return
-        results = await asyncio.gather(
-            *(entry.lanes.drain(timeout) for entry in entries if entry.lanes is not None), return_exceptions=True
-        )
-        for entry, result in zip(entries, results, strict=True):
-            if isinstance(result, BaseException):
-                raise result
-            if result:
-                logger.warning(
-                    "cancelled %d call(s) of handler %s still queued or running %g s after close()",
-                    result,
-                    entry.name,
-                    timeout,
-                )
+        drains = [entry.lanes.drain(timeout, entry.name) for entry in self.concurrent if entry.lanes is not None]
+        if drains:
+            await asyncio.gather(*drains)
 
     async def cancel_handlers(self) -> None:
         """Cancel every concurrent handler's calls at once, and wait until they have ended."""
         for entry in self.concurrent:
             if entry.lanes is not None:
-                await entry.lanes.cancel()
+                await entry.lanes.cancel(entry.name)
 
     def add_error_hook(self, hook: ErrorHook) -> None:
         if not callable(hook):
@@ -340,7 +345,7 @@ class Dispatcher:
             if stream is not None:
                 stream.end(error)
         self._streams = ()
-        for expectation in [each for pending in self._expectations.values() for each in pending]:
+        for expectation in self._pending_expectations():
             expectation._end(error or ClientClosedError("the client closed before the expected event came"))
 
     def dispatch(self, event: FeedEvent) -> Awaitable[None] | None:
@@ -472,7 +477,12 @@ class Dispatcher:
         # Expectations first: resolving one is immediate, whatever the handlers then take.
         route = self._routes[cls] = _Route(
             (
-                *(expectation.entry for base in cls.__mro__ for expectation in self._expectations.get(base, ())),
+                *(
+                    expectation.entry
+                    for base in cls.__mro__
+                    for expectation in (ref() for ref in self._expectations.get(base, ()))
+                    if expectation is not None
+                ),
                 *(entry for base in cls.__mro__ for entry in self._handlers.get(base, ())),
             )
         )
@@ -627,10 +637,21 @@ class Expectation(Generic[E_co]):
 
     It is meant for one waiter: a wait that times out or is cancelled ends
     the expectation, for any other task awaiting it too. Awaiting it again
-    once it is done gives the same result.
+    once it is done gives the same result. One that is dropped without being
+    awaited (the request it was made for failed, say) is forgotten; use it
+    as a context manager to end it as the block ends:
+
+        with client.expect("new_message", where=is_reply) as reply:
+            await post_prompt(chat_id, "hello")
+            event = await reply.wait(timeout=30)
+
+    It cannot be awaited in a handler that runs inline (the default) or in a
+    ``Connected``/``Disconnected`` handler: the feed is not read while such a
+    handler runs, so the event could never come. Await it in a handler
+    registered with ``concurrency``, or outside handlers.
     """
 
-    __slots__ = ("_cls", "_dispatcher", "_error", "_event", "_timer", "_waiter", "_where", "entry")
+    __slots__ = ("__weakref__", "_cls", "_dispatcher", "_error", "_event", "_timer", "_waiter", "_where", "entry")
 
     def __init__(
         self,
@@ -643,7 +664,15 @@ class Expectation(Generic[E_co]):
         self._dispatcher: Dispatcher | None = dispatcher
         self._cls = cls
         self._where = where
-        self.entry = _Entry(self._check, cls)
+        # The route holds the expectation weakly too: see Dispatcher._expectations.
+        this = weakref.ref(self)
+
+        def check(event: Any) -> None:
+            expectation = this()
+            if expectation is not None:
+                expectation._check(event)
+
+        self.entry = _Entry(check, cls)
         self.entry.name = f"expect({cls.__name__})"
         self._event: E_co | None = None
         self._error: BaseException | None = None
@@ -659,6 +688,13 @@ class Expectation(Generic[E_co]):
     def __await__(self) -> Generator[Any, None, E_co]:
         return self.wait().__await__()
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Cancel the expectation if it is still pending: the block is left, its answer is no longer wanted."""
+        self.cancel()
+
     async def wait(self, timeout: float | None = None) -> E_co:
         """Wait for the event and return it.
 
@@ -673,6 +709,13 @@ class Expectation(Generic[E_co]):
             Exception: What ``where`` raised for an event.
         """
         check_timeout(timeout)
+        dispatcher = self._dispatcher
+        if dispatcher is not None and asyncio.current_task() in dispatcher.receivers:
+            raise UsageError(
+                "awaiting an expectation in an inline handler (or a Connected/Disconnected handler) would wait "
+                "forever: the feed is not read while that handler runs. Register the handler with "
+                "concurrency > 1, or await it outside handlers"
+            )
         if not self.done():
             try:
                 done, _ = await asyncio.wait([self._waiter], timeout=timeout)

@@ -33,6 +33,9 @@ logger = logging.getLogger("chatfeed")
 
 _WORKER_NAME = "chatfeed-handler"
 
+CANCEL_GRACE = 2.0
+"""Seconds a cancelled handler call is waited for before it is left running, with a warning."""
+
 
 def by_chat(event: Any) -> Hashable:
     """Return the chat an event belongs to: a message's ``chat_id``, a new chat's ``id``.
@@ -166,15 +169,18 @@ class Lanes:
             oldest_queued_age=time.monotonic() - min(heads) if heads else None,
         )
 
-    async def drain(self, timeout: float) -> int:
+    async def drain(self, timeout: float, name: str) -> int:
         """Let the held calls run for at most ``timeout`` seconds, then cancel the rest.
 
+        Logs how many were cancelled, naming the handler ``name``, also when
+        this wait is itself cancelled (the workers are then cancelled at once).
+
         Returns:
-            How many calls were cancelled, queued or running. When this wait
-            is itself cancelled, the workers are cancelled at once.
+            How many calls were cancelled, queued or running.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        left = 0
         try:
             while self.held and self._workers:
                 remaining = deadline - loop.time()
@@ -185,11 +191,22 @@ class Lanes:
                 await asyncio.wait([self._idle], timeout=remaining)
         finally:
             left = self.held
-            await self.cancel()
+            if left:
+                logger.warning(
+                    "cancelled %d call(s) of handler %s still queued or running %g s after close()",
+                    left,
+                    name,
+                    timeout,
+                )
+            await self.cancel(name)
         return left
 
-    async def cancel(self) -> None:
-        """Cancel every call, queued or running, and wait until the workers have ended."""
+    async def cancel(self, name: str = "") -> None:
+        """Cancel every call, queued or running, and wait (a little) until the workers have ended.
+
+        A handler that goes on after being cancelled is waited for
+        `CANCEL_GRACE` seconds, then left running, with a warning.
+        """
         self._stopping = True
         self._ready.clear()
         self._lanes.clear()
@@ -197,7 +214,14 @@ class Lanes:
         for worker in workers:
             worker.cancel()
         if workers:
-            await asyncio.wait(workers)
+            _, stuck = await asyncio.wait(workers, timeout=CANCEL_GRACE)
+            if stuck:
+                logger.warning(
+                    "%d call(s) of handler %s did not end within %g s of being cancelled; left running",
+                    len(stuck),
+                    name,
+                    CANCEL_GRACE,
+                )
         self.held = self.running = 0
         _wake(self._room)
 

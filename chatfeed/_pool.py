@@ -248,7 +248,7 @@ class Pool:
         backfill: Backfill | None = None,
         backfill_since: datetime | None = None,
         backfill_timeout: float = 30.0,
-        dedupe: Dedupe | bool = False,
+        dedupe: Dedupe | bool | None = None,
         drain_timeout: float = 5.0,
     ) -> None:
         self._options = Options.check(

@@ -348,3 +348,62 @@ async def test_a_block_cancelled_from_outside_cancels_the_handlers_at_once() -> 
         assert task.cancelled()
         assert cancelled.value == 1
         assert chatfeed_tasks() == []
+
+
+async def test_a_second_close_from_another_handler_does_not_cut_the_drain_short() -> None:
+    async with FeedServer(tokens=[TOKEN]) as server:
+        client = make_client(server.url, drain_timeout=WAIT)
+        handler = Gates()
+
+        @client.on("new_message", concurrency=2)
+        async def work_then_close(event: chatfeed.NewMessage) -> None:
+            await handler(event)
+            await client.close()  # "that was the last one I wanted", from every call
+
+        async with running(client) as task:
+            await server.wait_for_clients()
+            await push(server, "a", "a1")
+            await push(server, "b", "b1")
+            await push(server, "c", "c1")  # queued: two calls run at most
+            await handler.started_count.wait_for(2)
+            handler.open("a")  # a1 closes the client: the drain begins, b1 runs, c1 waits
+            await handler.finished_count.wait_for(1)
+            # The connection is closed first; then the client drains.
+            await server._wait_until(lambda: server.clients == 0, WAIT)
+            handler.open("b")  # b1 closes it again, while it drains
+            await handler.started_count.wait_for(3)
+            handler.open("c")
+            await asyncio.wait_for(asyncio.wait([task]), WAIT)
+            assert task.exception() is None
+        assert sorted(handler.finished) == ["a1", "b1", "c1"]
+
+
+async def test_leaving_the_block_while_a_handler_drains_waits_for_it() -> None:
+    async with FeedServer(tokens=[TOKEN]) as server:
+        client = make_client(server.url, drain_timeout=WAIT)
+        handler = Gates()
+        closed = asyncio.Event()
+
+        @client.on("new_message", concurrency=2)
+        async def work(event: chatfeed.NewMessage) -> None:
+            await handler(event)
+            if event.payload.content == "a1":
+                await client.close()
+                closed.set()
+
+        async def open_b_once_the_block_is_left() -> None:
+            await closed.wait()
+            await asyncio.sleep(0)  # a turn of the loop: __aexit__ is under way
+            handler.open("b")
+
+        opener = asyncio.create_task(open_b_once_the_block_is_left())
+        async with client:
+            await push(server, "a", "a1")
+            await push(server, "b", "b1")
+            await handler.started_count.wait_for(2)
+            handler.open("a")
+            await closed.wait()
+            await server._wait_until(lambda: server.clients == 0, WAIT)  # the client drains now
+        await opener
+        assert sorted(handler.finished) == ["a1", "b1"]  # b1 was not cancelled by __aexit__'s close()
+        assert chatfeed_tasks() == []

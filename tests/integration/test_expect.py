@@ -587,3 +587,44 @@ async def test_expect_on_a_closed_client_is_a_usage_error(server: FeedServer) ->
     with pytest.raises(chatfeed.UsageError, match="closed"):
         client.expect("new_message")
     assert_forgotten(client)
+
+
+async def test_an_expectation_dropped_unawaited_is_forgotten(server: FeedServer) -> None:
+    client = make_client(server.url)
+    async with client:
+
+        async def post_that_fails() -> None:
+            raise ConnectionError("the REST call failed")
+
+        for _ in range(10):
+            reply = client.expect("new_message", where=lambda event: False)
+            with pytest.raises(ConnectionError):
+                await post_that_fails()
+            del reply
+        gc.collect()
+        assert client.statistics().expectations == 0
+        with client.expect("new_message") as scoped:
+            assert client.statistics().expectations == 1
+        assert scoped.done()
+        assert client.statistics().expectations == 0
+
+
+async def test_awaiting_an_expectation_in_an_inline_handler_is_a_usage_error(server: FeedServer) -> None:
+    client = make_client(server.url)
+    failures: list[Exception] = []
+    reported = asyncio.Event()
+
+    @client.on("new_message")
+    async def waits_for_the_reply(event: chatfeed.NewMessage) -> None:
+        await client.expect("new_message").wait(timeout=WAIT)
+
+    @client.on_error
+    def report(exc: Exception, event: Any) -> None:
+        failures.append(exc)
+        reported.set()
+
+    async with client:
+        await server.push_message(content="question")
+        await asyncio.wait_for(reported.wait(), WAIT)
+    assert isinstance(failures[0], chatfeed.UsageError)
+    assert "concurrency" in str(failures[0])

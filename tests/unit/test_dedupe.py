@@ -234,7 +234,16 @@ def test_defaults_are_ten_thousand_ids_without_ttl() -> None:
     assert Dedupe() == Dedupe(max_ids=10_000, ttl=None)
 
 
-@pytest.mark.parametrize("dedupe", ["yes", 1, 0, None, {"max_ids": 10}])
+def test_dedupe_is_on_by_default_with_a_backfill_only() -> None:
+    def backfill(gap: Gap) -> list[Message]:
+        return []
+
+    assert chatfeed.Client("ws://localhost:3001", token="t")._options.dedupe is None
+    assert chatfeed.Client("ws://localhost:3001", token="t", backfill=backfill)._options.dedupe == Dedupe()
+    assert chatfeed.Client("ws://localhost:3001", token="t", backfill=backfill, dedupe=False)._options.dedupe is None
+
+
+@pytest.mark.parametrize("dedupe", ["yes", 1, 0, {"max_ids": 10}])
 def test_client_dedupe_must_be_a_dedupe_or_a_bool(dedupe: Any) -> None:
     with pytest.raises(chatfeed.UsageError, match="dedupe"):
         chatfeed.Client("ws://localhost:3001", token="t", dedupe=dedupe)

@@ -132,7 +132,7 @@ async def test_a_failing_call_is_reported_and_its_key_goes_on() -> None:
     lanes = Lanes(handler, report, concurrency=2, key=first_key, max_pending=8)
     for number in range(4):
         assert lanes.offer(("a", number))
-    assert await lanes.drain(5.0) == 0
+    assert await lanes.drain(5.0, "handler") == 0
     assert seen == [0, 2, 3]
     assert [(type(exc), event) for exc, event in reported] == [(ValueError, ("a", 1))]
 
@@ -154,7 +154,7 @@ async def test_a_handler_cancelled_by_what_it_awaited_is_reported_not_fatal() ->
     lanes = Lanes(handler, report, concurrency=2, key=first_key, max_pending=8)
     lanes.offer(("a", 0))
     lanes.offer(("a", 1))
-    assert await lanes.drain(5.0) == 0
+    assert await lanes.drain(5.0, "handler") == 0
     assert seen == [1]
     assert [type(exc) for exc in reported] == [asyncio.CancelledError]
 
@@ -182,7 +182,7 @@ async def test_drain_cancels_what_is_left_after_the_timeout_and_counts_it() -> N
     for number, key in enumerate("abbb"):
         lanes.offer((key, number))
     await settle()
-    left = await lanes.drain(0.01)
+    left = await lanes.drain(0.01, "handler")
     assert left == 3  # b's running call and its two queued ones
     assert finished == [0]
     assert cancelled == [1]
@@ -211,7 +211,7 @@ async def test_workers_exist_only_while_there_is_work() -> None:
     assert (snapshot.running, snapshot.queued, snapshot.deepest_lane) == (2, 2, 2)
     assert snapshot.oldest_queued_age is not None and snapshot.oldest_queued_age >= 0
     gate.set()
-    assert await lanes.drain(5.0) == 0
+    assert await lanes.drain(5.0, "handler") == 0
     assert asyncio.all_tasks() - before == set()
     assert lanes.snapshot().oldest_queued_age is None
 
@@ -234,7 +234,7 @@ async def test_wait_for_room_is_done_once_a_call_finishes() -> None:
     gate.set()
     await asyncio.wait_for(room, 1.0)
     assert lanes.offer(("a", 2))
-    await lanes.drain(1.0)
+    await lanes.drain(1.0, "handler")
 
 
 def test_by_chat_orders_messages_and_chats_by_their_chat() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from pathlib import Path
 
 import chatfeed
@@ -33,6 +34,8 @@ def test_every_public_name_has_a_docstring() -> None:
     for module in modules:
         for name in getattr(module, "__all__", ()):
             obj = getattr(module, name)
+            if typing.get_origin(obj) is not None:
+                continue  # a type alias (a class on Python 3.10); documented where it is defined
             if inspect.isclass(obj) or inspect.isfunction(obj):
                 assert inspect.getdoc(obj), f"{module.__name__}.{name} has no docstring"
 
