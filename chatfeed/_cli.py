@@ -2,6 +2,11 @@
 
 Events go to standard output, one per line; connection state and errors go to
 standard error, so that ``chatfeed listen ... | jq`` sees only events.
+
+``listen --tokens FILE`` listens to many feeds at once through a `Pool`, and
+``serve --users N`` serves that many users, their tokens written to such a
+file. Tokens of a pool are only ever read from, or written to, that file:
+never taken from the command line, printed or logged.
 """
 
 from __future__ import annotations
@@ -9,20 +14,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
+import json
 import logging
 import os
 import secrets
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import tempfile
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import ClassVar, TextIO
 
 from ._client import Client
 from ._logging import redact_url
 from ._policy import Backoff
+from ._pool import Pool
 from ._version import __version__
 from .exceptions import AuthenticationError, ChatfeedError, ConnectionFailedError, HandshakeError, UsageError
-from .models import Connected, Disconnected, FeedEvent, NewChat, NewMessage, UnknownMessage
+from .models import Connected, Disconnected, FeedEvent, FeedStopped, NewChat, NewMessage, UnknownMessage
 from .testing import FeedServer, synthetic_conversation
 
 __all__ = ["main"]
@@ -41,11 +50,30 @@ _LISTEN_EPILOG = f"""\
 The token is read from ${_TOKEN_VARIABLE} unless --token is given. Prefer the
 variable: a command line is visible to every user of the machine (ps).
 
+With --tokens FILE, listen to many feeds at once: FILE holds one JSON object
+per line, {{"feed": "<key>", "token": "<jwt>"}}, and every event printed says
+its feed ("feed" in JSON lines, a prefix in the pretty format). A feed that
+stops is reported on stderr; the others go on.
+
 exit status: 0 on Ctrl-C, when --count is reached or when the reader of the
 output goes away (| head), 2 on bad usage, 3 when the server rejects the
 token, 4 when the server cannot be reached and reconnection is off or exhausted
-(or the server refuses the client for good).
+(or the server refuses the client for good). With --tokens, 3 or 4 only once
+every feed has stopped: 3 if every token was rejected, 4 otherwise.
 """
+
+_SERVE_EPILOG = """\
+With --users N, each user has a token and a conversation of its own, pushed to
+that user's connections only; the tokens are generated at each start and
+written to the --tokens-file (mode 0600, never printed), one
+{"feed": "user-1", "token": "..."} per line, for `chatfeed listen URL --tokens FILE`.
+"""
+
+_MAX_FEED_WIDTH = 24
+"""The widest a feed's key is padded to, in the pretty format."""
+
+_SUMMARY_WAIT = 1.0
+"""How long changes to a pool's feeds are gathered into one line on stderr, while some are connecting."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,7 +108,16 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     listen.add_argument("url", help="the feed's address, ws:// or wss://")
-    listen.add_argument("--token", help=f"the JWT (default: ${_TOKEN_VARIABLE}, which is safer)")
+    credentials = listen.add_mutually_exclusive_group()
+    credentials.add_argument("--token", help=f"the JWT (default: ${_TOKEN_VARIABLE}, which is safer)")
+    credentials.add_argument(
+        "--tokens",
+        metavar="FILE",
+        help=(
+            'listen to many feeds at once: FILE has one {"feed": KEY, "token": JWT} per line (blank lines are '
+            "ignored); tokens of many feeds are only ever read from a file"
+        ),
+    )
     _add_output_options(listen)
     listen.add_argument(
         "--type",
@@ -99,7 +136,18 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument(
         "--max-attempts", type=_positive_int, metavar="N", help="give up after N failed attempts in a row"
     )
-    listen.add_argument("-v", "--verbose", action="store_true", help="log connection details (never the token)")
+    listen.add_argument(
+        "--connect-rate",
+        type=_positive_float,
+        metavar="N",
+        help="with --tokens: at most N connection attempts per second, over all feeds (default: 500)",
+    )
+    listen.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log connection details (never the token); with --tokens, a line per feed and connection",
+    )
     listen.set_defaults(run=_listen)
 
     serve = commands.add_parser(
@@ -110,17 +158,33 @@ def _parser() -> argparse.ArgumentParser:
             "user and assistant messages with precis, audio URLs and the occasional fallback. A browser "
             "front end following the backend's guide can connect to it. Ctrl-C stops it."
         ),
+        epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=3001, help="the port (default: 3001; 0 picks a free one)")
-    serve.add_argument(
+    accepted = serve.add_mutually_exclusive_group()
+    accepted.add_argument(
         "--token",
         dest="tokens",
         action="append",
         metavar="TOKEN",
         help="a token to accept; repeatable (default: one generated and printed at start-up)",
     )
-    serve.add_argument("--rate", type=_positive_float, default=1.0, help="events per second (default: 1)")
+    accepted.add_argument(
+        "--users",
+        type=_positive_int,
+        metavar="N",
+        help="serve N users, each with a token and a conversation of its own; needs --tokens-file",
+    )
+    serve.add_argument(
+        "--tokens-file",
+        metavar="FILE",
+        help='with --users: write the users\' tokens there, one {"feed": USER, "token": TOKEN} per line, mode 0600',
+    )
+    serve.add_argument(
+        "--rate", type=_positive_float, default=1.0, help="events per second, of each user with --users (default: 1)"
+    )
     serve.add_argument("--seed", type=int, help="seed of the synthetic conversation, for a repeatable feed")
     serve.set_defaults(run=_serve)
 
@@ -145,9 +209,18 @@ def _add_output_options(
     parser.add_argument(
         "--format",
         choices=("jsonl", "pretty"),
-        help=f"one JSON object per line, as on the wire, or a readable line per event (default: {default})",
+        type=_output_format,
+        help=(
+            f"one JSON object per line, as on the wire (json is taken for jsonl), or a readable line per event "
+            f"(default: {default})"
+        ),
     )
     parser.add_argument("--no-color", action="store_true", help="no colours in the pretty format (also: $NO_COLOR)")
+
+
+def _output_format(text: str) -> str:
+    # JSON lines are JSON: the name people reach for first.
+    return "jsonl" if text == "json" else text
 
 
 def _positive_int(text: str) -> int:
@@ -214,18 +287,36 @@ class _Printer:
     the printer stops writing and sets `closed`, for the command to stop.
     """
 
-    _COLORS: ClassVar[dict[str, str]] = {"user": "32", "assistant": "35", "new_chat": "36", "error": "31", "dim": "2"}
+    _COLORS: ClassVar[dict[str, str]] = {
+        "user": "32",
+        "assistant": "35",
+        "new_chat": "36",
+        "error": "31",
+        "dim": "2",
+        "feed": "34",
+    }
 
-    def __init__(self, output_format: str | None, *, no_color: bool, out: TextIO = sys.stdout) -> None:
+    def __init__(
+        self, output_format: str | None, *, no_color: bool, out: TextIO = sys.stdout, feed_width: int = 0
+    ) -> None:
         self._out = out
         self._pretty = (output_format or ("pretty" if out.isatty() else "jsonl")) == "pretty"
         self._color = self._pretty and not no_color and "NO_COLOR" not in os.environ and out.isatty()
+        self._feed_width = min(feed_width, _MAX_FEED_WIDTH)
         self.closed = asyncio.Event()
 
-    def __call__(self, event: FeedEvent) -> None:
+    def __call__(self, event: FeedEvent, feed: str | None = None) -> None:
+        """Write ``event``; with ``feed``, the key of the pool's feed it came from, marked with it."""
         if self.closed.is_set():
             return
-        line = self._pretty_line(event) if self._pretty else event.model_dump_json(by_alias=True, exclude_unset=True)
+        if self._pretty:
+            line = self._pretty_line(event)
+            if feed is not None:
+                line = f"{self._paint(feed.ljust(self._feed_width), 'feed')} | {line}"
+        else:
+            line = event.model_dump_json(by_alias=True, exclude_unset=True)
+            if feed is not None:
+                line = _with_feed(line, feed)
         try:
             self._out.write(line + "\n")
             self._out.flush()
@@ -261,6 +352,17 @@ class _Printer:
         return f"{self._paint(event.type, 'dim')}: {event.model_dump_json(by_alias=True)}"
 
 
+def _with_feed(line: str, feed: str) -> str:
+    """Return the JSON object ``line`` with a ``"feed"`` field first, holding ``feed``."""
+    marked = '{"feed":' + json.dumps(feed, ensure_ascii=False)
+    if '"feed"' not in line:
+        return marked + "," + line[1:]
+    # A frame of its own "feed" field (from a newer server), or a body that
+    # mentions it: the field says which of the pool's feeds, whatever the frame held.
+    fields = {name: value for name, value in json.loads(line).items() if name != "feed"}
+    return json.dumps({"feed": feed, **fields}, ensure_ascii=False, separators=(",", ":"))
+
+
 def _discard_further_output(stream: TextIO) -> None:
     """Point ``stream``'s file descriptor at the null device, once its reader has gone away."""
     # What is still buffered is flushed again when Python exits; into a closed
@@ -279,14 +381,17 @@ def _not_giving_up(record: logging.LogRecord) -> bool:
     return not getattr(record, "chatfeed_gave_up", False)
 
 
-def _log_to_stderr(verbose: bool) -> None:
+def _log_to_stderr(verbose: bool, *, pool: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("chatfeed: %(message)s"))
     handler.addFilter(_not_giving_up)
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
-    logging.getLogger("chatfeed").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # A pool's feeds log their state changes without saying which feed: the
+    # pool's lifecycle events, which do, are reported instead (_PoolReport).
+    quiet = logging.WARNING if pool else logging.INFO
+    logging.getLogger("chatfeed").setLevel(logging.DEBUG if verbose else quiet)
     if verbose:
         logging.getLogger("websockets").setLevel(logging.DEBUG)
 
@@ -311,34 +416,46 @@ def _wanted(event: FeedEvent, types: set[str] | None, chat: str | None) -> bool:
     return False
 
 
+class _Selection:
+    """Prints the events that ``--type`` and ``--chat`` select, until ``--count`` of them are printed."""
+
+    def __init__(self, printer: _Printer, args: argparse.Namespace) -> None:
+        self._printer = printer
+        self._types: set[str] | None = set(args.types) if args.types else None
+        self._chat: str | None = args.chat
+        self._count: int | None = args.count
+        self._printed = 0
+        self.counted = asyncio.Event()
+
+    def __call__(self, event: FeedEvent, feed: str | None = None) -> None:
+        if self._printed == self._count or not _wanted(event, self._types, self._chat):
+            return
+        self._printer(event, feed)
+        self._printed += 1
+        if self._printed == self._count:
+            self.counted.set()
+
+
 async def _listen(args: argparse.Namespace) -> int:
+    if args.tokens is not None:
+        return await _listen_to_pool(args)
+    if args.connect_rate is not None:
+        raise UsageError("--connect-rate goes with --tokens: one feed makes one connection")
     token = args.token or os.environ.get(_TOKEN_VARIABLE)
     if not token:
-        raise UsageError(f"no token: set ${_TOKEN_VARIABLE} (or pass --token)")
-    reconnect: Backoff | bool = False if args.no_reconnect else Backoff(max_attempts=args.max_attempts)
-    client = Client(args.url, token=token, reconnect=reconnect)
+        raise UsageError(f"no token: set ${_TOKEN_VARIABLE} (or pass --token, or --tokens FILE for many feeds)")
+    client = Client(args.url, token=token, reconnect=_reconnect(args))
     _log_to_stderr(args.verbose)
     printer = _Printer(args.format, no_color=args.no_color)
-    types = set(args.types) if args.types else None
-    printed = 0
-    counted = asyncio.Event()
-
-    @client.on("new_message")
-    @client.on("new_chat")
-    @client.on("error")
-    @client.on("unknown")
-    def show(event: FeedEvent) -> None:
-        nonlocal printed
-        if printed == args.count or not _wanted(event, types, args.chat):
-            return
-        printer(event)
-        printed += 1
-        if printed == args.count:
-            counted.set()
+    show = _Selection(printer, args)
+    client.on("new_message")(show)
+    client.on("new_chat")(show)
+    client.on("error")(show)
+    client.on("unknown")(show)
 
     _say(f"connecting to {redact_url(args.url)}")
     running = asyncio.ensure_future(client.run())
-    finished = [asyncio.ensure_future(counted.wait()), asyncio.ensure_future(printer.closed.wait())]
+    finished = [asyncio.ensure_future(show.counted.wait()), asyncio.ensure_future(printer.closed.wait())]
     try:
         await asyncio.wait([running, *finished], return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -351,10 +468,19 @@ async def _listen(args: argparse.Namespace) -> int:
     return _explain(running.exception(), args.url)
 
 
-def _explain(error: BaseException | None, url: str) -> int:
-    if isinstance(error, AuthenticationError) or (
+def _reconnect(args: argparse.Namespace) -> Backoff | bool:
+    return False if args.no_reconnect else Backoff(max_attempts=args.max_attempts)
+
+
+def _is_rejection(error: BaseException | None) -> bool:
+    """Whether ``error`` says that the token was rejected."""
+    return isinstance(error, AuthenticationError) or (
         isinstance(error, HandshakeError) and error.status_code in (401, 403)
-    ):
+    )
+
+
+def _explain(error: BaseException | None, url: str) -> int:
+    if _is_rejection(error):
         _say(f"{error}. Check the token (${_TOKEN_VARIABLE} or --token): it may be wrong or expired.")
         return EXIT_AUTH
     if isinstance(error, ConnectionFailedError):
@@ -368,10 +494,198 @@ def _explain(error: BaseException | None, url: str) -> int:
     raise error or RuntimeError("no error to explain")
 
 
+# listen --tokens
+
+
+def _read_tokens(path: str) -> dict[str, str]:
+    """Return the feeds of a tokens file, key to token, in the file's order.
+
+    Raises:
+        UsageError: The file cannot be read, a line is not a feed, or a key
+            comes twice. The message never quotes a token; nor the path when
+            the file cannot be opened, in case a token was given for a path.
+    """
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            lines = file.read().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read the file given to --tokens: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+    feeds: dict[str, str] = {}
+    lines_of: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{where}: not JSON ({exc.msg}, column {exc.colno})") from None
+        except (ValueError, RecursionError):
+            raise UsageError(f"{where}: not JSON") from None
+        if not isinstance(entry, dict):
+            raise UsageError(f'{where}: expected an object, {{"feed": "<key>", "token": "<jwt>"}}')
+        feed, token = entry.get("feed"), entry.get("token")
+        if not isinstance(feed, str) or not feed:
+            raise UsageError(f'{where}: "feed" must be a non-empty string')
+        if not isinstance(token, str) or not token:
+            raise UsageError(f'{where}: "token" must be a non-empty string')
+        if feed in feeds:
+            raise UsageError(f"{where}: feed {feed!r} is already on line {lines_of[feed]}")
+        feeds[feed] = token
+        lines_of[feed] = number
+    if not feeds:
+        raise UsageError(f'{path} has no feeds: one {{"feed": "<key>", "token": "<jwt>"}} per line')
+    with contextlib.suppress(OSError):
+        if os.name == "posix" and os.stat(path).st_mode & 0o044:
+            _say(f"warning: other users of this machine can read {path}; `chmod 600 {path}` protects its tokens")
+    return feeds
+
+
+class _PoolReport:
+    """Says on stderr how a pool's feeds are doing.
+
+    One line per feed that stops, with why; and one line summing up the
+    feeds (how many are up, connecting, stopped, and how many reconnected)
+    when that changes, gathered over up to `_SUMMARY_WAIT` while feeds are
+    connecting, so that thousands of feeds connecting, or reconnecting after
+    a server restart, make a few lines and not thousands. A reconnection is
+    always said: what the server pushed meanwhile was missed. With
+    ``verbose``, a line per feed and connection too.
+    """
+
+    def __init__(self, feeds: int, *, verbose: bool) -> None:
+        self._total = feeds
+        self._verbose = verbose
+        self._up: set[str] = set()
+        self._reconnections = 0  # since the last summary
+        self.stopped: dict[str, ChatfeedError] = {}
+        self.all_stopped = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._settled = asyncio.Event()  # no feed connecting
+
+    def watch(self, pool: Pool) -> None:
+        """Register the handlers of ``pool``'s lifecycle events."""
+        pool.on("connected")(self._connected)
+        pool.on("disconnected")(self._disconnected)
+        pool.on("feed_stopped")(self._feed_stopped)
+
+    def _connected(self, event: Connected, feed: str) -> None:
+        self._up.add(feed)
+        self._reconnections += event.is_reconnect
+        if self._verbose:
+            if event.is_reconnect:
+                _say(f"feed {feed}: reconnected after {event.downtime or 0.0:.2f} s away")
+            else:
+                _say(f"feed {feed}: connected")
+        self._change()
+
+    def _disconnected(self, event: Disconnected, feed: str) -> None:
+        self._up.discard(feed)
+        if self._verbose and event.will_retry:
+            _say(f"feed {feed}: connection lost (code {event.code}); reconnecting in {event.retry_in or 0.0:.2f} s")
+        self._change()
+
+    def _feed_stopped(self, event: FeedStopped, feed: str) -> None:
+        self._up.discard(feed)
+        self.stopped[feed] = event.error
+        _say(f"feed {feed} stopped: {event.error}")
+        if len(self.stopped) == self._total:
+            self.all_stopped.set()
+        self._change()
+
+    def _change(self) -> None:
+        self._changed.set()
+        if self._total - len(self._up) - len(self.stopped):
+            self._settled.clear()
+        else:
+            self._settled.set()
+
+    def summary(self) -> str:
+        """Return a line summing up the feeds."""
+        connecting = self._total - len(self._up) - len(self.stopped)
+        line = f"{len(self._up)} of {self._total} feeds up"
+        if connecting:
+            line += f", {connecting} connecting"
+        if self.stopped:
+            line += f", {len(self.stopped)} stopped"
+        return line
+
+    async def run(self) -> None:
+        """Write the summary when it changes or feeds reconnected, until cancelled."""
+        said = None
+        while True:
+            await self._changed.wait()
+            await _wait_until_set(self._settled, _SUMMARY_WAIT)
+            self._changed.clear()
+            line = self.summary()
+            reconnections, self._reconnections = self._reconnections, 0
+            if line != said or reconnections:
+                plural = "" if reconnections == 1 else "s"
+                _say(line + (f"; {reconnections} reconnection{plural}" if reconnections else ""))
+                said = line
+
+
+async def _listen_to_pool(args: argparse.Namespace) -> int:
+    feeds = _read_tokens(args.tokens)
+    reconnect = _reconnect(args)
+    if args.connect_rate is None:
+        pool = Pool(args.url, reconnect=reconnect)
+    else:
+        pool = Pool(args.url, reconnect=reconnect, connect_rate=args.connect_rate)
+    for key, token in feeds.items():
+        pool.add(key, token=token)
+    _log_to_stderr(args.verbose, pool=True)
+    printer = _Printer(args.format, no_color=args.no_color, feed_width=max(map(len, pool.feeds())))
+    show = _Selection(printer, args)
+    pool.on("new_message")(show)
+    pool.on("new_chat")(show)
+    pool.on("error")(show)
+    pool.on("unknown")(show)
+    report = _PoolReport(len(pool), verbose=args.verbose)
+    report.watch(pool)
+
+    rate = f" (at most {args.connect_rate:g} per second)" if args.connect_rate is not None else ""
+    _say(f"connecting {len(pool)} feeds to {redact_url(args.url)}{rate}")
+    running = asyncio.ensure_future(pool.run())
+    reporting = asyncio.ensure_future(report.run())
+    finished = [
+        asyncio.ensure_future(show.counted.wait()),
+        asyncio.ensure_future(printer.closed.wait()),
+        asyncio.ensure_future(report.all_stopped.wait()),
+    ]
+    try:
+        await asyncio.wait([running, *finished], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in (reporting, *finished):
+            waiter.cancel()
+        await pool.close()
+        await asyncio.wait([running, reporting, *finished])
+    error = None if running.cancelled() else running.exception()
+    if error is not None:
+        raise error
+    if show.counted.is_set() or printer.closed.is_set() or not report.all_stopped.is_set():
+        return EXIT_OK
+    reasons = report.stopped.values()
+    if all(_is_rejection(reason) for reason in reasons):
+        _say("every feed's token was rejected. Check the tokens in the file: they may be wrong or expired.")
+        return EXIT_AUTH
+    if all(isinstance(reason, ConnectionFailedError) for reason in reasons):
+        _say("every feed has stopped: the feed cannot be reached. Is the server running, and is the address right?")
+    else:
+        _say("every feed has stopped")
+    return EXIT_UNREACHABLE
+
+
 # serve
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    if args.users is not None:
+        return await _serve_users(args)
+    if args.tokens_file is not None:
+        raise UsageError("--tokens-file goes with --users: it is where the users' tokens are written")
     tokens = args.tokens or [secrets.token_urlsafe(16)]
     server = FeedServer(tokens=tokens, host=args.host, port=args.port)
     try:
@@ -387,6 +701,101 @@ async def _serve(args: argparse.Namespace) -> int:
     finally:
         await server.stop()
     return EXIT_OK
+
+
+async def _serve_users(args: argparse.Namespace) -> int:
+    if args.tokens_file is None:
+        raise UsageError("--users needs --tokens-file: where to write the users' tokens")
+    users = {secrets.token_urlsafe(16): f"user-{number}" for number in range(1, args.users + 1)}
+    # Their connections come at once when a pool starts: the default backlog
+    # would drop some, to be retried a second later.
+    server = FeedServer(users=users, host=args.host, port=args.port, backlog=max(100, args.users))
+    try:
+        await server.start()
+    except OSError as exc:
+        _say(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+        return EXIT_USAGE
+    try:
+        try:
+            _write_tokens(args.tokens_file, users)
+        except OSError as exc:
+            _say(f"cannot write the tokens to {args.tokens_file}: {exc.strerror or exc}")
+            return EXIT_USAGE
+        _say(
+            f"serving the chat feed on {server.url} to {args.users} user(s), {args.rate:g} events per second each; "
+            "Ctrl-C stops it"
+        )
+        _say(
+            f"their tokens are in {args.tokens_file}, one per line; try "
+            f"`chatfeed listen {server.url} --tokens {args.tokens_file}`"
+        )
+        await _play_to_users(server, list(users.values()), rate=args.rate, seed=args.seed)
+    finally:
+        await server.stop()
+    return EXIT_OK
+
+
+def _write_tokens(path: str, users: dict[str, str]) -> None:
+    """Write ``users`` (token to user id) to ``path`` as a tokens file, readable by its owner only.
+
+    The file is replaced whole, never seen half written, and never readable
+    by others, even for a moment: it is written under another name, created
+    with mode 0600, then renamed.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".chatfeed-tokens-", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            os.fchmod(file.fileno(), 0o600)
+            file.writelines(json.dumps({"feed": user, "token": token}) + "\n" for token, user in users.items())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+async def _play_to_users(server: FeedServer, user_ids: Sequence[str], *, rate: float, seed: int | None) -> None:
+    """Play a synthetic conversation to each user, ``rate`` events per second each, until cancelled."""
+    chat_ids = itertools.count(1)
+    message_ids = itertools.count(1)
+
+    async def play(index: int, user_id: str) -> None:
+        # Spread over the first second, instead of every user's event at once.
+        await asyncio.sleep(index / len(user_ids) / rate)
+        conversation = synthetic_conversation(seed=None if seed is None else seed + index, user_id=user_id)
+        await server.play(_renumbered(conversation, chat_ids, message_ids), rate=rate, user_id=user_id)
+
+    players = [asyncio.ensure_future(play(index, user_id)) for index, user_id in enumerate(user_ids)]
+    try:
+        await asyncio.gather(*players)
+    finally:
+        for player in players:
+            player.cancel()
+        await asyncio.wait(players)
+
+
+def _renumbered(
+    conversation: Iterable[NewChat | NewMessage], chat_ids: Iterator[int], message_ids: Iterator[int]
+) -> Iterator[NewChat | NewMessage]:
+    """Give the chats and messages of one user's conversation ids unique over every user's.
+
+    Each synthetic conversation numbers its own from 1; the server's history,
+    and a listener's ``--chat``, need them unique. The messages of a chat
+    follow it, as `synthetic_conversation` yields them.
+    """
+    chat_id = ""
+    for event in conversation:
+        if isinstance(event, NewChat):
+            chat_id = str(next(chat_ids))
+            yield NewChat(type="new_chat", payload=event.payload.model_copy(update={"id": chat_id}))
+        else:
+            message = event.payload
+            message_id = str(next(message_ids))
+            # The audio's address is named after the message.
+            audio_url = message.audio_url and message.audio_url.replace(f"/{message.id}.", f"/{message_id}.")
+            changes = {"id": message_id, "chat_id": chat_id, "audio_url": audio_url}
+            yield NewMessage(type="new_message", payload=message.model_copy(update=changes))
 
 
 # demo
@@ -463,6 +872,12 @@ async def _demo(args: argparse.Namespace) -> int:
 
 async def _wait_until_set(event: asyncio.Event, timeout: float) -> bool:
     """Wait until ``event`` is set or ``timeout`` seconds have passed; return whether it is set."""
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
+    # Not wait_for: before Python 3.12, it loses a cancellation that comes as
+    # the event is set, and the cancelled task would go on.
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([waiter], timeout=timeout)
+    finally:
+        waiter.cancel()
+        await asyncio.wait([waiter])
     return event.is_set()

@@ -37,7 +37,7 @@ import ssl as ssl_module
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 from typing_extensions import Self
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -194,7 +194,18 @@ class FeedServer:
 
     Args:
         tokens: The tokens it accepts; the `tokens` attribute can be changed later
-            (remove one to make the next auth with it fail).
+            (remove one to make the next auth with it fail). A connection
+            authenticated with one of these is no user's in particular: it
+            gets every frame pushed, whatever ``user_id`` the push names. By
+            default ``"test-token"``, or none when ``users`` is given.
+        users: Tokens of users, each mapped to its user's id; they are
+            accepted too, and a connection authenticated with one gets only
+            what is pushed to every client (no ``user_id``) or to its user
+            (``user_id=`` of [`push_message`][chatfeed.testing.FeedServer.push_message],
+            [`push_chat`][chatfeed.testing.FeedServer.push_chat],
+            [`send_raw`][chatfeed.testing.FeedServer.send_raw] and
+            [`play`][chatfeed.testing.FeedServer.play]). The `users` attribute
+            can be changed later, as `tokens` can.
         host: The address to listen on.
         port: The port; 0 picks a free one (see [`url`][chatfeed.testing.FeedServer.url]).
         close_on_auth_error: Close the connection (code 1008) after
@@ -203,12 +214,25 @@ class FeedServer:
         history_size: How many pushed messages and chats
             [`history`][chatfeed.testing.FeedServer.history] keeps; the oldest
             are forgotten first.
+        backlog: The listening socket's queue of connections not yet
+            accepted (``listen()``'s backlog, capped by the system's
+            ``somaxconn``). The default of 100 is asyncio's; thousands of
+            clients connecting within a second overflow it, and the kernel
+            then drops their connection requests, which they retry a second
+            later: raise it to serve a pool of many feeds.
+        compression: ``"deflate"`` (the default, websockets') to accept
+            permessage-deflate when a client offers it, ``None`` never to
+            compress. A connection that negotiated it keeps zlib state on
+            both sides, for as long as it is open.
 
     Raises:
-        UsageError: ``history_size`` is not a positive int.
+        UsageError: ``history_size`` or ``backlog`` is not a positive int, or
+            ``compression`` is neither ``"deflate"`` nor ``None``, or ``users``
+            is not a mapping of non-empty str to non-empty str.
 
     Attributes:
         tokens: The accepted tokens.
+        users: The users' tokens, each mapped to its user's id.
         silent: When True, auth frames get no answer at all.
         received_tokens: Every token received in an auth frame, in order.
         handshakes: WebSocket handshakes completed so far.
@@ -217,16 +241,31 @@ class FeedServer:
     def __init__(
         self,
         *,
-        tokens: Iterable[str] = ("test-token",),
+        tokens: Iterable[str] | None = None,
+        users: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         close_on_auth_error: bool = True,
         ssl: ssl_module.SSLContext | None = None,
         history_size: int = 100_000,
+        backlog: int = 100,
+        compression: Literal["deflate"] | None = "deflate",
     ) -> None:
         if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
             raise UsageError(f"history_size must be a positive int, not {history_size!r}")
+        if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
+            raise UsageError(f"backlog must be a positive int, not {backlog!r}")
+        if compression not in ("deflate", None):
+            raise UsageError(f'compression must be "deflate" or None, not {compression!r}')
+        if users is not None and not (
+            isinstance(users, Mapping)
+            and all(isinstance(item, str) and item for pair in users.items() for item in pair)
+        ):
+            raise UsageError("users must map each user's token to its user's id, both non-empty str")
+        if tokens is None:
+            tokens = () if users is not None else ("test-token",)
         self.tokens: set[str] = set(tokens)
+        self.users: dict[str, str] = dict(users or {})
         self.silent = False
         self.close_on_auth_error = close_on_auth_error
         self.received_tokens: list[str] = []
@@ -234,9 +273,15 @@ class FeedServer:
         self._host = host
         self._port = port
         self._ssl = ssl
+        self._backlog = backlog
+        self._compression: Literal["deflate"] | None = compression
         self._server: Server | None = None
         self._connections: set[ServerConnection] = set()
         self._clients: set[ServerConnection] = set()
+        # The authenticated connections by user id; None holds those of
+        # `tokens`, which are no user's and get every push.
+        self._user_of: dict[ServerConnection, str | None] = {}
+        self._by_user: dict[str | None, set[ServerConnection]] = {}
         self._frozen: set[ServerConnection] = set()
         self._rejections: list[tuple[int, dict[str, str]]] = []
         self._changed: asyncio.Future[None] | None = None
@@ -255,6 +300,8 @@ class FeedServer:
             process_request=self._process_request,
             logger=_WEBSOCKETS_LOGGER,
             ssl=self._ssl,
+            compression=self._compression,
+            backlog=self._backlog,
         )
         if self._port == 0:
             self._port = self._server.sockets[0].getsockname()[1]
@@ -329,80 +376,108 @@ class FeedServer:
         connections = list(self._connections)
         self._connections.clear()
         self._clients.clear()
+        self._user_of.clear()
+        self._by_user.clear()
         self._notify()
         return connections
 
     # Pushing
 
-    async def push_message(self, message: Message | None = None, **fields: Any) -> Message:
-        """Send a ``new_message`` frame to every authenticated client.
+    async def push_message(
+        self, message: Message | None = None, *, user_id: str | None = None, **fields: Any
+    ) -> Message:
+        """Send a ``new_message`` frame to every authenticated client, or to one user's.
 
         Args:
             message: The message; by default [`make_message`][chatfeed.testing.make_message] with ``fields``.
+            user_id: Send it only to the connections of this user (see
+                ``users``), and to those of ``tokens``, which are no user's;
+                to every client when ``None``.
 
         Returns:
             The message sent.
         """
         message = message or make_message(**fields)
-        await self._publish(NewMessage(type="new_message", payload=message))
+        await self._publish(NewMessage(type="new_message", payload=message), user_id)
         return message
 
-    async def push_chat(self, chat: Chat | None = None, **fields: Any) -> Chat:
-        """Send a ``new_chat`` frame to every authenticated client.
+    async def push_chat(self, chat: Chat | None = None, *, user_id: str | None = None, **fields: Any) -> Chat:
+        """Send a ``new_chat`` frame to every authenticated client, or to one user's.
 
         Works like [`push_message`][chatfeed.testing.FeedServer.push_message].
+        The chat made when ``chat`` is not given is ``user_id``'s (its
+        ``userId``), unless ``fields`` say otherwise; a connection of
+        ``tokens`` gets it whatever ``user_id`` is, as before users existed.
         """
-        chat = chat or make_chat(**fields)
-        await self._publish(NewChat(type="new_chat", payload=chat))
+        if chat is None:
+            if user_id is not None:
+                fields.setdefault("user_id", user_id)
+            chat = make_chat(**fields)
+        await self._publish(NewChat(type="new_chat", payload=chat), user_id)
         return chat
 
-    async def push_error(self, message: str) -> None:
-        """Send an ``error`` frame to every authenticated client."""
-        await self.send_raw(json.dumps({"type": "error", "message": message}))
+    async def push_error(self, message: str, *, user_id: str | None = None) -> None:
+        """Send an ``error`` frame to every authenticated client, or to one user's (as ``push_message``)."""
+        await self.send_raw(json.dumps({"type": "error", "message": message}), user_id=user_id)
 
-    async def send_raw(self, frame: str | bytes) -> int:
+    async def send_raw(self, frame: str | bytes, *, user_id: str | None = None) -> int:
         """Send ``frame`` as is (text for ``str``, binary for ``bytes``) to every authenticated client.
 
         The frame is opaque to the server, so it is not recorded in the
         [`history`][chatfeed.testing.FeedServer.history], even when it holds a
         message or a chat.
 
+        Args:
+            frame: The frame.
+            user_id: Send it only to the connections of this user (see
+                ``users``), and to those of ``tokens``, which are no user's;
+                to every client when ``None``.
+
         Returns:
             How many clients it was sent to.
         """
-        clients = list(self._clients)
+        if user_id is None:
+            clients = list(self._clients)
+        else:
+            clients = [*self._by_user.get(user_id, ()), *self._by_user.get(None, ())]
         for ws in clients:
             with contextlib.suppress(ConnectionClosed):
                 await ws.send(frame)
         return len(clients)
 
-    async def play(self, events: Iterable[ServerMessage], *, rate: float) -> None:
+    async def play(self, events: Iterable[ServerMessage], *, rate: float, user_id: str | None = None) -> None:
         """Send ``events`` to every authenticated client, ``rate`` per second, until they run out.
 
         Events are sent whether or not anyone is connected, as a live backend
         would; cancel the task running it to stop an endless feed. The
         payloads of ``new_message`` and ``new_chat`` events are recorded in the
-        [`history`][chatfeed.testing.FeedServer.history].
+        [`history`][chatfeed.testing.FeedServer.history]. With ``user_id``,
+        they go only to that user's connections (and those of ``tokens``), as
+        with [`push_message`][chatfeed.testing.FeedServer.push_message]; one
+        ``play`` per user, each in its own task, gives every user a
+        conversation of its own.
 
         Example:
             ``await server.play(synthetic_conversation(), rate=2.0)``
+
+            ``await server.play(synthetic_conversation(user_id="u1"), rate=2.0, user_id="u1")``
         """
         if not rate > 0:
             raise UsageError(f"rate must be a positive number of events per second, not {rate!r}")
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         for event in events:
-            await self._publish(event)
+            await self._publish(event, user_id)
             # Scheduled from the start, so that slow sends do not make it drift.
             next_at += 1 / rate
             await asyncio.sleep(max(next_at - loop.time(), 0))
 
-    async def _publish(self, event: ServerMessage) -> None:
+    async def _publish(self, event: ServerMessage, user_id: str | None = None) -> None:
         # Stored before it is sent, and whether or not anyone is connected, as
         # a backend writes to its database before it pushes.
         if isinstance(event, (NewMessage, NewChat)):
             self._history.append(event.payload)
-        await self.send_raw(event.model_dump_json(by_alias=True))
+        await self.send_raw(event.model_dump_json(by_alias=True), user_id=user_id)
 
     # History
 
@@ -525,7 +600,17 @@ class FeedServer:
         finally:
             self._connections.discard(ws)
             self._clients.discard(ws)
+            self._forget_user(ws)
             self._notify()
+
+    def _forget_user(self, ws: ServerConnection) -> None:
+        if ws not in self._user_of:
+            return
+        user_id = self._user_of.pop(ws)
+        connections = self._by_user[user_id]
+        connections.discard(ws)
+        if not connections:
+            del self._by_user[user_id]
 
     async def _serve(self, ws: ServerConnection) -> None:
         frame = await ws.recv()
@@ -538,7 +623,8 @@ class FeedServer:
         if self.silent:
             await ws.wait_closed()
             return
-        if token not in self.tokens:
+        user_id = self.users.get(token)
+        if user_id is None and token not in self.tokens:
             await ws.send(json.dumps({"type": "auth_error", "message": "Invalid token"}))
             if self.close_on_auth_error:
                 await ws.close(1008, "invalid token")
@@ -546,6 +632,8 @@ class FeedServer:
         else:
             await ws.send(json.dumps({"type": "auth_success"}))
             self._clients.add(ws)
+            self._user_of[ws] = user_id
+            self._by_user.setdefault(user_id, set()).add(ws)
             self._notify()
         async for _ in ws:  # clients send nothing after auth; keep the connection read
             pass

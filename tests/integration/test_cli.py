@@ -10,9 +10,10 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,7 +22,7 @@ import pytest
 import chatfeed
 from chatfeed.testing import FeedServer, synthetic_conversation
 
-from ..conftest import BAD_TOKEN, MS, SECRET, TOKEN
+from ..conftest import BAD_TOKEN, MS, OTHER_TOKEN, SECRET, TOKEN
 from .conftest import WAIT, free_port
 
 CLI_WAIT = 20_000 * MS
@@ -182,6 +183,13 @@ async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen
         writer.write(chunk)
         with contextlib.suppress(ConnectionError):
             await writer.drain()
+
+
+def write_tokens(path: Path, feeds: Mapping[str, str]) -> Path:
+    """Write a tokens file for ``listen --tokens``, feed key to token, readable by its owner only."""
+    path.write_text("".join(json.dumps({"feed": feed, "token": token}) + "\n" for feed, token in feeds.items()))
+    path.chmod(0o600)
+    return path
 
 
 pytestmark = pytest.mark.timeout(60)
@@ -361,6 +369,162 @@ async def test_listen_help_lists_the_event_types() -> None:
     assert "unknown (any type this version of chatfeed does not know)" in help_of_type
 
 
+# listen --tokens
+
+
+@pytest.fixture
+async def users_server() -> AsyncIterator[FeedServer]:
+    async with FeedServer(users={TOKEN: "u1", OTHER_TOKEN: "u2"}) as server:
+        yield server
+
+
+async def test_listen_with_tokens_marks_each_event_with_its_feed(users_server: FeedServer, tmp_path: Path) -> None:
+    tokens = write_tokens(tmp_path / "tokens.jsonl", {"first": TOKEN, "second": OTHER_TOKEN})
+    command = await start("listen", users_server.url, "--tokens", str(tokens), "--count", "3")
+    await users_server.wait_for_clients(2, timeout=CLI_WAIT)
+    await users_server.push_message(content="to u1", user_id="u1")
+    await users_server.push_chat(title="a chat of u2", user_id="u2")
+    await users_server.push_message(content="to u2", user_id="u2")
+    status, out, err = await command.finish()
+    assert status == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert all(next(iter(line)) == "feed" for line in lines)  # first, then the frame as on the wire
+    by_feed = {
+        (line["feed"], line["type"], line["payload"].get("content") or line["payload"]["title"]) for line in lines
+    }
+    assert by_feed == {
+        ("first", "new_message", "to u1"),
+        ("second", "new_chat", "a chat of u2"),
+        ("second", "new_message", "to u2"),
+    }
+    assert "connecting 2 feeds" in err
+    assert SECRET not in out + err
+
+
+async def test_listen_with_tokens_pretty_format_starts_each_line_with_the_feed(
+    users_server: FeedServer, tmp_path: Path
+) -> None:
+    tokens = write_tokens(tmp_path / "tokens.jsonl", {"first": TOKEN, "second-feed": OTHER_TOKEN})
+    command = await start(
+        "listen", users_server.url, "--tokens", str(tokens), "--format", "pretty", "--count", "1",
+        env=environment(NO_COLOR="1"),
+    )  # fmt: skip
+    await users_server.wait_for_clients(2, timeout=CLI_WAIT)
+    await users_server.push_message(chat_id="17", role="user", content="Hi", precis=None, audio_url=None, user_id="u1")
+    status, out, _ = await command.finish()
+    assert status == 0
+    # Padded to the longest key, so that the lines of every feed line up.
+    assert re.fullmatch(r"first       \| \d\d:\d\d:\d\d \[chat 17\] user: Hi\n", out), out
+
+
+async def test_listen_with_tokens_reports_a_rejected_feed_and_the_others_go_on(
+    users_server: FeedServer, tmp_path: Path, command_cleanup: list[Command]
+) -> None:
+    tokens = write_tokens(tmp_path / "tokens.jsonl", {"good": TOKEN, "bad": BAD_TOKEN})
+    command = await start("listen", users_server.url, "--tokens", str(tokens), "--count", "1")
+    command_cleanup.append(command)
+    await command.stderr_line_matching(r"^chatfeed: feed bad stopped: authentication failed: Invalid token$")
+    await command.stderr_line_matching(r"1 of 2 feeds up, 1 stopped")
+    await users_server.push_message(content="still here", user_id="u1")
+    status, out, err = await command.finish()
+    assert status == 0, err
+    line = json.loads(out)
+    assert (line["feed"], line["payload"]["content"]) == ("good", "still here")
+    assert SECRET not in out + err
+
+
+async def test_listen_with_tokens_verbose_reports_each_feeds_connections(
+    users_server: FeedServer, tmp_path: Path, command_cleanup: list[Command]
+) -> None:
+    tokens = write_tokens(tmp_path / "tokens.jsonl", {"first": TOKEN, "second": OTHER_TOKEN})
+    command = await start("listen", users_server.url, "--tokens", str(tokens), "-v")
+    command_cleanup.append(command)
+    await command.stderr_line_matching("2 of 2 feeds up")
+    await users_server.close_connections(1012, "restarting")
+    await command.stderr_line_matching(r"feed (first|second): connection lost \(code 1012\); reconnecting in")
+    await command.stderr_line_matching(r"feed (first|second): reconnected after [0-9.]+ s away")
+    await command.stderr_line_matching(r"2 of 2 feeds up; [12] reconnections?$")
+    command.process.send_signal(signal.SIGINT)
+    status, out, err = await command.finish()
+    assert status == 0
+    assert out == ""
+    assert "feed first: connected" in err
+    assert "feed second: connected" in err
+    assert SECRET not in err
+
+
+async def test_listen_with_tokens_exits_3_when_every_token_is_rejected(server: FeedServer, tmp_path: Path) -> None:
+    tokens = write_tokens(tmp_path / "tokens.jsonl", {"a": BAD_TOKEN, "b": BAD_TOKEN + "2"})
+    status, out, err = await run("listen", server.url, "--tokens", str(tokens))
+    assert status == 3, err
+    assert out == ""
+    assert "feed a stopped: authentication failed" in err
+    assert "feed b stopped: authentication failed" in err
+    assert "every feed's token was rejected" in err
+    assert SECRET not in err
+
+
+async def test_listen_with_tokens_exits_4_when_every_feed_gives_up(tmp_path: Path) -> None:
+    tokens = write_tokens(tmp_path / "tokens.jsonl", {"a": TOKEN, "b": OTHER_TOKEN})
+    status, _, err = await run("listen", f"ws://127.0.0.1:{free_port()}", "--tokens", str(tokens), "--no-reconnect")
+    assert status == 4
+    assert err.count("stopped: could not connect") == 2, err
+    assert "Is the server running" in err
+
+
+A_FEED = json.dumps({"feed": "a", "token": TOKEN})
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (f"{A_FEED}\n\n{A_FEED[:-1]}\n", ", line 3: not JSON"),
+        (json.dumps([TOKEN]), ', line 1: expected an object, {"feed": "<key>", "token": "<jwt>"}'),
+        (json.dumps({"feed": "a", "tokn": TOKEN}), ', line 1: "token" must be a non-empty string'),
+        (json.dumps({"feed": "", "token": TOKEN}), ', line 1: "feed" must be a non-empty string'),
+        (A_FEED + "\n" + json.dumps({"feed": "a", "token": OTHER_TOKEN}), ", line 2: feed 'a' is already on line 1"),
+        ("\n  \n", " has no feeds"),
+    ],
+)
+async def test_listen_with_a_malformed_tokens_file_exits_2_without_quoting_a_token(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    tokens = tmp_path / "tokens.jsonl"
+    tokens.write_text(content)
+    tokens.chmod(0o600)
+    status, out, err = await run("listen", "ws://127.0.0.1:1", "--tokens", str(tokens))
+    assert status == 2
+    assert out == ""
+    assert f"chatfeed: error: {tokens}{message}" in err, err
+    assert SECRET not in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--tokens", TOKEN), "cannot read the file given to --tokens: No such file or directory"),
+        (("--tokens", "tokens.jsonl", "--token", TOKEN), "not allowed with argument"),
+        (("--token", TOKEN, "--connect-rate", "10"), "--connect-rate goes with --tokens"),
+        (("--tokens", "tokens.jsonl", "--connect-rate", "0"), "must be a positive number"),
+    ],
+)
+async def test_listen_bad_usage_of_tokens_exits_2_without_quoting_a_token(args: Sequence[str], message: str) -> None:
+    status, out, err = await run("listen", "ws://127.0.0.1:1", *args)
+    assert status == 2
+    assert out == ""
+    assert message in err
+    assert SECRET not in err
+
+
+async def test_listen_warns_about_a_tokens_file_others_can_read(server: FeedServer, tmp_path: Path) -> None:
+    tokens = write_tokens(tmp_path / "tokens.jsonl", {"a": BAD_TOKEN})
+    tokens.chmod(0o644)
+    status, _, err = await run("listen", server.url, "--tokens", str(tokens))
+    assert status == 3
+    assert f"other users of this machine can read {tokens}" in err
+
+
 # serve
 
 
@@ -398,6 +562,87 @@ async def test_serve_accepts_only_the_given_tokens(command_cleanup: list[Command
     status, _, err = await command.finish()
     assert status == 0
     assert "token:" not in err  # nothing generated, nothing printed
+
+
+async def test_serve_users_gives_each_user_a_token_in_the_file_and_a_conversation_of_its_own(
+    tmp_path: Path, command_cleanup: list[Command]
+) -> None:
+    tokens_file = tmp_path / "tokens.jsonl"
+    tokens_file.write_text("tokens of an earlier run\n")
+    tokens_file.chmod(0o644)
+    command = await start("serve", "--users", "2", "--tokens-file", str(tokens_file), "--port", "0", "--rate", "100")
+    command_cleanup.append(command)
+    url = (await command.stderr_line_matching(r"serving the chat feed on (ws://\S+) to 2 user")).group(1)
+    await command.stderr_line_matching(r"their tokens are in")
+    assert stat.S_IMODE(tokens_file.stat().st_mode) == 0o600
+    entries = [json.loads(line) for line in tokens_file.read_text().splitlines()]
+    assert [entry["feed"] for entry in entries] == ["user-1", "user-2"]
+    tokens = [entry["token"] for entry in entries]
+    assert len(set(tokens)) == 2
+
+    async def receive(token: str) -> list[chatfeed.FeedEvent]:
+        async with chatfeed.Client(url, token=token) as client:
+            stream = client.events()
+            return [await asyncio.wait_for(anext(stream), WAIT) for _ in range(16)]
+
+    received = dict(zip(("user-1", "user-2"), await asyncio.gather(*map(receive, tokens)), strict=True))
+    chats = {
+        user: {event.payload.id for event in events if isinstance(event, chatfeed.NewChat)}
+        for user, events in received.items()
+    }
+    for user, events in received.items():
+        other = "user-2" if user == "user-1" else "user-1"
+        assert {event.payload.user_id for event in events if isinstance(event, chatfeed.NewChat)} == {user}
+        messages = [event.payload for event in events if isinstance(event, chatfeed.NewMessage)]
+        assert messages
+        assert not {message.chat_id for message in messages} & chats[other]
+        # A message after one of its chats is in it.
+        first_chat = next(index for index, event in enumerate(events) if isinstance(event, chatfeed.NewChat))
+        later = [event.payload for event in events[first_chat:] if isinstance(event, chatfeed.NewMessage)]
+        assert {message.chat_id for message in later} <= chats[user]
+    assert not chats["user-1"] & chats["user-2"]  # ids unique over every user
+    command.process.send_signal(signal.SIGINT)
+    status, out, err = await command.finish()
+    assert status == 0, err
+    assert not any(token in out + err for token in tokens)
+
+
+async def test_serve_users_and_listen_tokens_make_a_pool_in_two_commands(
+    tmp_path: Path, command_cleanup: list[Command]
+) -> None:
+    tokens_file = tmp_path / "tokens.jsonl"
+    server = await start("serve", "--users", "3", "--tokens-file", str(tokens_file), "--port", "0", "--rate", "20")
+    command_cleanup.append(server)
+    url = (await server.stderr_line_matching(r"serving the chat feed on (ws://\S+)")).group(1)
+    await server.stderr_line_matching(r"their tokens are in")
+    status, out, err = await run("listen", url, "--tokens", str(tokens_file), "--format", "json", "--count", "12")
+    assert status == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 12
+    assert {line["feed"] for line in lines} <= {"user-1", "user-2", "user-3"}
+    assert all(line["payload"]["userId"] == line["feed"] for line in lines if line["type"] == "new_chat")
+    server.process.send_signal(signal.SIGINT)
+    serve_status, serve_out, serve_err = await server.finish()
+    assert serve_status == 0
+    tokens = [json.loads(line)["token"] for line in tokens_file.read_text().splitlines()]
+    assert not any(token in out + err + serve_out + serve_err for token in tokens)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--users", "2"), "--users needs --tokens-file"),
+        (("--tokens-file", "FILE"), "--tokens-file goes with --users"),
+        (("--users", "2", "--token", TOKEN, "--tokens-file", "FILE"), "not allowed with argument"),
+        (("--users", "0", "--tokens-file", "FILE"), "must be at least 1"),
+    ],
+)
+async def test_serve_bad_usage_of_users_exits_2(args: Sequence[str], message: str, tmp_path: Path) -> None:
+    tokens_file = tmp_path / "tokens.jsonl"
+    status, _, err = await run("serve", "--port", "0", *(str(tokens_file) if arg == "FILE" else arg for arg in args))
+    assert status == 2
+    assert message in err
+    assert not tokens_file.exists()
 
 
 async def test_serve_on_a_busy_port_says_so() -> None:
