@@ -910,8 +910,24 @@ class Client:
         if delay is None:
             self._give_up(retry, error)
         self._set_state(_State.BACKING_OFF)
-        logger.info("reconnecting in %.3f s (attempt %d): %s", delay, retry.failures, error)
+        logger.info(
+            "%sreconnecting in %.3f s (attempt %d): %s",
+            self._of_feed(),
+            delay,
+            retry.failures,
+            error,
+            extra=self._extra,
+        )
         await asyncio.sleep(delay)
+
+    @property
+    def _extra(self) -> dict[str, Any] | None:
+        """The structured fields of a log record about this client: its feed, for a pool's."""
+        return None if self._feed is None else {"chatfeed_feed": self._feed}
+
+    def _of_feed(self) -> str:
+        """A log message's prefix naming the feed, for a pool's."""
+        return "" if self._feed is None else f"feed {self._feed!r}: "
 
     def _give_up(self, retry: RetryState, error: ChatfeedError) -> NoReturn:
         url = redact_url(self._options.url)
@@ -919,7 +935,7 @@ class Client:
             url = f"{url} (feed {self._feed!r})"
         # Marked, so that a program that reports the error itself (the
         # command line) can leave this record out.
-        marker = {"chatfeed_gave_up": True}
+        marker = {"chatfeed_gave_up": True, **(self._extra or {})}
         if retry.failed_attempts:
             logger.warning(
                 "giving up on %s after %d failed attempt(s): %s", url, retry.failed_attempts, error, extra=marker
@@ -1003,7 +1019,12 @@ class Client:
             events, error = await fetch_backfill(backfill, gap, options.backfill_timeout)
             if error is not None:
                 self._backfill_errors += 1
-                logger.warning("the backfill failed, the feed goes on without what it missed: %r", error)
+                logger.warning(
+                    "%sthe backfill failed, the feed goes on without what it missed: %r",
+                    self._of_feed(),
+                    error,
+                    extra=self._extra,
+                )
                 await self._dispatcher.call_error_hooks(error, gap)
             dispatcher = self._dispatcher
             delivered = delivery.backfilled
@@ -1042,9 +1063,11 @@ class Client:
         downtime = None if lost_at is None else session.authenticated_at - lost_at
         url = redact_url(self._options.url)
         if is_reconnect:
-            logger.info("reconnected to %s after %.2f s away", url, downtime or 0.0)
+            logger.info(
+                "%sreconnected to %s after %.2f s away", self._of_feed(), url, downtime or 0.0, extra=self._extra
+            )
         else:
-            logger.info("connected to %s", url)
+            logger.info("%sconnected to %s", self._of_feed(), url, extra=self._extra)
         try:
             await self._dispatcher.call_handlers(
                 Connected(is_reconnect=is_reconnect, downtime=downtime, feed=self._feed)
@@ -1061,7 +1084,9 @@ class Client:
         return self._state is _State.CLOSED
 
     async def _announce_lost(self, error: ChatfeedError, delay: float | None) -> None:
-        logger.info("connection to %s lost: %s", redact_url(self._options.url), error)
+        logger.info(
+            "%sconnection to %s lost: %s", self._of_feed(), redact_url(self._options.url), error, extra=self._extra
+        )
         lost = error if isinstance(error, ConnectionLostError) else None
         # Not open any more while its handlers run; closed already when nothing follows.
         self._set_state(_State.BACKING_OFF if delay is not None else _State.CLOSED)

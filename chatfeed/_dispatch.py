@@ -83,8 +83,12 @@ _EVENT_CLASSES = frozenset(EVENTS_BY_NAME.values()) | {ServerMessage, FeedStoppe
 _EVENT_OF_PAYLOAD: dict[type[Any], str] = {Message: "NewMessage", Chat: "NewChat"}
 
 
-def resolve_event(event: str | type[Any]) -> type[Any]:
+def resolve_event(event: str | type[Any], *, extra_names: tuple[str, ...] = ()) -> type[Any]:
     """Return the event class that a name or class passed to ``Client.on`` stands for.
+
+    Args:
+        event: The name or class.
+        extra_names: Names the caller resolves itself (a pool's), listed in the error.
 
     Raises:
         UsageError: Not an event chatfeed delivers.
@@ -93,10 +97,11 @@ def resolve_event(event: str | type[Any]) -> type[Any]:
         try:
             return EVENTS_BY_NAME[event]
         except KeyError:
-            names = ", ".join(repr(name) for name in EVENTS_BY_NAME)
+            known = [*EVENTS_BY_NAME, *extra_names]
+            names = ", ".join(repr(name) for name in known)
             import difflib  # only for this mistake: importing chatfeed need not pay for it
 
-            close = difflib.get_close_matches(event, EVENTS_BY_NAME, n=1)
+            close = difflib.get_close_matches(event, known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UsageError(f"unknown event {event!r}; {hint}expected one of {names}, or an event class") from None
     if isinstance(event, type) and event in _EVENT_CLASSES:
@@ -130,6 +135,14 @@ def check_timeout(timeout: float | None) -> None:
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0
     ):
         raise UsageError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+
+
+def check_where(where: Callable[[Any], bool] | None, cls: type[Any]) -> None:
+    """Raise `UsageError` unless ``where`` is ``None`` or a sync function of an event."""
+    if where is not None and not callable(where):
+        raise UsageError(f"where must be a function of the event returning a bool, not {where!r}")
+    if where is not None and _Entry(where, cls).is_async:
+        raise UsageError("where must be a sync function: it is called for each event as it is delivered")
 
 
 class _Entry:
@@ -254,10 +267,7 @@ class Dispatcher:
     ) -> Expectation[Any]:
         """Register an expectation of the next ``event`` for which ``where`` is true."""
         cls = resolve_event(event)
-        if where is not None and not callable(where):
-            raise UsageError(f"where must be a function of the event returning a bool, not {where!r}")
-        if where is not None and _Entry(where, cls).is_async:
-            raise UsageError("where must be a sync function: it is called for each event as it is delivered")
+        check_where(where, cls)
         check_timeout(timeout)
         try:
             loop = asyncio.get_running_loop()

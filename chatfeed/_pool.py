@@ -37,6 +37,7 @@ from ._dispatch import (
     Expectation,
     KeyFunction,
     check_concurrency,
+    check_where,
     resolve_event,
 )
 from ._keepalive import Keepalive
@@ -216,6 +217,7 @@ class Pool:
     """
 
     __slots__ = (
+        "_closing",
         "_dispatcher",
         "_errors",
         "_feeds",
@@ -289,7 +291,8 @@ class Pool:
         self._state: Literal["unopened", "running", "closed"] = "unopened"
         self._unsettled: set[str] = set()  # feeds __aenter__ waits for
         self._settled: asyncio.Future[None] | None = None
-        self._stopped: asyncio.Future[None] | None = None
+        self._stopped: asyncio.Future[None] | None = None  # what run() waits for
+        self._closing: asyncio.Future[None] | None = None  # done once close() has finished
 
     def __repr__(self) -> str:
         return f"<chatfeed.Pool url={redact_url(self._options.url)!r} feeds={len(self._feeds)} {self._state}>"
@@ -349,7 +352,6 @@ class Pool:
         if feed is None:
             raise UsageError(f"the pool has no feed {key!r}")
         self._errors.pop(key, None)
-        self._unsettled.discard(key)
         feed._set_state(_State.CLOSED)
         task = self._tasks.pop(key, None)
         if task is not None:
@@ -561,10 +563,9 @@ class Pool:
         cls = _resolve(event)
         if feed is not None and not isinstance(feed, str):
             raise UsageError(f"feed must be a feed's key (a str) or None, not {feed!r}")
+        check_where(where, cls)
         test = where
         if feed is not None:
-            if where is not None and not callable(where):
-                raise UsageError(f"where must be a function of the event returning a bool, not {where!r}")
 
             def test(event: Any) -> bool:
                 return event.feed == feed and (where is None or where(event))
@@ -609,6 +610,9 @@ class Pool:
         except BaseException:
             await self._shut_down(drain=False)
             raise
+        if self._closing is not None:
+            await self.close()
+            raise UsageError("the pool was closed while its feeds were connecting")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -639,15 +643,32 @@ class Pool:
         except asyncio.CancelledError:
             await self._shut_down(drain=False)
             raise
+        await self.close()  # after a close() from a handler, which left the rest to run()
 
     async def close(self) -> None:
         """Close every feed, let the concurrent handlers finish (``drain_timeout``), end every stream.
 
-        Returns once no task of the pool is left. Safe to call more than once.
+        Returns once no task of the pool is left. Safe to call more than once,
+        and from several tasks: a later call waits for the first one's work.
+        Called from a handler, it returns at once: the feeds stop reading, and
+        ``run()`` (or leaving ``async with``) finishes closing the pool.
         """
-        if self._state == "closed":
+        current = asyncio.current_task()
+        if current in self._tasks.values() or self._dispatcher.runs_a_handler(current):
+            # A handler: waiting here for the tasks (and the drain) would wait for itself.
+            self._state = "closed"
+            for feed in self._feeds.values():
+                feed._set_state(_State.CLOSED)  # each receive loop stops after its handler
+            self._wake_run()
             return
-        await self._shut_down(drain=True)
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
+            return
+        self._closing = asyncio.get_running_loop().create_future()
+        try:
+            await self._shut_down(drain=True)
+        finally:
+            self._closing.set_result(None)
 
     @overload
     def statistics(self) -> PoolStatistics: ...
@@ -687,13 +708,15 @@ class Pool:
     async def _run_feed(self, key: str, feed: Client) -> None:
         try:
             await feed._supervise(feed._begin(), None)
-        except ChatfeedError as exc:
-            self._errors[key] = exc
+        except Exception as exc:
+            if isinstance(exc, ChatfeedError):
+                error = exc
+            else:  # a bug of ours: the feed stops, the pool goes on
+                logger.error("feed %r stopped on an unexpected error", key, exc_info=exc)
+                error = ChatfeedError(f"unexpected error: {type(exc).__name__}")
+            self._errors[key] = error
             self._settle(key)
-            await self._dispatcher.call_handlers(FeedStopped(feed=key, error=exc))
-        except Exception as exc:  # a bug of ours: the feed stops, the pool goes on
-            logger.exception("feed %s stopped on an unexpected error", key)
-            self._errors[key] = ChatfeedError(f"unexpected error: {type(exc).__name__}")
+            await self._dispatcher.call_handlers(FeedStopped(feed=key, error=error))
         finally:
             self._settle(key)
             if self._tasks.get(key) is asyncio.current_task():
@@ -710,10 +733,16 @@ class Pool:
             if not unsettled and self._settled is not None and not self._settled.done():
                 self._settled.set_result(None)
 
+    def _wake_run(self) -> None:
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
     async def _shut_down(self, *, drain: bool) -> None:
         self._state = "closed"
         for feed in self._feeds.values():
             feed._set_state(_State.CLOSED)
+        if self._settled is not None and not self._settled.done():
+            self._settled.set_result(None)  # __aenter__ waits no more: it finds the pool closed
         tasks = list(self._tasks.values())
         self._tasks.clear()
         for task in tasks:
@@ -729,8 +758,7 @@ class Pool:
             self._dispatcher.end_streams()
             if self._keepalive is not None:
                 await self._keepalive.close()
-            if self._stopped is not None and not self._stopped.done():
-                self._stopped.set_result(None)
+            self._wake_run()
 
     def _statistics(self) -> PoolStatistics:
         states = dict.fromkeys(("connecting", "authenticating", "open", "backing_off"), 0)
@@ -784,4 +812,4 @@ class Pool:
 def _resolve(event: str | type[Any]) -> type[Any]:
     if event == "feed_stopped" or event is FeedStopped:
         return FeedStopped
-    return resolve_event(event)
+    return resolve_event(event, extra_names=("feed_stopped",))

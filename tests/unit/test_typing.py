@@ -1,7 +1,9 @@
 """What a type checker sees (checked by mypy --strict in CI).
 
 Decorators keep the type of what they decorate; an expectation, its ``where``
-and a concurrent handler's ``key`` are typed after the event they are for.
+and a concurrent handler's ``key`` are typed after the event they are for. A
+pool's handlers take the event and the feed's key, and its ``events()`` yields
+``(key, event)``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pytest
 from typing_extensions import assert_type
 
 import chatfeed
-from chatfeed.testing import make_message
+from chatfeed.testing import make_chat, make_message
 
 client = chatfeed.Client("wss://api.example.com", token="t")
 shown: list[str] = []
@@ -176,3 +178,123 @@ def test_concurrency_for_a_lifecycle_event_is_a_type_error_and_a_usage_error() -
     on_disconnected: Any = concurrent.on(chatfeed.Disconnected, concurrency=2)  # type: ignore[arg-type]
     with pytest.raises(chatfeed.UsageError, match="inline"):
         on_disconnected(on_disconnect)
+
+
+# Pool: a handler takes the event and its feed's key; events() yields (key, event); statistics() by key or not.
+
+
+pool = chatfeed.Pool("wss://api.example.com")
+moderated: list[tuple[str, str]] = []
+
+
+@pool.on("new_message")
+async def moderate(event: chatfeed.NewMessage, feed: str) -> None:
+    moderated.append((feed, event.payload.content))
+
+
+@pool.on(chatfeed.NewChat)
+def count_chat(event: chatfeed.NewChat, feed: str) -> None:
+    pass
+
+
+@pool.on("feed_stopped")
+def stopped(event: chatfeed.FeedStopped, feed: str) -> None:
+    pass
+
+
+@pool.on("new_message", concurrency=8, key=lambda e: e.payload.chat_id)
+async def answer_in_pool(event: chatfeed.NewMessage, feed: str) -> None:
+    pass
+
+
+async def test_a_pool_handler_keeps_its_type_and_can_still_be_called_as_written() -> None:
+    message = chatfeed.NewMessage(type="new_message", payload=make_message(content="direct"))
+    assert_type(await moderate(message, "user-17"), None)
+    assert moderated == [("user-17", "direct")]
+    assert_type(count_chat(chatfeed.NewChat(type="new_chat", payload=make_chat()), "user-17"), None)
+    assert_type(await answer_in_pool(message, "user-17"), None)
+    pool.on("connected")(lambda event, feed: None)
+    pool.on(chatfeed.ServerMessage)(lambda event, feed: None)
+    name: chatfeed.PoolEventName = "feed_stopped"
+    pool.on(name)(stopped)
+
+
+def test_a_pool_handler_without_the_feed_or_for_another_event_is_a_type_error() -> None:
+    # mypy --strict (warn_unused_ignores) fails CI if these lines type-check.
+    pool.on("new_message")(show)  # type: ignore[type-var]
+    pool.on("new_chat")(moderate)  # type: ignore[type-var]
+    pool.on("feed_stopped")(moderate)  # type: ignore[type-var]
+    pool.on("new_message", concurrency=8, key=lambda e: e.payload.title)  # type: ignore[call-overload]
+    with pytest.raises(chatfeed.UsageError, match="did you mean 'new_message'"):
+        pool.on("new_mesage")  # type: ignore[call-overload]
+
+
+async def test_pool_expect_is_typed_after_the_event_name_or_class() -> None:
+    replies: list[chatfeed.Expectation[Any]] = [
+        assert_type(pool.expect("new_message"), chatfeed.Expectation[chatfeed.NewMessage]),
+        assert_type(pool.expect("new_message", feed="user-17"), chatfeed.Expectation[chatfeed.NewMessage]),
+        assert_type(pool.expect(chatfeed.NewChat, timeout=1.0), chatfeed.Expectation[chatfeed.NewChat]),
+        assert_type(pool.expect("error"), chatfeed.Expectation[chatfeed.ErrorMessage]),
+        assert_type(pool.expect("unknown"), chatfeed.Expectation[chatfeed.UnknownMessage]),
+        assert_type(pool.expect("connected", feed="user-17"), chatfeed.Expectation[chatfeed.Connected]),
+        assert_type(pool.expect("disconnected"), chatfeed.Expectation[chatfeed.Disconnected]),
+        assert_type(pool.expect("feed_stopped", feed="user-17"), chatfeed.Expectation[chatfeed.FeedStopped]),
+        assert_type(pool.expect(chatfeed.ServerMessage), chatfeed.Expectation[chatfeed.ServerMessage]),
+        assert_type(
+            pool.expect("new_message", feed="user-17", where=lambda e: e.payload.role == "assistant"),
+            chatfeed.Expectation[chatfeed.NewMessage],
+        ),
+        assert_type(
+            pool.expect("feed_stopped", where=lambda e: e.feed == "x"), chatfeed.Expectation[chatfeed.FeedStopped]
+        ),
+    ]
+    for reply in replies:
+        reply.cancel()
+    reply = pool.expect("new_message", feed="user-17", timeout=1.0)
+    reply.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        assert_type(await reply, chatfeed.NewMessage)
+    with pytest.raises(asyncio.CancelledError):
+        assert_type(await reply.wait(timeout=1.0), chatfeed.NewMessage)
+
+
+async def test_a_pool_expect_with_a_where_for_another_event_or_a_bad_feed_is_a_type_error() -> None:
+    # mypy --strict (warn_unused_ignores) fails CI if these lines type-check.
+    replies: list[chatfeed.Expectation[Any]] = [
+        pool.expect("new_message", where=is_titled),  # type: ignore[call-overload]
+        pool.expect("new_message", where=lambda e: e.payload.title == ""),  # type: ignore[call-overload]
+    ]
+    for reply in replies:
+        reply.cancel()
+    with pytest.raises(chatfeed.UsageError, match="feed"):
+        pool.expect("new_message", feed=17)  # type: ignore[call-overload]
+
+
+async def test_pool_events_yield_the_key_and_the_event() -> None:
+    unopened = chatfeed.Pool("wss://api.example.com")
+    stream = assert_type(unopened.events(), chatfeed.PoolEventStream)
+    with pytest.raises(chatfeed.UsageError, match="never started"):
+        # A pool never started has no events to wait for; the type is what matters here.
+        assert_type(await anext(stream), tuple[str, chatfeed.FeedEvent])
+    await stream.aclose()
+
+
+async def keys_of(running: chatfeed.Pool) -> list[str]:
+    # Type-checked, not run: unpacking an item of events() in a loop.
+    keys = []
+    async for feed, event in running.events():
+        assert_type(feed, str)
+        assert_type(event, chatfeed.FeedEvent)
+        keys.append(feed)
+    return keys
+
+
+def test_pool_statistics_are_typed_by_whether_a_key_is_given() -> None:
+    typed = chatfeed.Pool("wss://api.example.com")
+    typed.add("user-17", token="t")
+    assert_type(typed.statistics(), chatfeed.PoolStatistics)
+    assert_type(typed.statistics("user-17"), chatfeed.ClientStatistics)
+    assert typed.statistics().feeds == 1
+    assert typed.statistics("user-17").state == "unopened"
+    with pytest.raises(chatfeed.UsageError, match="no feed"):
+        typed.statistics(17)  # type: ignore[call-overload]
