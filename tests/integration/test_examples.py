@@ -131,6 +131,37 @@ def test_expect_gets_an_answer_that_came_before_the_await() -> None:
     ]
 
 
+BUSIEST = re.compile(r"answered 20 questions of 20 users, at most (\d+) at a time")
+BACK = re.compile(r"all 20 feeds back within ([0-9.]+) s of the drop")
+
+
+def test_the_pool_example_isolates_a_bad_token_shares_its_lanes_and_brings_every_feed_back() -> None:
+    lines = run_example(str(EXAMPLES / "many_feeds.py")).stdout.splitlines()
+    # The bad token stops its own feed, before async with returns; the twenty others are up.
+    assert lines[:3] == [
+        "feed intruder stopped: authentication failed: Invalid token",
+        "21 feeds: 20 up, 1 failed",
+        "user-7 got: an answer to 'What is the tallest mountain in Europe?'",  # expect(feed=) got its feed's answer
+    ]
+    busiest = BUSIEST.fullmatch(lines[3])
+    assert busiest, lines[3]
+    # Twenty users' questions side by side, never more than the handler's concurrency over the whole pool.
+    assert 2 <= int(busiest.group(1)) <= 8, lines[3]
+    assert lines[4] == "-- the server dropped every connection"
+    back = BACK.fullmatch(lines[5])
+    assert back, lines[5]
+    # Backoff.initial (0.5 s) of jitter, then the ramp; a generous bound, as a guard, not a benchmark.
+    assert float(back.group(1)) < 10, lines[5]
+    assert lines[6:] == [
+        # Each feed's backfill brought its own user's question, and only it: answered once each.
+        "answered 20 questions missed while away, from the backfill",
+        # The stopped feed was removed; each feed reconnected once; the backfill overlapped the
+        # answer each feed had delivered last, and dedupe dropped it.
+        "pool: 20 feeds, 20 up, 0 failed; 40 connections, 20 reconnects; 20 backfilled, 20 duplicates dropped",
+        "user-7: open, 2 connections, 1 backfilled, 1 duplicate(s) dropped",
+    ]
+
+
 def recommended_ini() -> str:
     """The pytest configuration the testing guide recommends, as it shows it."""
     match = re.search(r"```ini\n(.*?)```", TESTING_GUIDE.read_text(), re.DOTALL)
