@@ -298,6 +298,10 @@ class Dispatcher:
         alive = (ref() for refs in self._expectations.values() for ref in refs)
         return [expectation for expectation in alive if expectation is not None]
 
+    def expectations_of(self, feed: str) -> list[Expectation[Any]]:
+        """Return the pending expectations of one feed of a pool."""
+        return [expectation for expectation in self._pending_expectations() if expectation.feed == feed]
+
     def expectations(self) -> int:
         """Return how many expectations are pending."""
         return len(self._pending_expectations())
@@ -356,7 +360,7 @@ class Dispatcher:
                 stream.end(error)
         self._streams = ()
         for expectation in self._pending_expectations():
-            expectation._end(error or ClientClosedError("the client closed before the expected event came"))
+            expectation._end(error or ClientClosedError("closed before the expected event came"))
 
     def dispatch(self, event: FeedEvent) -> Awaitable[None] | None:
         """Deliver a server event to its handlers, then to every stream, in order.
@@ -661,7 +665,18 @@ class Expectation(Generic[E_co]):
     registered with ``concurrency``, or outside handlers.
     """
 
-    __slots__ = ("__weakref__", "_cls", "_dispatcher", "_error", "_event", "_timer", "_waiter", "_where", "entry")
+    __slots__ = (
+        "__weakref__",
+        "_cls",
+        "_dispatcher",
+        "_error",
+        "_event",
+        "_timer",
+        "_waiter",
+        "_where",
+        "entry",
+        "feed",
+    )
 
     def __init__(
         self,
@@ -672,6 +687,7 @@ class Expectation(Generic[E_co]):
         timeout: float | None,
     ) -> None:
         self._dispatcher: Dispatcher | None = dispatcher
+        self.feed: str | None = None  # a pool's expectation of one feed's event
         self._cls = cls
         self._where = where
         # The route holds the expectation weakly too: see Dispatcher._expectations.

@@ -20,7 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import ssl as ssl_module
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
 from typing import Any, Literal, TypeVar, overload
 
@@ -44,7 +44,7 @@ from ._keepalive import Keepalive
 from ._lanes import by_chat
 from ._logging import redact_url
 from ._policy import Backoff, Ramp
-from .exceptions import ChatfeedError, UsageError
+from .exceptions import ChatfeedError, ClientClosedError, UsageError
 from .models import (
     Connected,
     Disconnected,
@@ -343,7 +343,10 @@ class Pool:
         """Close one feed and take it out of the pool; the others go on.
 
         Events of that feed already queued for concurrent handlers are still
-        handled.
+        handled; expectations of that feed raise
+        [`ClientClosedError`][chatfeed.ClientClosedError]. Called from one of
+        the feed's own handlers, it returns at once and the feed stops when
+        that handler returns (so the key can be added again right away).
 
         Raises:
             UsageError: The pool has no such feed.
@@ -353,8 +356,9 @@ class Pool:
             raise UsageError(f"the pool has no feed {key!r}")
         self._errors.pop(key, None)
         feed._set_state(_State.CLOSED)
+        self._end_expectations(key, ClientClosedError(f"the feed {key!r} was removed from the pool"))
         task = self._tasks.pop(key, None)
-        if task is not None:
+        if task is not None and task is not asyncio.current_task():
             task.cancel()
             await asyncio.wait([task])
         self._settle(key)
@@ -451,10 +455,12 @@ class Pool:
         """
         cls = _resolve(event)
         check_concurrency(concurrency, key, max_pending)
+        # Chat ids may be unique only per user: by default, a lane per feed and chat.
+        lane_key = by_feed_and_chat if key is by_chat and concurrency > 1 else key
 
         def register(func: _OnAny) -> _OnAny:
             self._dispatcher.add_handler(
-                cls, func, concurrency=concurrency, key=key, max_pending=max_pending, with_feed=True
+                cls, func, concurrency=concurrency, key=lane_key, max_pending=max_pending, with_feed=True
             )
             return func
 
@@ -566,11 +572,17 @@ class Pool:
         check_where(where, cls)
         test = where
         if feed is not None:
+            if feed not in self._feeds:
+                raise UsageError(f"the pool has no feed {feed!r}")
+            if feed in self._errors:
+                raise UsageError(f"the feed {feed!r} has stopped: {self._errors[feed]}")
 
             def test(event: Any) -> bool:
                 return event.feed == feed and (where is None or where(event))
 
-        return self._dispatcher.expect(cls, test, timeout)
+        expectation = self._dispatcher.expect(cls, test, timeout)
+        expectation.feed = feed
+        return expectation
 
     def events(self, *, buffer: int = 64) -> PoolEventStream:
         """Return an async iterator over every feed's server events, as ``(key, event)``, from now on.
@@ -615,8 +627,17 @@ class Pool:
             raise UsageError("the pool was closed while its feeds were connecting")
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        """Close the pool."""
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: object
+    ) -> None:
+        """Close the pool; when the block was cancelled, cancel the handlers' calls instead of draining them."""
+        if isinstance(exc, asyncio.CancelledError) and self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+            try:
+                await self._shut_down(drain=False)
+            finally:
+                self._closing.set_result(None)
+            return
         await self.close()
 
     async def run(self) -> None:
@@ -716,7 +737,10 @@ class Pool:
                 error = ChatfeedError(f"unexpected error: {type(exc).__name__}")
             self._errors[key] = error
             self._settle(key)
-            await self._dispatcher.call_handlers(FeedStopped(feed=key, error=error))
+            try:
+                await self._dispatcher.call_handlers(FeedStopped(feed=key, error=error))
+            finally:
+                self._end_expectations(key, error)  # after: an expectation of this FeedStopped gets it
         finally:
             self._settle(key)
             if self._tasks.get(key) is asyncio.current_task():
@@ -732,6 +756,10 @@ class Pool:
             unsettled.discard(key)
             if not unsettled and self._settled is not None and not self._settled.done():
                 self._settled.set_result(None)
+
+    def _end_expectations(self, key: str, error: Exception) -> None:
+        for expectation in self._dispatcher.expectations_of(key):
+            expectation._end(error)
 
     def _wake_run(self) -> None:
         if self._stopped is not None and not self._stopped.done():
@@ -807,6 +835,11 @@ class Pool:
             handlers=handler_statistics(self._dispatcher),
             expectations=self._dispatcher.expectations(),
         )
+
+
+def by_feed_and_chat(event: Any) -> Hashable:
+    """A pool's default ordering key: the event's feed and chat (see [`by_chat`][chatfeed.by_chat])."""
+    return (event.feed, by_chat(event))
 
 
 def _resolve(event: str | type[Any]) -> type[Any]:

@@ -1287,3 +1287,100 @@ async def test_reading_the_events_of_a_pool_never_started_is_a_usage_error() -> 
     with pytest.raises(chatfeed.UsageError, match="never started"):
         await asyncio.wait_for(anext(stream), WAIT)
     await stream.aclose()
+
+
+# Review fixes
+
+
+async def test_a_cancelled_block_cancels_the_handlers_at_once() -> None:
+    async with FeedServer(tokens=[TOKEN]) as server:
+        pool = make_pool(server.url, drain_timeout=3600.0)  # a drain would hang the test
+        pool.add("a", token=TOKEN)
+        started = asyncio.Event()
+        cancelled = asyncio.Event()
+
+        @pool.on("new_message", concurrency=2)
+        async def stuck(event: chatfeed.NewMessage, feed: str) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        async def block() -> None:
+            async with pool:
+                await server.push_message(content="x")
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(block())
+        await asyncio.wait_for(started.wait(), WAIT)
+        task.cancel()
+        await asyncio.wait_for(asyncio.wait([task]), WAIT)
+        assert task.cancelled() and cancelled.is_set()
+        assert chatfeed_tasks() == []
+
+
+async def test_a_feed_can_remove_itself_from_its_own_handler_and_be_added_again() -> None:
+    async with FeedServer(tokens=[TOKEN]) as server:
+        pool = make_pool(server.url)
+        pool.add("a", token=TOKEN)
+        readded = asyncio.Event()
+
+        @pool.on("new_message")
+        async def renew(event: chatfeed.NewMessage, feed: str) -> None:
+            await pool.remove(feed)  # returns at once: the feed stops after this handler
+            pool.add(feed, token=TOKEN)
+            readded.set()
+
+        async with pool:
+            await server.push_message(content="renew")
+            await asyncio.wait_for(readded.wait(), WAIT)
+            back = pool.expect("connected", feed="a", timeout=WAIT)
+            await back
+            assert pool.statistics().up == 1
+        assert chatfeed_tasks() == []
+
+
+async def test_an_expectation_of_one_feed_ends_with_that_feeds_fate() -> None:
+    async with FeedServer(tokens=[TOKEN]) as server:
+        pool = make_pool(server.url)
+        pool.add("a", token=TOKEN)
+        pool.add("b", token=TOKEN)
+        async with pool:
+            with pytest.raises(chatfeed.UsageError, match="no feed 'nobody'"):
+                pool.expect("new_message", feed="nobody")
+            of_b = pool.expect("new_message", feed="b")
+            await pool.remove("b")
+            with pytest.raises(chatfeed.ClientClosedError, match="removed"):
+                await of_b.wait(timeout=WAIT)
+            server.tokens.discard(TOKEN)  # every reconnect is now rejected: "a" stops
+            of_a = pool.expect("new_message", feed="a")
+            stopped = pool.expect("feed_stopped", feed="a")
+            server.drop_connections()
+            assert (await stopped.wait(timeout=WAIT)).feed == "a"
+            with pytest.raises(chatfeed.AuthenticationError):
+                await of_a.wait(timeout=WAIT)
+
+
+async def test_the_default_lanes_are_per_feed_and_chat() -> None:
+    # Chat ids may be unique per user only: two feeds' chat "1" are not one lane.
+    async with FeedServer(tokens=[TOKEN]) as server:
+        pool = make_pool(server.url)
+        pool.add("a", token=TOKEN)
+        pool.add("b", token=TOKEN)
+        both_running = asyncio.Event()
+        running: set[str] = set()
+        release = asyncio.Event()
+
+        @pool.on("new_message", concurrency=4)
+        async def slow(event: chatfeed.NewMessage, feed: str) -> None:
+            running.add(feed)
+            if running == {"a", "b"}:
+                both_running.set()
+            await release.wait()
+
+        async with pool:
+            await server.push_message(chat_id="1", content="to both feeds")
+            await asyncio.wait_for(both_running.wait(), WAIT)
+            release.set()
