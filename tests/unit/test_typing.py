@@ -184,6 +184,7 @@ def test_concurrency_for_a_lifecycle_event_is_a_type_error_and_a_usage_error() -
 
 
 pool = chatfeed.Pool("wss://api.example.com")
+pool.add("user-17", token="t")  # expect(feed=...) refuses a feed the pool does not have
 moderated: list[tuple[str, str]] = []
 
 
