@@ -1,6 +1,6 @@
 """Run every benchmark of chatfeed and publish the results.
 
-    python benchmarks/run.py            # the full run: writes docs/benchmarks.md and docs/benchmarks.png
+    python benchmarks/run.py            # the full run: writes docs/benchmarks.md and its two plots
     python benchmarks/run.py --smoke    # a few seconds, writes nothing: CI runs it so the benchmarks cannot rot
     python benchmarks/run.py --page     # measures nothing: lays out docs/benchmarks.md again from results.json
 
@@ -23,6 +23,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from delivery import measure_concurrency, measure_dedupe
+from pool import FULL as POOL_FULL
+from pool import GC_MODES, measure_pool_throughput, run_pool
+from pool import SMOKE as POOL_SMOKE
 from scale import run_scale
 from throughput import firehose_server, measure_import, measure_latency, measure_throughput
 
@@ -38,6 +41,7 @@ FULL = {
     "idle": 30.0,
     "concurrency": (1_000, 50, 0.010),
     "dedupe_events": 200_000,
+    "pool": POOL_FULL,
 }
 SMOKE = {
     "frames": 2_000,
@@ -48,6 +52,7 @@ SMOKE = {
     "idle": 0.5,
     "concurrency": (100, 10, 0.005),
     "dedupe_events": 10_000,
+    "pool": POOL_SMOKE,
 }
 
 
@@ -90,12 +95,40 @@ def targets(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     concurrency = results["concurrency"]
     # The issue's figures: about 10 s inline, at most 1.5 s with concurrency=8.
     rows.append(("slow handlers, inline / concurrency=8, seconds", concurrency["speedup"], ">= 6.67"))
+    rows += pool_targets(results["pool"])
     checked = []
     for name, value, target in rows:
-        bound = float(target.split()[1])
-        met = value >= bound if target.startswith(">=") else value <= bound
+        operator, bound = target.split()
+        met = {">=": value >= float(bound), "<=": value <= float(bound), "<": value < float(bound)}[operator]
         checked.append((name, value, target, met))
     return checked
+
+
+def pool_targets(pool: dict[str, Any]) -> list[tuple[str, float, str]]:
+    """The pool's targets (issue 12): memory at every size, the rest at the largest one measured."""
+    rows = []
+    for scale in pool["scale"]:
+        wanted = "<= 1.1" if scale["feeds"] >= 1000 else "<= 1.2"
+        rows.append((f"pool: memory per feed at {scale['feeds']:,}, pool / bare", scale["rss_ratio"], wanted))
+    largest = pool["scale"][-1]
+    feeds = f"{largest['feeds']:,}"
+    storm = largest["storms"][0]
+    initial = largest["details"]["backoff"]["initial"]
+    rows += [
+        (f"pool: idle CPU at {feeds} feeds, % of one core", largest["idle_cpu_percent"], "< 5"),
+        (f"pool: start-up of {feeds} feeds, seconds", largest["startup_seconds"], "<= 15"),
+        (f"pool: failed handshakes at start-up of {feeds}, server side", largest["startup_failed_handshakes"], "<= 0"),
+        (f"pool: all {feeds} back after a drop, seconds", storm["all_back_seconds"], f"<= {initial + 15:g}"),
+        (f"pool: reconnect waits drawn over the jitter window at {feeds}", storm["scheduled_spread"], ">= 0.8"),
+    ]
+    for each in largest["storms"]:
+        name = f"pool: longest GC pause in the storm at {feeds}, {GC_MODES[each['gc']]}, ms"
+        rows.append((name, each["gc_longest_pause_seconds"] * 1000, "<= 100"))
+    throughput = pool["throughput"]
+    ratio = throughput["pool"]["frames_per_second"] / throughput["client"]["frames_per_second"]
+    feeds_busy = pool["settings"]["throughput"][0]
+    rows.append((f"pool: {feeds_busy} busy feeds / one client, frames per second", ratio, ">= 0.9"))
+    return rows
 
 
 def run(settings: dict[str, Any]) -> dict[str, Any]:
@@ -111,12 +144,24 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
             results["latency"][f"{rate:,.0f}"] = latency
         print("import time, and time to a first event", flush=True)
         results["import"] = measure_import(settings["import_runs"], url)
+        pool = settings["pool"]
+        feeds, frames, rounds = pool["throughput"]
+        print(f"pool throughput: {feeds} feeds of {frames:,} frames against one client, {rounds} rounds", flush=True)
+        pool_throughput = measure_pool_throughput(url, feeds, frames, rounds)
     events, chats, work = settings["concurrency"]
     print(f"delivery: {events:,} handler calls of {work * 1000:g} ms over {chats} chats; the dedupe window", flush=True)
     results["concurrency"] = measure_concurrency(events, chats, work)
     results["dedupe"] = measure_dedupe(settings["dedupe_events"])
     print(f"scale: {settings['scale']} connections, {settings['idle']} s idle", flush=True)
     results["scale"] = run_scale(settings["scale"], settings["idle"])
+    print(f"pool: {pool['counts']} feeds at {pool['connect_rate']:g} per second, {pool['idle']} s idle", flush=True)
+    results["pool"] = {
+        "settings": pool,
+        "scale": run_pool(
+            pool["counts"], pool["idle"], connect_rate=pool["connect_rate"], backoff_initial=pool["backoff_initial"]
+        ),
+        "throughput": pool_throughput,
+    }
     results["targets"] = [
         {"name": name, "value": value, "target": target, "met": met} for name, value, target, met in targets(results)
     ]
@@ -218,6 +263,8 @@ def report(results: dict[str, Any]) -> str:
         f"| memory of a full window ({dedupe['window_ids']:,} ids) | {dedupe['window_kib']:,.0f} KiB "
         f"({dedupe['bytes_per_id']:.0f} bytes per id) |",
     ]
+    if "pool" in results:
+        lines += ["", *pool_report(results["pool"], labels["handler"])]
     lines += [
         "",
         "### Targets",
@@ -230,6 +277,113 @@ def report(results: dict[str, Any]) -> str:
             f"| {target['name']} | {target['value']:.2f} | {target['target']} | {'yes' if target['met'] else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def pool_report(pool: dict[str, Any], handler_label: str) -> list[str]:
+    """The pool's tables, under a heading of their own."""
+    lines = [
+        "### Pool",
+        "",
+        f"One `chatfeed.Pool` in one process, feeds opened at `connect_rate={pool['settings']['connect_rate']:g}`; "
+        "bare websockets connections, each with its reader task, opened at the same rate:",
+        "",
+        "| feeds | pool KiB/feed | bare KiB/conn | ratio | idle CPU % | GC-tracked objects per feed (pool / bare) "
+        "| tasks per feed (pool / bare) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for scale in pool["scale"]:
+        details = scale["details"]
+        objects = details["pool_objects_per_feed"]["total"], details["bare_objects_per_connection"]["total"]
+        tasks = details["pool_tasks_per_feed"], details["bare_tasks_per_connection"]
+        lines.append(
+            f"| {scale['feeds']:,} | {scale['pool_rss_per_feed_kib']:.1f} | {scale['bare_rss_per_connection_kib']:.1f} "
+            f"| {scale['rss_ratio']:.2f} | {scale['idle_cpu_percent']:.2f} "
+            f"| {objects[0]:.0f} / {objects[1]:.0f} | {tasks[0]:.0f} / {tasks[1]:.0f} |"
+        )
+    lines += [
+        "",
+        "| feeds | start-up (s) | failed handshakes | all back after a drop (s) | waits drawn: spread |",
+        "|---|---|---|---|---|",
+    ]
+    for scale in pool["scale"]:
+        storm = scale["storms"][0]
+        lines.append(
+            f"| {scale['feeds']:,} | {scale['startup_seconds']:.2f} | {scale['startup_failed_handshakes']} "
+            f"| {storm['all_back_seconds']:.2f} | {storm['scheduled_spread']:.2f} |"
+        )
+    lines += [
+        "",
+        "The server drops every connection, three times, the garbage collector set differently each time; "
+        "memory and objects are taken after each storm, once collected:",
+        "",
+        "| feeds | garbage collector | all back after (s) | longest GC pause (ms) | GC in all (s) "
+        "| full collections | resident MiB | GC-tracked objects per feed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for scale in pool["scale"]:
+        details = scale["details"]
+        lines.append(
+            f"| {scale['feeds']:,} | (after start-up) | | | | | {details['pool_rss_kib'][1] / 1024:.0f} "
+            f"| {details['pool_tracked_objects_per_feed']:.0f} |"
+        )
+        for storm in scale["storms"]:
+            lines.append(
+                f"| {scale['feeds']:,} | {GC_MODES[storm['gc']]} | {storm['all_back_seconds']:.2f} "
+                f"| {storm['gc_longest_pause_seconds'] * 1000:.0f} | {storm['gc_seconds']:.2f} "
+                f"| {storm['gc_collections'][2]} | {storm['rss_after_kib'] / 1024:.0f} "
+                f"| {storm['tracked_objects_per_feed_after']:.0f} |"
+            )
+    throughput = pool["throughput"]
+    client = throughput["client"]
+    feeds, frames, _ = pool["settings"]["throughput"]
+    lines += [
+        "",
+        "| consumer, one async handler | frames/s (median) | CPU µs/frame (median) | ratio to the client |",
+        "|---|---|---|---|",
+        f"| {handler_label}, one client | {client['frames_per_second']:,.0f} | {client['cpu_us_per_frame']:.2f} "
+        "| 1.00 |",
+    ]
+    busy = throughput["pool"]
+    lines.append(
+        f"| a pool of {feeds} feeds, {frames:,} frames each | {busy['frames_per_second']:,.0f} "
+        f"| {busy['cpu_us_per_frame']:.2f} | {busy['frames_per_second'] / client['frames_per_second']:.2f} |"
+    )
+    return lines
+
+
+def plot_pool(pool: dict[str, Any], path: Path) -> None:
+    """Memory per feed and idle CPU against the number of feeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = pool["scale"]
+    feeds = [scale["feeds"] for scale in scales]
+    figure, (memory, cpu) = plt.subplots(1, 2, figsize=(11, 4.2))
+    memory.plot(feeds, [scale["pool_rss_per_feed_kib"] for scale in scales], "o-", color="#3a7", label="pool feed")
+    memory.plot(
+        feeds, [scale["bare_rss_per_connection_kib"] for scale in scales], "s--", color="#888", label="bare websockets"
+    )
+    top = max(max(scale["pool_rss_per_feed_kib"], scale["bare_rss_per_connection_kib"]) for scale in scales)
+    memory.set_ylim(0, top * 1.2)
+    memory.set_xlabel("feeds in one process")
+    memory.set_ylabel("KiB per idle authenticated connection")
+    memory.set_title("Memory per feed")
+    memory.legend(fontsize=8)
+    cpu.plot(feeds, [scale["idle_cpu_percent"] for scale in scales], "o-", color="#37a")
+    cpu.axhline(5.0, color="#c44", linestyle="--", linewidth=1)
+    cpu.annotate("target at 10,000", (feeds[0], 5.0), xytext=(0, 3), textcoords="offset points", fontsize=8)
+    cpu.set_ylim(0, max(5.0, *(scale["idle_cpu_percent"] for scale in scales)) * 1.2)
+    for axes in (memory, cpu):
+        axes.set_xscale("log")
+        axes.set_xticks(feeds, [f"{count:,}" for count in feeds])
+        axes.minorticks_off()
+    cpu.set_xlabel("feeds in one process")
+    cpu.set_ylabel("% of one core")
+    cpu.set_title("Idle CPU (pings on their defaults)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -285,6 +439,7 @@ def main() -> int:
     if not args.smoke:
         (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         plot(results, DOCS / "benchmarks.png")
+        plot_pool(results["pool"], DOCS / "benchmarks-pool.png")
         write_page(results)
     return 0
 

@@ -24,6 +24,9 @@ to the parent by JSON lines on stdout and commands on stdin. Every wait is
 bounded and every child is killed on any failure, and each child also arms
 ``SIGALRM`` so that it cannot outlive a parent that died.
 
+``pool.py`` measures a ``chatfeed.Pool`` with the same server, the same bare
+client (opened at the pool's rate) and the same child-process plumbing.
+
 Usage:
     ``python benchmarks/scale.py`` (100, 1,000 and 2,000 connections, 30 s
     idle) or ``python benchmarks/scale.py --smoke`` (10 connections, 0.5 s
@@ -34,27 +37,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import gc
 import json
+import logging
 import math
 import os
 import resource
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
 
     import chatfeed
-    from chatfeed.testing import FeedServer
 
 __all__ = ["run_scale"]
 
@@ -171,35 +174,80 @@ def _other_tasks() -> int:
     return len([task for task in asyncio.all_tasks() if task is not asyncio.current_task()])
 
 
+def _object_counts() -> collections.Counter[str]:
+    """Count the objects the garbage collector tracks, by type: what a full collection walks."""
+    gc.collect()
+    return collections.Counter(type(item).__qualname__ for item in gc.get_objects())
+
+
+def _objects_per_item(
+    before: collections.Counter[str], after: collections.Counter[str], count: int, *, top: int = 12
+) -> dict[str, float]:
+    """Return the tracked objects added per item (connection or feed): the total, then the commonest types."""
+    grown = after - before
+    per_item = {"total": round(grown.total() / count, 2)}
+    per_item.update((name, round(number / count, 2)) for name, number in grown.most_common(top))
+    return per_item
+
+
 # The server process
 
 
 LISTEN_BACKLOG = 4096
+"""The server's listen queue. asyncio's default of 100 overflows when thousands
+of clients come back within two seconds; the kernel then drops their SYNs and
+each waits a one-second retransmission, a delay of the test server (production
+servers listen with 511 to 4096) that would be charged to the client."""
 
 
-def _deepen_listen_queue(server: FeedServer) -> None:
-    # FeedServer listens with asyncio's default backlog of 100. Thousands of
-    # clients coming back within two seconds overflow it; the kernel then
-    # drops their SYNs and each waits a one-second retransmission, a delay of
-    # the test server (production servers listen with 511 to 4096) that would
-    # be charged to the client's reconnect. FeedServer has no backlog option,
-    # hence its private listener; listen() again only resizes the queue.
-    listener = server._server
-    for wrapped in listener.sockets if listener is not None else ():
-        # A duplicate of the descriptor: asyncio's wrapper has no listen().
-        with socket.fromfd(wrapped.fileno(), wrapped.family, wrapped.type) as sock:
-            sock.listen(LISTEN_BACKLOG)
+class _AcceptCounter:
+    """Counts the TCP connections the server process accepts, whatever becomes of them.
+
+    Installed on the event loop before the server starts listening: it wraps
+    the protocol factory that websockets gives ``loop.create_server``, which
+    asyncio calls once per accepted connection. Accepted connections that never
+    complete the WebSocket handshake are the server's failed handshakes.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.accepted = 0
+        create_server = loop.create_server
+
+        async def create_counting_server(protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+            def counting_factory() -> Any:
+                self.accepted += 1
+                return protocol_factory()
+
+            return await create_server(counting_factory, *args, **kwargs)
+
+        loop.create_server = create_counting_server  # type: ignore[method-assign]
+
+
+class _ErrorCounter(logging.Handler):
+    """Counts the warnings and errors websockets' server logs (a failed handshake is one)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
 
 
 async def _serve(count: int) -> None:
     from chatfeed.testing import FeedServer
 
-    server = FeedServer(tokens=[f"token-{i}" for i in range(count)], host=_HOST, port=0)
+    loop = asyncio.get_running_loop()
+    accepts = _AcceptCounter(loop)
+    errors = _ErrorCounter()
+    logging.getLogger("websockets.server").addHandler(errors)
+    # No compression: none of the clients measured offers it either.
+    server = FeedServer(
+        tokens=[f"token-{i}" for i in range(count)], host=_HOST, port=0, backlog=LISTEN_BACKLOG, compression=None
+    )
     await server.start()
-    _deepen_listen_queue(server)
     try:
         _emit("listening", port=server.port)
-        loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         while True:
@@ -214,6 +262,16 @@ async def _serve(count: int) -> None:
                 _emit("dropped", clients=clients, cpu_seconds=cpu)
             elif command == "cpu":
                 _emit("cpu", cpu_seconds=_cpu_seconds())
+            elif command == "stats":
+                _emit(
+                    "stats",
+                    accepted=accepts.accepted,
+                    handshakes=server.handshakes,
+                    auth_frames=len(server.received_tokens),
+                    clients=server.clients,
+                    logged_errors=errors.count,
+                    cpu_seconds=_cpu_seconds(),
+                )
             elif command == "quit":
                 return
             else:
@@ -361,7 +419,7 @@ async def _measure_chatfeed(port: int, count: int, idle_seconds: float) -> None:
 # The bare websockets client process
 
 
-async def _measure_bare(port: int, count: int) -> None:
+async def _measure_bare(port: int, count: int, rate: float | None = None) -> None:
     from websockets.asyncio.client import connect
 
     url = f"ws://{_HOST}:{port}"
@@ -371,7 +429,9 @@ async def _measure_bare(port: int, count: int) -> None:
         async for _ in ws:
             pass
 
-    async def open_one(index: int) -> tuple[ClientConnection, asyncio.Task[None]]:
+    async def open_one(index: int, at: float | None = None) -> tuple[ClientConnection, asyncio.Task[None]]:
+        if at is not None:
+            await asyncio.sleep(at - loop.time())
         ws = await connect(url, compression=None)  # as chatfeed's default: no per-connection zlib state
         try:
             await ws.send(json.dumps({"type": "auth", "token": f"token-{index}"}))
@@ -388,10 +448,12 @@ async def _measure_bare(port: int, count: int) -> None:
     await ws.close()
     await reader
     rss_before = _settled_rss_kib()
+    objects_before = _object_counts()
 
     started = loop.time()
-    opening = [loop.create_task(open_one(i)) for i in range(count)]
-    done, pending = await asyncio.wait(opening, timeout=_connect_timeout(count))
+    # All at once, or ``rate`` per second as a pool's ramp opens them.
+    opening = [loop.create_task(open_one(i, None if rate is None else started + i / rate)) for i in range(count)]
+    done, pending = await asyncio.wait(opening, timeout=_connect_timeout(count) + (0 if rate is None else count / rate))
     try:
         if pending:
             raise TimeoutError(f"{len(pending)} of {count} bare connections not open in time")
@@ -399,7 +461,14 @@ async def _measure_bare(port: int, count: int) -> None:
             task.result()  # raises a failure, if any
         connect_seconds = loop.time() - started
         rss_after = _settled_rss_kib()
-        _emit("connected", rss_before_kib=rss_before, rss_after_kib=rss_after, connect_seconds=connect_seconds)
+        _emit(
+            "connected",
+            rss_before_kib=rss_before,
+            rss_after_kib=rss_after,
+            connect_seconds=connect_seconds,
+            objects_per_connection=_objects_per_item(objects_before, _object_counts(), count),
+            tasks_per_connection=_other_tasks() / count,
+        )
     finally:
         for task in pending:
             task.cancel()
@@ -421,11 +490,11 @@ class _Child:
     Its stderr goes to a temporary file, quoted in the error when it fails.
     """
 
-    def __init__(self, python: str, name: str, args: list[str]) -> None:
+    def __init__(self, python: str, name: str, args: list[str], script: str = _SCRIPT) -> None:
         self.name = name
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115  (it outlives this method; kill() closes it)
         self._process = subprocess.Popen(
-            [python, _SCRIPT, *args],
+            [python, script, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -491,7 +560,8 @@ class _Child:
         return RuntimeError(f"{self.name} {what}" + (f"; its stderr:\n{tail}" if tail else ""))
 
 
-_Start = Callable[[str, str, list[str]], _Child]
+class _Start(Protocol):
+    def __call__(self, python: str, name: str, args: list[str], script: str = ...) -> _Child: ...
 
 
 @contextlib.contextmanager
@@ -499,8 +569,8 @@ def _children() -> Iterator[_Start]:
     """Yield a function starting children; every one of them is killed on the way out."""
     started: list[_Child] = []
 
-    def start(python: str, name: str, args: list[str]) -> _Child:
-        child = _Child(python, name, args)
+    def start(python: str, name: str, args: list[str], script: str = _SCRIPT) -> _Child:
+        child = _Child(python, name, args, script)
         started.append(child)
         return child
 
@@ -517,8 +587,11 @@ def _start_server(start: _Start, python: str, count: int, deadline: float) -> tu
     return server, port
 
 
-def _client_args(kind: str, port: int, count: int, idle_seconds: float, deadline: float) -> list[str]:
+def _client_args(
+    kind: str, port: int, count: int, idle_seconds: float, deadline: float, rate: float | None = None
+) -> list[str]:
     return [
+        *([] if rate is None else ["--rate", f"{rate:g}"]),
         "--client",
         kind,
         "--port",
@@ -532,12 +605,12 @@ def _client_args(kind: str, port: int, count: int, idle_seconds: float, deadline
     ]
 
 
-def _histogram(delays: list[float]) -> list[int]:
+def _histogram(delays: list[float], window: float = BACKOFF_INITIAL) -> list[int]:
     buckets = [0] * HISTOGRAM_BUCKETS
     for delay in delays:
         # Late clients (CPU queueing, or a failed first attempt) are kept in
         # the last bucket so that the counts add up to N; details say how many.
-        index = min(max(int(delay / BACKOFF_INITIAL * HISTOGRAM_BUCKETS), 0), HISTOGRAM_BUCKETS - 1)
+        index = min(max(int(delay / window * HISTOGRAM_BUCKETS), 0), HISTOGRAM_BUCKETS - 1)
         buckets[index] += 1
     return buckets
 
@@ -567,11 +640,13 @@ def _run_chatfeed(start: _Start, python: str, count: int, idle_seconds: float) -
     }
 
 
-def _run_bare(start: _Start, python: str, count: int) -> dict[str, Any]:
-    deadline = _child_deadline(count, 0.0)
+def _run_bare(start: _Start, python: str, count: int, rate: float | None = None) -> dict[str, Any]:
+    """Measure ``count`` bare websockets connections, opened at once or ``rate`` per second."""
+    ramp = 0.0 if rate is None else count / rate
+    deadline = _child_deadline(count, 0.0) + ramp
     server, port = _start_server(start, python, count, deadline)
-    client = start(python, f"bare client of {count}", _client_args("bare", port, count, 0.0, deadline))
-    connected = client.read("connected", _START_TIMEOUT + _connect_timeout(count))
+    client = start(python, f"bare client of {count}", _client_args("bare", port, count, 0.0, deadline, rate))
+    connected = client.read("connected", _START_TIMEOUT + _connect_timeout(count) + ramp)
     done = client.read("done", _CLOSE_TIMEOUT)
     client.finish()
     server.send("quit")
@@ -693,7 +768,7 @@ def _child_main(args: argparse.Namespace) -> int:
         elif args.client == "chatfeed":
             asyncio.run(_measure_chatfeed(args.port, args.count, args.idle))
         else:
-            asyncio.run(_measure_bare(args.port, args.count))
+            asyncio.run(_measure_bare(args.port, args.count, args.rate))
     except Exception as exc:
         _emit("error", message=f"{type(exc).__name__}: {exc}")
         return 1
@@ -711,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--idle", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, default=600.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
