@@ -966,6 +966,7 @@ class Client:
                     return
                 lost_at = asyncio.get_running_loop().time()
                 delay = retry.after(ended, uptime=lost_at - session.authenticated_at)
+                session = None  # closed: nothing here keeps it (and its buffers) through the backoff
                 await self._announce_lost(ended, delay)
                 if delay is not None and self._state is _State.CLOSED:  # close() from a Disconnected handler
                     return

@@ -2,8 +2,9 @@
 
 A [`Client`][chatfeed.Client]'s connection runs its own keepalive task. The
 feeds of a [`Pool`][chatfeed.Pool] share one `Keepalive` instead: every
-connection is pinged once per ``interval`` (the pings of thousands of
-connections spread over the interval as the connections came), and one
+connection from which nothing arrived during the last ``interval`` is pinged
+(the pings of thousands of connections spread over the interval as the
+connections came; one that receives data is alive, and costs nothing), and one
 whose pong has not come within ``timeout``, while nothing at all arrived
 from it and it was being read, is dropped as dead, by the same rule as the
 client's own keepalive. A ping is sent by a task that lives as long as
@@ -30,6 +31,16 @@ __all__ = ["Keepalive"]
 logger = logging.getLogger("chatfeed")
 
 _TICKS_PER_INTERVAL = 20
+
+
+class _Member:
+    """A connection in the ping queue; ``connection`` is None once it was removed, so that nothing holds it."""
+
+    __slots__ = ("arrivals", "connection")
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection: Connection | None = connection
+        self.arrivals = connection.arrivals
 
 
 class _Watch:
@@ -59,8 +70,8 @@ class Keepalive:
         self.timeout = timeout
         # Connections in the order their next ping is due: every connection
         # has the same interval, so a FIFO stays sorted.
-        self._due: collections.deque[tuple[float, Connection]] = collections.deque()
-        self._members: set[Connection] = set()
+        self._due: collections.deque[tuple[float, _Member]] = collections.deque()
+        self._members: dict[Connection, _Member] = {}
         self._watches: dict[Connection, _Watch] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -70,14 +81,16 @@ class Keepalive:
     def add(self, connection: Connection) -> None:
         """Ping ``connection`` from one ``interval`` from now on."""
         loop = asyncio.get_running_loop()
-        self._members.add(connection)
-        self._due.append((loop.time() + self.interval, connection))
+        member = self._members[connection] = _Member(connection)
+        self._due.append((loop.time() + self.interval, member))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run(), name="chatfeed-keepalive")
 
     def remove(self, connection: Connection) -> None:
-        """Stop pinging ``connection``."""
-        self._members.discard(connection)
+        """Stop pinging ``connection``, and let go of it."""
+        member = self._members.pop(connection, None)
+        if member is not None:
+            member.connection = None
         watch = self._watches.pop(connection, None)
         if watch is not None and watch.sending is not None:
             watch.sending.cancel()
@@ -110,12 +123,18 @@ class Keepalive:
     def _ping_due(self, now: float, loop: asyncio.AbstractEventLoop) -> None:
         due = self._due
         while due and due[0][0] <= now:
-            _, connection = due.popleft()
-            if connection not in self._members:
-                continue
-            due.append((now + self.interval, connection))
+            _, member = due.popleft()
+            connection = member.connection
+            if connection is None:
+                continue  # removed
+            due.append((now + self.interval, member))
             if connection in self._watches:
                 continue  # the last ping's pong is still awaited
+            arrivals = connection.arrivals
+            if arrivals != member.arrivals:
+                # Something arrived within the interval: the peer is alive, no ping needed.
+                member.arrivals = arrivals
+                continue
             sending = loop.create_task(_ping(connection), name="chatfeed-ping")
             deadline = now + self.timeout if self.timeout is not None else float("inf")
             self._watches[connection] = _Watch(sending, connection.arrivals, deadline)
@@ -140,7 +159,7 @@ class Keepalive:
             if connection.arrivals == watch.arrivals and connection.reading():
                 logger.warning("no pong within %g s: dropping the connection", self.timeout)
                 del self._watches[connection]
-                self._members.discard(connection)
+                self.remove(connection)
                 connection.fail(ConnectionLostError(1006, "no pong within ping_timeout", local=True))
             else:
                 # Data is still arriving, or the client stopped reading: the

@@ -134,7 +134,7 @@ class Session:
                 if stopping():
                     return None
         except ChatfeedError as exc:  # the connection ended, or the token expired mid-session
-            return exc
+            return _detached(exc)
         finally:
             await self.close()
         raise AssertionError("the frames of a connection end only with an error")  # pragma: no cover
@@ -195,6 +195,26 @@ async def _authenticate(
                 return
     finally:
         timer.cancel()
+
+
+def _detached(error: ChatfeedError) -> ChatfeedError:
+    """Return ``error`` without its tracebacks (its own and its causes').
+
+    The error outlives its connection: the supervisor keeps it while the next
+    connection runs, and ``Disconnected.error`` hands it to the application.
+    Its traceback's frames (the receive loop's, websockets') would keep the
+    dead connection, its buffers and its transport alive with it.
+    """
+    seen: set[int] = set()
+    links: list[BaseException] = [error]
+    while links:
+        link = links.pop()
+        if id(link) in seen:
+            continue
+        seen.add(id(link))
+        link.__traceback__ = None
+        links.extend(chained for chained in (link.__cause__, link.__context__) if chained is not None)
+    return error
 
 
 def _expire(connection: Connection, timeout: float) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -21,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 import chatfeed
 from chatfeed import Gap
+from chatfeed._connection import _ClientConnection
 from chatfeed.testing import FeedServer
 
 from ..conftest import BAD_TOKEN, FAST, MS, OTHER_TOKEN, SECRET, SIGNATURE, TOKEN
@@ -31,6 +34,7 @@ from .conftest import (
     ThreadedFeedServer,
     chatfeed_tasks,
     content,
+    make_client,
     raw_server,
     unfinished_tasks,
     url_of,
@@ -1384,3 +1388,35 @@ async def test_the_default_lanes_are_per_feed_and_chat() -> None:
             await server.push_message(chat_id="1", content="to both feeds")
             await asyncio.wait_for(both_running.wait(), WAIT)
             release.set()
+
+
+def live_connections() -> int:
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if type(obj) is _ClientConnection)  # not its weak proxies
+
+
+async def test_a_lost_connection_is_let_go_once_its_feed_is_back(caplog: pytest.LogCaptureFixture) -> None:
+    # The error of the lost connection (kept by the supervisor, and in
+    # Disconnected.error) and the shared keepalive must not hold it: at
+    # 10,000 feeds, one storm would otherwise double the memory.
+    # (websockets' log records name their connection, and pytest keeps the
+    # records: none are made here.)
+    caplog.set_level(logging.WARNING, logger="websockets")
+    async with FeedServer(tokens=[TOKEN]) as server:
+        pool = make_pool(server.url, ping_interval=3600.0)
+        disconnected: list[chatfeed.Disconnected] = []
+        back = Counter()
+        pool.on("disconnected")(lambda event, feed: disconnected.append(event))
+        pool.on("connected")(lambda event, feed: back.bump() if event.is_reconnect else None)
+        for key in "abc":
+            pool.add(key, token=TOKEN)
+        client = make_client(server.url)
+        client.on("connected")(lambda event: back.bump() if event.is_reconnect else None)
+        async with pool, client:
+            before = live_connections()
+            assert before == 4
+            server.drop_connections()
+            await back.wait_for(4)
+            assert pool.statistics().up == 3 and client.connected
+            assert len(disconnected) == 3  # kept by the application, with their errors
+            assert live_connections() == before
