@@ -23,7 +23,7 @@ import signal
 import ssl as ssl_module
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Literal, NoReturn, TypeAlias, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeAlias, TypeVar, overload
 
 from typing_extensions import Self
 
@@ -44,7 +44,7 @@ from ._dispatch import (
 from ._keepalive import Keepalive
 from ._lanes import by_chat
 from ._logging import redact_url
-from ._policy import Backoff, Ramp, RetryState
+from ._policy import Backoff, RetryState
 from ._session import Counters, Session
 from .exceptions import ChatfeedError, ConnectionLostError, UsageError
 from .models import (
@@ -57,6 +57,9 @@ from .models import (
     ServerMessage,
     UnknownMessage,
 )
+
+if TYPE_CHECKING:
+    from ._pool import Ramp
 
 __all__ = ["Client", "ClientState", "ClientStatistics", "HandlerStatistics", "TokenSource"]
 
@@ -771,9 +774,14 @@ class Client:
         task = self._task
         runner = self._runner
         current = asyncio.current_task()
-        if self._dispatcher.runs_a_handler(current):
-            # A concurrent handler: stop the receive loop, which then waits
-            # for this very call to finish (drain_timeout), so do not wait here.
+        if (
+            current is not runner
+            and current is not task
+            and (self._dispatcher.runs_a_handler(current) or current in self._dispatcher.receivers)
+        ):
+            # A concurrent handler, or the backfill function: stop the receive
+            # loop, which then waits for this very task (drain_timeout, or the
+            # backfill's cancellation), so do not wait here.
             target = runner if runner is not None else task
             if target is not None and target is not current and not target.done():
                 self._halt(target)
@@ -884,7 +892,7 @@ class Client:
             self._set_state(_State.CONNECTING)
             try:
                 if self._ramp is not None:
-                    await asyncio.sleep(self._ramp.delay(asyncio.get_running_loop().time()))
+                    await self._ramp.wait()
                 session = await Session.open(
                     options,
                     self._counters,
@@ -1017,7 +1025,9 @@ class Client:
             feed=self._feed,
         )
         try:
-            events, error = await fetch_backfill(backfill, gap, options.backfill_timeout)
+            events, error = await fetch_backfill(
+                backfill, gap, options.backfill_timeout, receivers=self._dispatcher.receivers
+            )
             if error is not None:
                 self._backfill_errors += 1
                 logger.warning(
@@ -1037,13 +1047,15 @@ class Client:
                 if delivery.duplicates == duplicates:
                     delivery.backfilled += 1
                 if pending is not None:
+                    lone = dispatcher.lone
                     try:
                         await pending
                     except (Exception, asyncio.CancelledError) as exc:
-                        await dispatcher.handler_failed(exc, event)  # raises the client's own cancellation
+                        await dispatcher.handler_failed(exc, event, lone)  # raises the client's own cancellation
             if events:
                 logger.info(
-                    "backfilled %d event(s) since %s (%d already delivered)",
+                    "%sbackfilled %d event(s) since %s (%d already delivered)",
+                    self._of_feed(),
                     delivery.backfilled - delivered,
                     gap.since,
                     len(events) - (delivery.backfilled - delivered),

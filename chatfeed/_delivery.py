@@ -192,7 +192,9 @@ class Delivery:
         return self._dispatch(event)
 
 
-async def fetch_backfill(backfill: Backfill, gap: Gap, timeout: float) -> tuple[list[Any], Exception | None]:
+async def fetch_backfill(
+    backfill: Backfill, gap: Gap, timeout: float, receivers: set[asyncio.Task[Any]] | None = None
+) -> tuple[list[Any], Exception | None]:
     """Call ``backfill`` for ``gap``; return its items as events, oldest first, and what went wrong.
 
     Items fetched before an error or the timeout are returned too. Items that
@@ -201,6 +203,11 @@ async def fetch_backfill(backfill: Backfill, gap: Gap, timeout: float) -> tuple[
     """
     items: list[Any] = []
     task = asyncio.get_running_loop().create_task(_collect(backfill, gap, items), name="chatfeed-backfill")
+    # Its task counts as one that reads the feed: the feed is not read while
+    # it runs, so close() from it must not wait for itself, nor an expectation.
+    if receivers is not None:
+        receivers.add(task)
+        task.add_done_callback(receivers.discard)
     error: Exception | None = None
     try:
         done, _ = await asyncio.wait([task], timeout=timeout)

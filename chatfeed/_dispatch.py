@@ -410,17 +410,31 @@ class Dispatcher:
                 return self._deliver((), event, streams[index:])
         return None
 
-    async def handler_failed(self, exc: BaseException, event: Any) -> None:
+    @property
+    def lone(self) -> tuple[object, _Entry | None]:
+        """The event whose lone handler's coroutine `dispatch` returned last, and that handler.
+
+        Read it right after ``dispatch`` returns, before awaiting: it is
+        overwritten by the next ``dispatch``, from any feed of a pool.
+        """
+        return self._lone
+
+    async def handler_failed(self, exc: BaseException, event: Any, lone: tuple[object, _Entry | None]) -> None:
         """Report an exception of the lone handler whose coroutine `dispatch` returned.
 
         Also called with what any other awaitable of `dispatch` raised, which
         handles its handlers' exceptions itself: only the client's own
         cancellation gets out of it, and is raised again.
 
+        Args:
+            exc: What awaiting the awaitable raised.
+            event: The event dispatched.
+            lone: `lone`, as read right after that ``dispatch``.
+
         Raises:
             CancelledError: ``exc``, when it is a cancellation of the client itself.
         """
-        lone_event, entry = self._lone
+        lone_event, entry = lone
         if event is not lone_event or entry is None:
             raise exc
         await self._handle_failure(exc, entry, event)

@@ -135,6 +135,7 @@ class Keepalive:
                 # Something arrived within the interval: the peer is alive, no ping needed.
                 member.arrivals = arrivals
                 continue
+            member.arrivals = arrivals
             sending = loop.create_task(_ping(connection), name="chatfeed-ping")
             deadline = now + self.timeout if self.timeout is not None else float("inf")
             self._watches[connection] = _Watch(sending, connection.arrivals, deadline)
@@ -151,6 +152,9 @@ class Keepalive:
             pong = watch.pong
             if pong is not None and (self.timeout is None or (asyncio.isfuture(pong) and pong.done())):
                 del self._watches[connection]  # answered, or nobody waits for the answer
+                member = self._members.get(connection)
+                if member is not None:
+                    member.arrivals = connection.arrivals  # the pong is no sign of life for the next interval
                 continue
             if watch.deadline > now:
                 continue

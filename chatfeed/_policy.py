@@ -30,7 +30,7 @@ from .exceptions import (
     UsageError,
 )
 
-__all__ = ["Backoff", "Ramp", "RetryState", "Verdict", "classify", "parse_retry_after"]
+__all__ = ["Backoff", "RetryState", "Verdict", "classify", "parse_retry_after"]
 
 TRY_AGAIN_LATER_DELAY = 5.0
 """Shortest wait after close code 1013 (Try Again Later), in seconds."""
@@ -271,23 +271,3 @@ def parse_retry_after(value: str | None, *, now: datetime.datetime | None = None
         when = when.replace(tzinfo=datetime.timezone.utc)
     now = now or datetime.datetime.now(datetime.timezone.utc)
     return max((when - now).total_seconds(), 0.0)
-
-
-class Ramp:
-    """Connection attempts at most ``rate`` per second, for many feeds that would otherwise connect at once.
-
-    Pure arithmetic: `delay` says how long the caller waits before its
-    attempt, given the time; the slots it hands out are ``1 / rate`` apart.
-    """
-
-    __slots__ = ("_gap", "_next")
-
-    def __init__(self, rate: float) -> None:
-        self._gap = 1.0 / rate
-        self._next = 0.0
-
-    def delay(self, now: float) -> float:
-        """Take the next free slot; return the seconds from ``now`` until it."""
-        slot = max(now, self._next)
-        self._next = slot + self._gap
-        return slot - now

@@ -10,13 +10,14 @@ client per feed would duplicate is the pool's, once:
   lanes take the events of every feed;
 - the keepalive: one task pings every connection (`chatfeed._keepalive`);
 - the ramp: connection attempts, at start-up and after a mass disconnection
-  alike, go out at most ``connect_rate`` per second (`chatfeed._policy.Ramp`),
+  alike, go out at most ``connect_rate`` per second (`Ramp`),
   on top of each feed's own backoff with full jitter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import ssl as ssl_module
@@ -43,7 +44,7 @@ from ._dispatch import (
 from ._keepalive import Keepalive
 from ._lanes import by_chat
 from ._logging import redact_url
-from ._policy import Backoff, Ramp
+from ._policy import Backoff
 from .exceptions import ChatfeedError, ClientClosedError, UsageError
 from .models import (
     Connected,
@@ -57,7 +58,7 @@ from .models import (
     UnknownMessage,
 )
 
-__all__ = ["Pool", "PoolEventName", "PoolEventStream", "PoolHandler", "PoolStatistics"]
+__all__ = ["Pool", "PoolEventName", "PoolEventStream", "PoolHandler", "PoolStatistics", "Ramp"]
 
 logger = logging.getLogger("chatfeed")
 
@@ -222,6 +223,7 @@ class Pool:
         "_errors",
         "_feeds",
         "_keepalive",
+        "_leaving",
         "_options",
         "_ramp",
         "_settled",
@@ -293,6 +295,7 @@ class Pool:
         self._settled: asyncio.Future[None] | None = None
         self._stopped: asyncio.Future[None] | None = None  # what run() waits for
         self._closing: asyncio.Future[None] | None = None  # done once close() has finished
+        self._leaving: set[asyncio.Task[Any]] = set()  # feeds that removed themselves, still ending
 
     def __repr__(self) -> str:
         return f"<chatfeed.Pool url={redact_url(self._options.url)!r} feeds={len(self._feeds)} {self._state}>"
@@ -358,7 +361,10 @@ class Pool:
         feed._set_state(_State.CLOSED)
         self._end_expectations(key, ClientClosedError(f"the feed {key!r} was removed from the pool"))
         task = self._tasks.pop(key, None)
-        if task is not None and task is not asyncio.current_task():
+        current = asyncio.current_task()
+        if task is not None and current is not None and task is current:
+            self._leaving.add(current)  # it ends after this handler; close() still waits for it
+        elif task is not None:
             task.cancel()
             await asyncio.wait([task])
         self._settle(key)
@@ -622,7 +628,7 @@ class Pool:
         except BaseException:
             await self._shut_down(drain=False)
             raise
-        if self._closing is not None:
+        if self._state == "closed":
             await self.close()
             raise UsageError("the pool was closed while its feeds were connecting")
         return self
@@ -675,11 +681,20 @@ class Pool:
         ``run()`` (or leaving ``async with``) finishes closing the pool.
         """
         current = asyncio.current_task()
-        if current in self._tasks.values() or self._dispatcher.runs_a_handler(current):
-            # A handler: waiting here for the tasks (and the drain) would wait for itself.
+        dispatcher = self._dispatcher
+        if current in dispatcher.receivers or dispatcher.runs_a_handler(current):
+            # A handler (or a backfill): waiting here for the tasks, and the
+            # drain, would wait for itself. Stop every feed but this one now;
+            # run() or leaving ``async with`` finishes the job.
             self._state = "closed"
             for feed in self._feeds.values():
-                feed._set_state(_State.CLOSED)  # each receive loop stops after its handler
+                feed._set_state(_State.CLOSED)  # this one's receive loop stops after its handler
+            for task in self._tasks.values():
+                if task is not current:
+                    task.cancel()
+            self._end_waits()
+            # Once the event being delivered has reached the streams too.
+            asyncio.get_running_loop().call_soon(dispatcher.end_streams)
             self._wake_run()
             return
         if self._closing is not None:
@@ -729,10 +744,14 @@ class Pool:
     async def _run_feed(self, key: str, feed: Client) -> None:
         try:
             await feed._supervise(feed._begin(), None)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and (
+                self._state == "closed" or self._feeds.get(key) is not feed
+            ):
+                raise  # ours: the pool closes, or the feed was removed
             if isinstance(exc, ChatfeedError):
                 error = exc
-            else:  # a bug of ours: the feed stops, the pool goes on
+            else:  # a stray cancellation (a handler's, on Python 3.10), or a bug of ours
                 logger.error("feed %r stopped on an unexpected error", key, exc_info=exc)
                 error = ChatfeedError(f"unexpected error: {type(exc).__name__}")
             self._errors[key] = error
@@ -743,8 +762,11 @@ class Pool:
                 self._end_expectations(key, error)  # after: an expectation of this FeedStopped gets it
         finally:
             self._settle(key)
-            if self._tasks.get(key) is asyncio.current_task():
+            current = asyncio.current_task()
+            if self._tasks.get(key) is current:
                 del self._tasks[key]
+            if current is not None:
+                self._leaving.discard(current)
 
     def _state_changed(self, feed: Client) -> None:
         if feed._state is _State.OPEN and feed._feed is not None:
@@ -761,6 +783,11 @@ class Pool:
         for expectation in self._dispatcher.expectations_of(key):
             expectation._end(error)
 
+    def _end_waits(self) -> None:
+        if self._settled is not None and not self._settled.done():
+            self._settled.set_result(None)  # __aenter__ waits no more: it finds the pool closed
+        self._ramp.close()
+
     def _wake_run(self) -> None:
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
@@ -769,9 +796,8 @@ class Pool:
         self._state = "closed"
         for feed in self._feeds.values():
             feed._set_state(_State.CLOSED)
-        if self._settled is not None and not self._settled.done():
-            self._settled.set_result(None)  # __aenter__ waits no more: it finds the pool closed
-        tasks = list(self._tasks.values())
+        self._end_waits()
+        tasks = [*self._tasks.values(), *self._leaving]
         self._tasks.clear()
         for task in tasks:
             task.cancel()
@@ -835,6 +861,55 @@ class Pool:
             handlers=handler_statistics(self._dispatcher),
             expectations=self._dispatcher.expectations(),
         )
+
+
+class Ramp:
+    """Connection attempts at most ``rate`` per second, for many feeds that would otherwise connect at once.
+
+    Waiters are let through one every ``1 / rate`` seconds, in the order they
+    came, by one timer; a waiter cancelled meanwhile (a feed removed while it
+    waited) gives its turn to the next instead of leaving a hole.
+    """
+
+    __slots__ = ("_gap", "_next", "_timer", "_waiters")
+
+    def __init__(self, rate: float) -> None:
+        self._gap = 1.0 / rate
+        self._next = 0.0  # when the next waiter may go
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def wait(self) -> None:
+        """Return when it is this caller's turn."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if not self._waiters and now >= self._next:
+            self._next = now + self._gap
+            return
+        turn = loop.create_future()
+        self._waiters.append(turn)
+        if self._timer is None:
+            self._timer = loop.call_at(self._next, self._let_one_through)
+        await turn
+
+    def close(self) -> None:
+        """Stop the timer; whoever still waits is cancelled with its task anyway."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _let_one_through(self) -> None:
+        self._timer = None
+        waiters = self._waiters
+        loop = asyncio.get_running_loop()
+        while waiters:
+            turn = waiters.popleft()
+            if not turn.done():  # else cancelled: the next one takes the turn
+                turn.set_result(None)
+                self._next = loop.time() + self._gap
+                break
+        if waiters:
+            self._timer = loop.call_at(self._next, self._let_one_through)
 
 
 def by_feed_and_chat(event: Any) -> Hashable:

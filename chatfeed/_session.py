@@ -127,10 +127,13 @@ class Session:
                 # A lone async handler's own coroutine, awaited here without a
                 # wrapper (its exception is reported as any handler's is), or
                 # chatfeed's for the rest of a delivery that has to wait.
+                # Which it was is read now: a pool's other feeds share the
+                # dispatcher, and dispatch again while this one waits.
+                lone = dispatcher.lone
                 try:
                     await pending
                 except (Exception, asyncio.CancelledError) as exc:
-                    await dispatcher.handler_failed(exc, event)  # raises the client's own cancellation
+                    await dispatcher.handler_failed(exc, event, lone)  # raises the client's own cancellation
                 if stopping():
                     return None
         except ChatfeedError as exc:  # the connection ended, or the token expired mid-session

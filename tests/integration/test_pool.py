@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed
 import chatfeed
 from chatfeed import Gap
 from chatfeed._connection import _ClientConnection
+from chatfeed._pool import Ramp
 from chatfeed.testing import FeedServer
 
 from ..conftest import BAD_TOKEN, FAST, MS, OTHER_TOKEN, SECRET, SIGNATURE, TOKEN
@@ -1420,3 +1421,89 @@ async def test_a_lost_connection_is_let_go_once_its_feed_is_back(caplog: pytest.
             assert pool.statistics().up == 3 and client.connected
             assert len(disconnected) == 3  # kept by the application, with their errors
             assert live_connections() == before
+
+
+async def test_a_handler_error_while_another_feed_dispatched_is_reported_not_fatal() -> None:
+    # The dispatcher is shared: feed b dispatches while feed a's lone async
+    # handler still runs; a's exception must still be known as a's handler's.
+    async with FeedServer(users={"token-a": "a", "token-b": "b"}) as server:
+        pool = make_pool(server.url)
+        pool.add("a", token="token-a")
+        pool.add("b", token="token-b")
+        b_handled = asyncio.Event()
+        reported = asyncio.Event()
+        stopped: list[str] = []
+
+        @pool.on("new_message")
+        async def handle(event: chatfeed.NewMessage, feed: str) -> None:
+            if feed == "a":
+                await b_handled.wait()
+                raise ValueError("a handler bug")
+            b_handled.set()
+
+        pool.on("feed_stopped")(lambda event, feed: stopped.append(feed))
+        pool.on_error(lambda exc, event: reported.set())
+        async with pool:
+            await server.push_message(content="a1", user_id="a")
+            await server.push_message(content="b1", user_id="b")
+            await asyncio.wait_for(reported.wait(), WAIT)
+            again = pool.expect("new_message", feed="a", timeout=WAIT)
+            await server.push_message(content="a2", user_id="a")
+            assert (await again).payload.content == "a2"  # feed a goes on
+            assert stopped == [] and pool.statistics().handler_errors >= 1
+
+
+async def test_close_from_a_handler_ends_the_streams_and_stops_every_feed() -> None:
+    async with FeedServer(users={"token-a": "a", "token-b": "b"}) as server:
+        pool = make_pool(server.url)
+        pool.add("a", token="token-a")
+        pool.add("b", token="token-b")
+        after_close: list[str] = []
+
+        @pool.on("new_message")
+        async def stop(event: chatfeed.NewMessage, feed: str) -> None:
+            if pool.statistics().up == 0:
+                after_close.append(feed)
+            if event.payload.content == "stop":
+                await pool.close()  # returns at once
+
+        async with pool:
+            stream = pool.events()
+            await server.push_message(content="stop", user_id="a")
+            # The stream yields what it holds, then ends, instead of waiting forever.
+            seen = [event.payload.content async for _, event in stream if isinstance(event, chatfeed.NewMessage)]
+            assert seen == ["stop"]
+            await server.push_message(content="late", user_id="b")  # feed b was stopped too
+        assert after_close == []
+        assert chatfeed_tasks() == []
+
+
+async def test_a_feed_that_removed_itself_is_waited_for_by_close() -> None:
+    async with FeedServer(tokens=[TOKEN]) as server:
+        pool = make_pool(server.url)
+        pool.add("a", token=TOKEN)
+        removed = asyncio.Event()
+
+        @pool.on("new_message")
+        async def leave(event: chatfeed.NewMessage, feed: str) -> None:
+            await pool.remove(feed)
+            removed.set()
+
+        async with pool:
+            await server.push_message(content="bye")
+            await asyncio.wait_for(removed.wait(), WAIT)
+        assert chatfeed_tasks() == []
+
+
+async def test_the_ramp_gives_a_cancelled_waiters_turn_to_the_next() -> None:
+    ramp = Ramp(1.0)  # a turn per second: nothing here may wait for one
+    await ramp.wait()  # the first goes at once
+    waiters = [asyncio.create_task(ramp.wait()) for _ in range(5)]
+    last = asyncio.create_task(ramp.wait())
+    await asyncio.sleep(0)  # each is queued
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.wait(waiters)
+    ramp._let_one_through()  # the timer's job, done now: the cancelled turns are skipped
+    await asyncio.wait_for(last, WAIT)
+    ramp.close()
