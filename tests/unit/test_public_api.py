@@ -16,6 +16,7 @@ def test_all_is_sorted_and_complete() -> None:
     public = {name for name in vars(chatfeed) if not name.startswith("_")} - {
         "exceptions",
         "models",
+        "sync",
         "testing",
     }
     assert public | {"__version__"} == set(chatfeed.__all__)

@@ -9,12 +9,15 @@ pool's handlers take the event and the feed's key, and its ``events()`` yields
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from concurrent import futures
 from typing import Any
 
 import pytest
 from typing_extensions import assert_type
 
 import chatfeed
+import chatfeed.sync
 from chatfeed.testing import make_chat, make_message
 
 client = chatfeed.Client("wss://api.example.com", token="t")
@@ -299,3 +302,124 @@ def test_pool_statistics_are_typed_by_whether_a_key_is_given() -> None:
     assert typed.statistics("user-17").state == "unopened"
     with pytest.raises(chatfeed.UsageError, match="no feed"):
         typed.statistics(17)  # type: ignore[call-overload]
+
+
+# chatfeed.sync: typed as the async client, with plain functions as handlers.
+
+
+blocking = chatfeed.sync.Client("wss://api.example.com", token="t")
+shown_in_thread: list[str] = []
+
+
+@blocking.on("new_message")
+def show_in_thread(event: chatfeed.NewMessage) -> None:
+    shown_in_thread.append(event.payload.content)
+
+
+@blocking.on(chatfeed.Disconnected)
+def lost(event: chatfeed.Disconnected) -> None:
+    pass
+
+
+@blocking.on_error
+def report_in_thread(exc: Exception, event: Any) -> None:
+    pass
+
+
+def test_a_sync_client_handler_keeps_its_type_and_can_still_be_called_as_written() -> None:
+    message = chatfeed.NewMessage(type="new_message", payload=make_message(content="direct"))
+    assert_type(show_in_thread(message), None)
+    assert shown_in_thread == ["direct"]
+    blocking.on(chatfeed.ServerMessage)(lambda event: None)
+    blocking.on("new_message", concurrency=1)(show_in_thread)
+    name: chatfeed.EventName = "new_chat"
+    blocking.on(name)(count)
+
+
+def test_an_async_handler_or_one_for_another_event_or_concurrency_is_a_type_error_for_the_sync_client() -> None:
+    # mypy --strict (warn_unused_ignores) fails CI if these lines type-check.
+    with pytest.raises(chatfeed.UsageError, match="is async"):
+        blocking.on("new_message")(show)  # type: ignore[type-var]
+    with pytest.raises(chatfeed.UsageError, match="is async"):
+        blocking.on_error(show)  # type: ignore[type-var]
+    blocking.on("new_chat")(show_in_thread)  # type: ignore[type-var]
+    with pytest.raises(chatfeed.UsageError, match="one at a time"):
+        blocking.on("new_message", concurrency=8)  # type: ignore[call-overload]
+    with pytest.raises(chatfeed.UsageError, match="did you mean 'new_message'"):
+        blocking.on("new_mesage")  # type: ignore[call-overload]
+
+    def answer(event: chatfeed.NewMessage) -> str:
+        return "a handler's result goes nowhere"
+
+    blocking.on("new_message")(answer)  # type: ignore[type-var]
+
+
+def test_sync_expect_is_typed_after_the_event_name_or_class() -> None:
+    expecting = chatfeed.sync.Client("wss://api.example.com", token="t")
+    try:
+        replies: list[chatfeed.sync.Expectation[Any]] = [
+            assert_type(expecting.expect("new_message"), chatfeed.sync.Expectation[chatfeed.NewMessage]),
+            assert_type(expecting.expect(chatfeed.NewMessage), chatfeed.sync.Expectation[chatfeed.NewMessage]),
+            assert_type(expecting.expect("new_chat", timeout=1.0), chatfeed.sync.Expectation[chatfeed.NewChat]),
+            assert_type(expecting.expect("error"), chatfeed.sync.Expectation[chatfeed.ErrorMessage]),
+            assert_type(expecting.expect("unknown"), chatfeed.sync.Expectation[chatfeed.UnknownMessage]),
+            assert_type(expecting.expect("connected"), chatfeed.sync.Expectation[chatfeed.Connected]),
+            assert_type(expecting.expect("disconnected"), chatfeed.sync.Expectation[chatfeed.Disconnected]),
+            assert_type(expecting.expect(chatfeed.ServerMessage), chatfeed.sync.Expectation[chatfeed.ServerMessage]),
+            assert_type(
+                expecting.expect("new_message", where=lambda e: e.payload.role == "assistant"),
+                chatfeed.sync.Expectation[chatfeed.NewMessage],
+            ),
+            assert_type(
+                expecting.expect("new_message", where=is_answer), chatfeed.sync.Expectation[chatfeed.NewMessage]
+            ),
+            # mypy --strict (warn_unused_ignores) fails CI if these lines type-check.
+            expecting.expect("new_message", where=is_titled),  # type: ignore[call-overload]
+            expecting.expect("new_message", where=lambda e: e.payload.title == ""),  # type: ignore[call-overload]
+        ]
+        name: chatfeed.EventName = "new_chat"
+        replies.append(assert_type(expecting.expect(name), chatfeed.sync.Expectation[Any]))
+        for reply in replies:
+            reply.cancel()
+        reply = expecting.expect("new_message", timeout=1.0)
+        with reply:
+            pass
+        with pytest.raises(futures.CancelledError):
+            assert_type(reply.wait(timeout=1.0), chatfeed.NewMessage)
+    finally:
+        expecting.close()
+
+
+def test_sync_events_is_an_iterator_of_feed_events() -> None:
+    unopened = chatfeed.sync.Client("wss://api.example.com", token="t")
+    try:
+        stream = assert_type(unopened.events(timeout=1.0), chatfeed.sync.EventStream[chatfeed.FeedEvent])
+        events: Iterator[chatfeed.FeedEvent] = stream
+        with pytest.raises(chatfeed.UsageError, match="never started"):
+            # A client never started has no events to wait for; the type is what matters here.
+            assert_type(next(events), chatfeed.FeedEvent)
+        assert_type(stream.timeout, float | None)
+        stream.close()
+    finally:
+        unopened.close()
+
+
+def contents_of(running: chatfeed.sync.Client) -> list[str]:
+    # Type-checked, not run: a with block, its events, run().
+    contents = []
+    with running as entered:
+        assert_type(entered, chatfeed.sync.Client)
+        with running.events(timeout=5.0) as stream:
+            for event in stream:
+                assert_type(event, chatfeed.FeedEvent)
+                if isinstance(event, chatfeed.NewMessage):
+                    contents.append(event.payload.content)
+    assert_type(running.run(), None)
+    return contents
+
+
+def test_sync_client_introspection_is_typed_as_the_async_clients() -> None:
+    assert_type(blocking.statistics(), chatfeed.ClientStatistics)
+    assert_type(blocking.connected, bool)
+    closing = chatfeed.sync.Client("wss://api.example.com", token="t")
+    assert_type(closing.close(), None)

@@ -1,0 +1,149 @@
+"""chatfeed.sync keeps in step with the async client it drives: same options, corresponding methods.
+
+When one of these fails after a change to ``chatfeed.Client``, make the same
+change to ``chatfeed.sync.Client`` (or, if the difference is meant, list it
+here with the reason).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+from typing import Any
+
+import pytest
+from typing_extensions import get_overloads
+
+import chatfeed
+import chatfeed.sync
+
+# Public methods and properties that only one of the two has, and why.
+ONLY_ASYNC = {
+    "__aenter__": "async with; the sync client has __enter__",
+    "__aexit__": "async with; the sync client has __exit__",
+}
+ONLY_SYNC = {
+    "__enter__": "with",
+    "__exit__": "with",
+}
+
+# Parameters of a common method that differ, and why: (method, parameter) -> reason.
+PARAMETERS_ONLY_ASYNC = {
+    ("on", "key"): "applies to concurrency > 1, which the sync client refuses",
+    ("on", "max_pending"): "applies to concurrency > 1, which the sync client refuses",
+    ("run", "handle_signals"): "sync run() always closes on KeyboardInterrupt and returns",
+}
+PARAMETERS_ONLY_SYNC = {
+    ("events", "timeout"): "a blocking next() needs a way to stop waiting; async code has asyncio.timeout",
+}
+
+# The classes each side's methods return, and what those have in common.
+STREAM_ONLY_ASYNC = {"__aiter__", "__anext__", "__aenter__", "__aexit__", "aclose", "offer", "wait_for_space", "end"}
+STREAM_ONLY_SYNC = {"__iter__", "__next__", "__enter__", "__exit__", "close", "timeout"}
+EXPECTATION_ONLY_ASYNC = {"__await__"}
+EXPECTATION_ONLY_SYNC: set[str] = set()
+
+
+_PROTOCOL = {"__enter__", "__exit__", "__aenter__", "__aexit__", "__iter__", "__next__", "__aiter__", "__anext__"}
+
+
+def public_members(cls: type[Any]) -> set[str]:
+    """The methods and properties of ``cls`` that its users call (not its data attributes)."""
+    names = {name for name in dir(cls) if not name.startswith("_")} | (_PROTOCOL | {"__await__"}) & set(vars(cls))
+    return {
+        name
+        for name in names
+        if inspect.isfunction(member := inspect.getattr_static(cls, name)) or isinstance(member, property)
+    }
+
+
+def test_every_option_of_the_async_client_is_an_option_of_the_sync_one_with_the_same_default() -> None:
+    expected = inspect.signature(chatfeed.Client.__init__).parameters
+    actual = inspect.signature(chatfeed.sync.Client.__init__).parameters
+    assert list(actual) == list(expected), "the same options, in the same order"
+    for name, parameter in expected.items():
+        other = actual[name]
+        assert other.kind == parameter.kind, name
+        assert other.default == parameter.default, name
+        # Both modules spell their annotations with the same names.
+        assert other.annotation == parameter.annotation, name
+
+
+def test_the_public_methods_correspond() -> None:
+    async_members = public_members(chatfeed.Client)
+    sync_members = public_members(chatfeed.sync.Client)
+    assert async_members - sync_members == set(ONLY_ASYNC)
+    assert sync_members - async_members == set(ONLY_SYNC)
+
+
+@pytest.mark.parametrize("method", sorted(public_members(chatfeed.Client) - set(ONLY_ASYNC)))
+def test_each_common_method_takes_the_same_parameters_with_the_same_defaults(method: str) -> None:
+    async_member = inspect.getattr_static(chatfeed.Client, method)
+    sync_member = inspect.getattr_static(chatfeed.sync.Client, method)
+    if isinstance(async_member, property):
+        assert isinstance(sync_member, property), method
+        return
+    assert inspect.iscoroutinefunction(sync_member) is False, f"sync {method} must block, not be awaited"
+    expected = inspect.signature(async_member).parameters
+    actual = inspect.signature(sync_member).parameters
+    for name, parameter in expected.items():
+        if (method, name) in PARAMETERS_ONLY_ASYNC:
+            assert name not in actual, f"{method}({name}=) is listed as async-only"
+            continue
+        assert name in actual, f"sync {method}() lacks {name}="
+        assert actual[name].kind == parameter.kind, (method, name)
+        assert actual[name].default == parameter.default, (method, name)
+    extra = {name for name in actual if name not in expected}
+    assert extra == {name for (of, name) in PARAMETERS_ONLY_SYNC if of == method}, method
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="typing.get_overloads is Python 3.11+")
+@pytest.mark.parametrize("method", ["on", "expect"])
+def test_the_overloads_cover_the_same_events(method: str) -> None:
+    def events_of(function: Any) -> list[str]:
+        overloads = get_overloads(function)
+        return [str(inspect.signature(overload).parameters["event"].annotation) for overload in overloads]
+
+    assert events_of(getattr(chatfeed.sync.Client, method)) == events_of(getattr(chatfeed.Client, method))
+
+
+def test_the_stream_and_the_expectation_correspond() -> None:
+    async_stream = public_members(chatfeed.EventStream) | {"__aenter__", "__aexit__"}
+    sync_stream = public_members(chatfeed.sync.EventStream)
+    assert async_stream - sync_stream == STREAM_ONLY_ASYNC
+    assert sync_stream - async_stream == STREAM_ONLY_SYNC
+    async_expectation = public_members(chatfeed.Expectation) | {"__enter__", "__exit__"}
+    sync_expectation = public_members(chatfeed.sync.Expectation)
+    assert async_expectation - sync_expectation == EXPECTATION_ONLY_ASYNC
+    assert sync_expectation - async_expectation == EXPECTATION_ONLY_SYNC
+    wait = inspect.signature(chatfeed.sync.Expectation.wait).parameters
+    assert list(wait) == list(inspect.signature(chatfeed.Expectation.wait).parameters)
+
+
+def test_the_module_is_public_documented_and_not_imported_by_chatfeed() -> None:
+    assert chatfeed.sync.__all__ == sorted(chatfeed.sync.__all__)
+    for name in chatfeed.sync.__all__:
+        assert inspect.getdoc(getattr(chatfeed.sync, name)), f"chatfeed.sync.{name} has no docstring"
+    assert "sync" not in chatfeed.__all__
+
+
+def test_a_client_starts_no_thread_until_it_is_used() -> None:
+    before = set(threading.enumerate())
+    client = chatfeed.sync.Client("ws://127.0.0.1:9", token="t")
+    client.on("new_message")(lambda event: None)
+    client.on_error(lambda exc, event: None)
+    assert client.statistics().state == "unopened"
+    assert not client.connected
+    assert repr(client) == "<chatfeed.sync.Client url='ws://127.0.0.1:9' state=unopened>"
+    client.close()
+    assert set(threading.enumerate()) == before
+    assert client.statistics().state == "closed"
+
+
+def test_import_chatfeed_does_not_import_the_sync_client() -> None:
+    import subprocess
+
+    code = "import sys, chatfeed; print('chatfeed.sync' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout == "False\n"
