@@ -866,9 +866,10 @@ class Pool:
 class Ramp:
     """Connection attempts at most ``rate`` per second, for many feeds that would otherwise connect at once.
 
-    Waiters are let through one every ``1 / rate`` seconds, in the order they
-    came, by one timer; a waiter cancelled meanwhile (a feed removed while it
-    waited) gives its turn to the next instead of leaving a hole.
+    Waiters are let through one every ``1 / rate`` seconds on average, in the
+    order they came, by one timer; a waiter cancelled meanwhile (a feed
+    removed while it waited) gives its turn to the next instead of leaving a
+    hole.
     """
 
     __slots__ = ("_gap", "_next", "_timer", "_waiters")
@@ -902,12 +903,14 @@ class Ramp:
         self._timer = None
         waiters = self._waiters
         loop = asyncio.get_running_loop()
-        while waiters:
+        now = loop.time()
+        # Turns are due every gap from the first: a timer that fires late (a
+        # busy loop) lets through every turn that is due, so the rate holds.
+        while waiters and self._next <= now:
             turn = waiters.popleft()
             if not turn.done():  # else cancelled: the next one takes the turn
                 turn.set_result(None)
-                self._next = loop.time() + self._gap
-                break
+                self._next += self._gap
         if waiters:
             self._timer = loop.call_at(self._next, self._let_one_through)
 

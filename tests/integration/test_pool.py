@@ -1507,3 +1507,20 @@ async def test_the_ramp_gives_a_cancelled_waiters_turn_to_the_next() -> None:
     ramp._let_one_through()  # the timer's job, done now: the cancelled turns are skipped
     await asyncio.wait_for(last, WAIT)
     ramp.close()
+
+
+async def test_a_late_ramp_timer_lets_every_due_turn_through() -> None:
+    # On a busy loop the timer fires late: the turns due by then all go, so
+    # that the rate holds on average instead of drifting down.
+    ramp = Ramp(10.0)
+    await ramp.wait()
+    waiters = [asyncio.create_task(ramp.wait()) for _ in range(4)]
+    await asyncio.sleep(0)
+    ramp._next = asyncio.get_running_loop().time() - 0.25  # three turns are due: -0.25, -0.15, -0.05
+    ramp._let_one_through()
+    await asyncio.sleep(0)
+    assert [waiter.done() for waiter in waiters] == [True, True, True, False]
+    ramp.close()
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.wait(waiters)
