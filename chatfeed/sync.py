@@ -29,6 +29,12 @@ The functions that the async client calls itself (a token function, a
 backfill function, an expectation's ``where``) run in the client's own
 thread: keep them quick, and do not call a blocking method of the client
 from them.
+
+A [`Pool`][chatfeed.sync.Pool] is to [`chatfeed.Pool`][chatfeed.Pool] what a
+``Client`` is to a ``chatfeed.Client``, with the same portal and the same
+hand-over: each of its feeds' receive loops hands its handlers' calls over
+and waits for them, and the thread of ``run()`` makes them one at a time, in
+the order they came.
 """
 
 from __future__ import annotations
@@ -60,19 +66,23 @@ from ._dispatch import EventName, check_timeout, resolve_event
 from ._dispatch import EventStream as AsyncEventStream
 from ._dispatch import Expectation as AsyncExpectation
 from ._policy import Backoff
+from ._pool import Pool as AsyncPool
+from ._pool import PoolEventName, PoolStatistics
+from ._pool import _resolve as _resolve_pool_event
 from .exceptions import ClientClosedError, UsageError
 from .models import (
     Connected,
     Disconnected,
     ErrorMessage,
     FeedEvent,
+    FeedStopped,
     NewChat,
     NewMessage,
     ServerMessage,
     UnknownMessage,
 )
 
-__all__ = ["Client", "EventStream", "Expectation"]
+__all__ = ["Client", "EventStream", "Expectation", "Pool", "PoolEventStream"]
 
 logger = logging.getLogger("chatfeed")
 
@@ -189,9 +199,10 @@ class _Reply(Generic[T]):
 class _Portal:
     """An event loop in a thread of its own, started at first use; runs coroutines for blocking callers."""
 
-    __slots__ = ("_lock", "_loop", "_stopped", "_tasks", "_thread", "leftovers")
+    __slots__ = ("_lock", "_loop", "_owner", "_stopped", "_tasks", "_thread", "leftovers")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "chatfeed.sync.Client") -> None:
+        self._owner = owner  # what messages call the object it runs for
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -239,8 +250,8 @@ class _Portal:
         if self.in_loop_thread():
             coro.close()
             raise UsageError(
-                "a blocking method of chatfeed.sync.Client was called from the client's own thread (in a "
-                "where test, or a token or backfill function): it would wait for itself"
+                f"a blocking method of {self._owner} was called from its own thread (in a where test, or a "
+                "token or backfill function): it would wait for itself"
             )
         reply = self.submit(coro)
         try:
@@ -418,20 +429,371 @@ def _is_async(func: Callable[..., object]) -> bool:
     )
 
 
-def _check_sync(func: Callable[..., object], what: str) -> None:
+def _check_sync(func: Callable[..., object], what: str, owner: str = "chatfeed.sync.Client") -> None:
     if not callable(func):
         raise UsageError(f"{what} must be callable, not {func!r}")
     if _is_async(func):
+        async_owner = owner.replace("chatfeed.sync.", "chatfeed.", 1)
         raise UsageError(
-            f"{what} {_name_of(func)} is async: chatfeed.sync.Client calls it in the thread that runs run(). "
-            "Make it a plain `def`, or use chatfeed.Client, the async client, to run async handlers"
+            f"{what} {_name_of(func)} is async: {owner} calls it in the thread that runs run(). "
+            f"Make it a plain `def`, or use {async_owner}, its async counterpart, to run async handlers"
         )
+
+
+# What a blocking client and a blocking pool share
+
+
+class _Blocking:
+    """The portal, the hand-over of handler calls to the thread of ``run()``, and closing, for Client and Pool.
+
+    A subclass wraps one async object (a client or a pool) and says how to
+    run, enter, leave and close it, and how to register handlers on it.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_channel",
+        "_closed",
+        "_closed_by_handler",
+        "_closing",
+        "_exit_error",
+        "_handlers",
+        "_held",
+        "_holding",
+        "_lock",
+        "_mode",
+        "_outstanding",
+        "_portal",
+        "_pump_thread",
+        "_raised",
+        "_run_future",
+        "_serving",
+        "_stopping",
+    )
+
+    _NAME = "client"
+    """What messages call it."""
+
+    _HANDLER_CLOSE_ENDS_CALLS = False
+    """Whether close() from a handler makes the calls handed over after it skipped (a pool's other feeds)."""
+
+    def _init_blocking(self, owner: str) -> None:
+        portal = self._portal = _Portal(owner)
+        self._lock = threading.Lock()  # guards _mode
+        self._closing = threading.Lock()  # one closer at a time; the others wait for it
+        self._closed = False  # the portal has stopped: nothing of it runs any more
+        self._mode: Literal["unopened", "with", "run", "closed"] = "unopened"
+        self._handlers = 0
+        # run(): the channel of calls to the calling thread, and that thread.
+        self._channel: queue.SimpleQueue[_Call | None] | None = None
+        self._pump_thread: int | None = None
+        self._serving = False  # the thread of run() takes calls from the channel
+        self._run_future: _Reply[None] | None = None
+        # The calls the receive loops wait for (one per feed at most), of the loop's thread.
+        self._outstanding: set[_Call] = set()
+        self._stopping = False  # close() from elsewhere: the receive loops stop after the calls they wait for
+        self._closed_by_handler = False  # close() from a handler: it stops after the event's delivery
+        # with: the error leaving the block raises, and the errors events() has raised already.
+        self._exit_error: Exception | None = None
+        self._raised: list[BaseException] = []
+        # with: a stream subscribed as the block starts, for its first call
+        # to adopt if it is events() (_held, of the loop's thread), until then.
+        self._held: AsyncEventStream[FeedEvent] | None = None
+        self._holding = False
+        # One dropped without being closed does not leave its thread behind.
+        weakref.finalize(self, portal.stop, join=False).atexit = False
+
+    # What a subclass says about the async object it drives (called in the loop's thread)
+
+    def _async_run(self) -> Coroutine[Any, Any, None]:
+        raise NotImplementedError
+
+    async def _async_enter(self) -> None:
+        raise NotImplementedError
+
+    async def _async_exit(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        raise NotImplementedError
+
+    async def _async_close(self) -> None:
+        raise NotImplementedError
+
+    def _stop_unstarted(self) -> None:
+        """Close for good, without a loop: it was never started."""
+        raise NotImplementedError
+
+    def _subscribe(self, buffer: int) -> AsyncEventStream[FeedEvent]:
+        raise NotImplementedError
+
+    def _add_handler(self, cls: type[Any], forward: Callable[..., Awaitable[None]]) -> None:
+        raise NotImplementedError
+
+    def _add_error_hook(self, forward: Callable[..., Awaitable[None]]) -> None:
+        raise NotImplementedError
+
+    async def _request_stop(self) -> None:
+        """Stop run(), once the calls handed over have returned."""
+        raise NotImplementedError
+
+    async def _after_call(self) -> None:
+        """In a receive loop, once a handler's call has returned (or was skipped)."""
+        raise NotImplementedError
+
+    # Registration
+
+    def _register(self, cls: type[Any], func: Callable[..., None], owner: str) -> None:
+        _check_sync(func, "handler", owner)
+        with self._lock:
+            if self._mode == "with":
+                raise UsageError(_NO_HANDLERS_IN_WITH)
+            if self._mode == "closed":
+                raise UsageError(f"the {self._NAME} is closed")
+            self._handlers += 1
+        forward = self._forwarder(func)
+        self._portal.run_sync(lambda: self._add_handler(cls, forward))
+
+    def _register_error_hook(self, hook: Callable[..., None], owner: str) -> None:
+        _check_sync(hook, "error hook", owner)
+        forward = self._forwarder(hook)
+        self._portal.run_sync(lambda: self._add_error_hook(forward))
+
+    def _forwarder(self, func: Callable[..., None]) -> Callable[..., Awaitable[None]]:
+        """An async handler for the async object that calls ``func`` in the thread of ``run()``."""
+
+        async def forward(*args: Any) -> None:
+            await self._in_caller(func, args)
+
+        forward.__qualname__ = _name_of(func)  # what the log names when it raises
+        return forward
+
+    async def _in_caller(self, func: Callable[..., None], args: tuple[Any, ...]) -> None:
+        channel = self._channel
+        if channel is None:  # an error hook inside `with`: no thread runs run() to call it
+            func(*args)
+            return
+        if not self._stopping:
+            # Each receive loop waits for its own call, so that the calls of
+            # one feed are made in the order its frames came; the thread of
+            # run() makes them one at a time, in the order they were handed over.
+            call = _Call(func, args, asyncio.get_running_loop())
+            self._outstanding.add(call)
+            channel.put(call)
+            try:
+                error = await call.done
+            finally:
+                self._outstanding.discard(call)
+        else:
+            error = None
+        await self._after_call()
+        if error is not None:
+            raise error
+
+    # Running
+
+    def _run(self) -> None:
+        channel: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        with self._lock:
+            self._check_unopened()
+            self._mode = "run"
+            self._channel = channel
+            self._pump_thread = threading.get_ident()
+            # Submitted under the lock: a close() from elsewhere comes after it.
+            future = self._run_future = self._portal.submit(self._async_run(), lambda: channel.put(None))
+        interruption: BaseException | None = None
+        try:
+            try:
+                self._serve(channel, future)
+            except BaseException as exc:  # Ctrl-C, or SystemExit from a handler: stop, then go on
+                interruption = exc
+                if isinstance(exc, KeyboardInterrupt):
+                    logger.info("KeyboardInterrupt: closing the %s", self._NAME)
+                self._stopping = True
+                self._settle_outstanding()  # the call it interrupted, and any not yet taken
+                with contextlib.suppress(_PortalClosed):
+                    self._portal.call(self._request_stop())
+                self._serve(channel, future)  # until run() ends, taking no more calls
+        finally:
+            self._pump_thread = None
+            # Nobody takes calls any more (a second Ctrl-C got here): a call
+            # still pending would hold a receive loop up for ever.
+            self._stopping = True
+            self._settle_outstanding()
+            self._shut_down()
+        if interruption is not None:
+            if isinstance(interruption, KeyboardInterrupt):
+                return
+            raise interruption
+        with contextlib.suppress(concurrent.futures.CancelledError):  # cut short by the teardown: it is closed
+            future.result()
+
+    def _settle_outstanding(self) -> None:
+        """Let every receive loop waiting for a call go on (from any thread)."""
+        for call in tuple(self._outstanding):  # a copy taken at once, under the GIL
+            call.settle()
+
+    def _serve(self, channel: queue.SimpleQueue[_Call | None], run: _Reply[None]) -> None:
+        """Make the calls the loop hands over, in this thread, until ``run()`` ends; skip them once stopping."""
+        self._serving = True
+        try:
+            while True:
+                call = _take(channel, run)
+                if call is None:
+                    return
+                skip = (
+                    self._stopping
+                    or call.done.done()  # its receive loop stopped waiting (its feed was removed)
+                    or (self._HANDLER_CLOSE_ENDS_CALLS and self._closed_by_handler)
+                )
+                call.settle(None if skip else call.invoke())
+        finally:
+            self._serving = False
+
+    def _enter_blocking(self) -> None:
+        with self._lock:
+            self._check_unopened()
+            if self._handlers:
+                raise UsageError(_NO_HANDLERS_IN_WITH)
+            self._mode = "with"
+            future = self._portal.submit(self._enter())
+        try:
+            future.result()
+        except BaseException:
+            future.cancel()
+            self._shut_down()
+            raise
+
+    async def _enter(self) -> None:
+        await self._async_enter()
+        # In the same step, before the receive loop's first: what the feed
+        # sends from now on (one event; then it is not read) is kept for the
+        # block's first call, so that `for event in client.events():` on its
+        # first line sees every event, as after `async with client:`.
+        self._held = self._subscribe(1)
+        self._holding = True
+
+    def _let_go(self) -> None:
+        """The block's first call is not events(): what was held goes, as nobody asked for it."""
+        if self._holding:
+            self._holding = False
+            self._portal.call_soon(self._drop_held)
+
+    def _drop_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held._unsubscribe()
+
+    def _exit_blocking(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._shut_down(exc_type, exc, traceback)
+        error, self._exit_error = self._exit_error, None
+        if error is not None and exc is None and not any(error is raised for raised in self._raised):
+            raise error
+
+    def _close_blocking(self) -> None:
+        portal = self._portal
+        if portal.in_loop_thread():  # a where test, a token function: waiting here would wait for itself
+            self._stopping = True
+            portal.spawn(self._request_stop())
+            return
+        if threading.get_ident() == self._pump_thread:  # a handler, in run()
+            self._closed_by_handler = True
+            return
+        self._shut_down()
+
+    def _shut_down(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        """Close the async object as the mode requires, then stop the portal; once, whoever calls first."""
+        with self._closing:
+            if self._closed:
+                return
+            with self._lock:
+                mode, self._mode = self._mode, "closed"
+            portal = self._portal
+            try:
+                if not portal.started:
+                    self._stop_unstarted()
+                elif mode == "run":
+                    self._stopping = True
+                    with contextlib.suppress(_PortalClosed):
+                        portal.call(self._request_stop())
+                    if self._run_future is not None:
+                        self._run_future.wait()
+                elif mode == "with":
+                    try:
+                        portal.call(self._async_exit(exc_type, exc, traceback))
+                    except _PortalClosed:
+                        pass
+                    except Exception as error:  # the error that stopped it; for __exit__ to raise
+                        self._exit_error = error
+                else:
+                    with contextlib.suppress(_PortalClosed):
+                        portal.call(self._async_close())
+            finally:
+                portal.stop()
+                self._closed = True
+
+    def _check_unopened(self) -> None:
+        if self._mode == "closed":
+            raise UsageError(f"the {self._NAME} is closed; create a new one")
+        if self._mode != "unopened":
+            raise UsageError(f"the {self._NAME} is already running")
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            return self._portal.call(coro)
+        except _PortalClosed:
+            raise UsageError(f"the {self._NAME} is closed") from None
+
+    def _refuse_in_handler(self, what: str) -> None:
+        if threading.get_ident() == self._pump_thread:
+            raise UsageError(
+                f"{what} in a handler would wait for ever: the feed is not read while a handler runs. "
+                "Do it in another thread, or outside handlers"
+            )
+
+    def _events(self, timeout: float | None, buffer: int) -> EventStream[FeedEvent]:
+        check_timeout(timeout)
+        if self._mode == "closed":
+            raise UsageError(f"the {self._NAME} is closed")
+        self._holding = False
+
+        async def subscribe() -> AsyncEventStream[FeedEvent]:
+            stream = self._subscribe(buffer)
+            held, self._held = self._held, None
+            if held is None:
+                return stream
+            if not held.pending():
+                held._unsubscribe()  # empty: no delivery waits for it
+                return stream
+            # The block's first call: the stream made as it began holds what
+            # came since, and a delivery may be waiting for room in it.
+            stream._unsubscribe()
+            held._buffer = buffer
+            return held
+
+        return EventStream(self, self._call(subscribe()), timeout)
+
+    def _expect(self, register: Callable[[], AsyncExpectation[Any]]) -> Expectation[Any]:
+        if self._mode == "closed":
+            raise UsageError(f"the {self._NAME} is closed")
+        self._let_go()
+
+        async def call() -> AsyncExpectation[Any]:
+            return register()
+
+        return Expectation(self, self._call(call()))
 
 
 # The client
 
 
-class Client:
+class Client(_Blocking):
     """A blocking client of the chat feed: the async [`chatfeed.Client`][chatfeed.Client] driven from a thread.
 
     Takes the same arguments as [`chatfeed.Client`][chatfeed.Client], with the
@@ -484,26 +846,7 @@ class Client:
         ```
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_channel",
-        "_client",
-        "_closed",
-        "_closed_by_handler",
-        "_closing",
-        "_exit_error",
-        "_handlers",
-        "_held",
-        "_holding",
-        "_lock",
-        "_mode",
-        "_outstanding",
-        "_portal",
-        "_pump_thread",
-        "_raised",
-        "_run_future",
-        "_stopping",
-    )
+    __slots__ = ("_client",)
 
     def __init__(
         self,
@@ -547,28 +890,7 @@ class Client:
             dedupe=dedupe,
             drain_timeout=drain_timeout,
         )
-        portal = self._portal = _Portal()
-        self._lock = threading.Lock()  # guards _mode
-        self._closing = threading.Lock()  # one closer at a time; the others wait for it
-        self._closed = False  # the portal has stopped: nothing of the client runs any more
-        self._mode: Literal["unopened", "with", "run", "closed"] = "unopened"
-        self._handlers = 0
-        # run(): the channel of calls to the calling thread, and that thread.
-        self._channel: queue.SimpleQueue[_Call | None] | None = None
-        self._pump_thread: int | None = None
-        self._run_future: _Reply[None] | None = None
-        self._outstanding: _Call | None = None  # the call the receive loop waits for, set in the loop's thread
-        self._stopping = False  # close() from elsewhere: the receive loop stops after the call it waits for
-        self._closed_by_handler = False  # close() from a handler: it stops after the event's delivery
-        # with: the error leaving the block raises, and the errors events() has raised already.
-        self._exit_error: Exception | None = None
-        self._raised: list[BaseException] = []
-        # with: a stream subscribed as the block starts, for its first call
-        # to adopt if it is events() (_held, of the loop's thread), until then.
-        self._held: AsyncEventStream[FeedEvent] | None = None
-        self._holding = False
-        # A client dropped without being closed does not leave its thread behind.
-        weakref.finalize(self, portal.stop, join=False).atexit = False
+        self._init_blocking("chatfeed.sync.Client")
 
     def __repr__(self) -> str:
         return repr(self._client).replace("<chatfeed.Client", "<chatfeed.sync.Client", 1)
@@ -646,20 +968,7 @@ class Client:
             )
 
         def register(func: _OnAny) -> _OnAny:
-            _check_sync(func, "handler")
-            with self._lock:
-                if self._mode == "with":
-                    raise UsageError(_NO_HANDLERS_IN_WITH)
-                if self._mode == "closed":
-                    raise UsageError("the client is closed")
-                self._handlers += 1
-            forward = self._forwarder(func)
-
-            def add() -> None:
-                add_handler: Callable[[Callable[..., Awaitable[None]]], object] = self._client.on(cls)
-                add_handler(forward)
-
-            self._portal.run_sync(add)
+            self._register(cls, func, "chatfeed.sync.Client")
             return func
 
         return register
@@ -677,41 +986,21 @@ class Client:
         Raises:
             UsageError: The hook is async, or not callable.
         """
-        _check_sync(hook, "error hook")
-        forward = self._forwarder(hook)
-        self._portal.run_sync(lambda: self._client.on_error(forward))
+        self._register_error_hook(hook, "chatfeed.sync.Client")
         return hook
 
-    def _forwarder(self, func: Callable[..., None]) -> Callable[..., Awaitable[None]]:
-        """An async handler for the async client that calls ``func`` in the thread of ``run()``."""
+    def _add_handler(self, cls: type[Any], forward: Callable[..., Awaitable[None]]) -> None:
+        add_handler: Callable[[Callable[..., Awaitable[None]]], object] = self._client.on(cls)
+        add_handler(forward)
 
-        async def forward(*args: Any) -> None:
-            await self._in_caller(func, args)
+    def _add_error_hook(self, forward: Callable[..., Awaitable[None]]) -> None:
+        self._client.on_error(forward)
 
-        forward.__qualname__ = _name_of(func)  # what the log names when it raises
-        return forward
-
-    async def _in_caller(self, func: Callable[..., None], args: tuple[Any, ...]) -> None:
-        channel = self._channel
-        if channel is None:  # an error hook inside `with`: no thread runs run() to call it
-            func(*args)
-            return
-        if not self._stopping:
-            call = _Call(func, args, asyncio.get_running_loop())
-            self._outstanding = call
-            channel.put(call)
-            try:
-                error = await call.done
-            finally:
-                self._outstanding = None
-        else:
-            error = None
+    async def _after_call(self) -> None:
         if self._stopping or self._closed_by_handler:
             # This is the receive loop's task: closing from here stops it
             # once this delivery is over, as close() from an async handler does.
             await self._client.close()
-        if error is not None:
-            raise error
 
     # Waiting for one event
 
@@ -808,14 +1097,7 @@ class Client:
                 event = reply.wait(timeout=30)
             ```
         """
-        if self._mode == "closed":
-            raise UsageError("the client is closed")
-        self._let_go()
-
-        async def register() -> AsyncExpectation[Any]:
-            return self._client.expect(event, where=where, timeout=timeout)
-
-        return Expectation(self, self._call(register()))
+        return self._expect(lambda: self._client.expect(event, where=where, timeout=timeout))
 
     # Iterating
 
@@ -847,26 +1129,10 @@ class Client:
                         print(event.payload.content)
             ```
         """
-        check_timeout(timeout)
-        if self._mode == "closed":
-            raise UsageError("the client is closed")
-        self._holding = False
+        return self._events(timeout, buffer)
 
-        async def subscribe() -> AsyncEventStream[FeedEvent]:
-            stream = self._client.events(buffer=buffer)
-            held, self._held = self._held, None
-            if held is None:
-                return stream
-            if not held.pending():
-                held._unsubscribe()  # empty: no delivery waits for it
-                return stream
-            # The block's first call: the stream made as it began holds what
-            # came since, and a delivery may be waiting for room in it.
-            stream._unsubscribe()
-            held._buffer = buffer
-            return held
-
-        return EventStream(self, self._call(subscribe()), timeout)
+    def _subscribe(self, buffer: int) -> AsyncEventStream[FeedEvent]:
+        return self._client.events(buffer=buffer)
 
     # Running
 
@@ -885,57 +1151,15 @@ class Client:
                 worth it (a fatal close code, HTTP 4xx), or retries ran out.
             UsageError: The client is already running or closed.
         """
-        channel: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        with self._lock:
-            self._check_unopened()
-            self._mode = "run"
-            self._channel = channel
-            self._pump_thread = threading.get_ident()
-            # Submitted under the lock: a close() from elsewhere comes after it.
-            future = self._run_future = self._portal.submit(self._client.run(), lambda: channel.put(None))
-        interruption: BaseException | None = None
-        try:
-            try:
-                self._serve(channel, future)
-            except BaseException as exc:  # Ctrl-C, or SystemExit from a handler: stop, then go on
-                interruption = exc
-                if isinstance(exc, KeyboardInterrupt):
-                    logger.info("KeyboardInterrupt: closing the client")
-                self._stopping = True
-                outstanding = self._outstanding
-                if outstanding is not None:  # the call it interrupted, or one not yet taken
-                    outstanding.settle()
-                with contextlib.suppress(_PortalClosed):
-                    self._portal.call(self._request_stop())
-                self._serve(channel, future)  # until run() ends, taking no more calls
-        finally:
-            self._pump_thread = None
-            # Nobody takes calls any more (a second Ctrl-C got here): a call
-            # still pending would hold the receive loop up for ever.
-            self._stopping = True
-            outstanding = self._outstanding
-            if outstanding is not None:
-                outstanding.settle()
-            self._shut_down()
-        if interruption is not None:
-            if isinstance(interruption, KeyboardInterrupt):
-                return
-            raise interruption
-        with contextlib.suppress(concurrent.futures.CancelledError):  # cut short by the teardown: it is closed
-            future.result()
+        self._run()
 
-    def _serve(self, channel: queue.SimpleQueue[_Call | None], run: _Reply[None]) -> None:
-        """Make the calls the loop hands over, in this thread, until ``run()`` ends; skip them once stopping."""
-        while True:
-            call = _take(channel, run)
-            if call is None:
-                return
-            call.settle(None if self._stopping else call.invoke())
+    def _async_run(self) -> Coroutine[Any, Any, None]:
+        return self._client.run()
 
     async def _request_stop(self) -> None:
         """Stop run(): at once, unless a handler's call is pending, which stops it once it returns."""
         self._stopping = True
-        outstanding = self._outstanding
+        outstanding = next(iter(self._outstanding), None)
         if outstanding is None:
             await self._client.close()
         else:
@@ -951,39 +1175,22 @@ class Client:
                 (which only ``run()`` calls), or was closed (from another
                 thread) while connecting.
         """
-        with self._lock:
-            self._check_unopened()
-            if self._handlers:
-                raise UsageError(_NO_HANDLERS_IN_WITH)
-            self._mode = "with"
-            future = self._portal.submit(self._enter())
-        try:
-            future.result()
-        except BaseException:
-            future.cancel()
-            self._shut_down()
-            raise
+        self._enter_blocking()
         return self
 
-    async def _enter(self) -> None:
+    async def _async_enter(self) -> None:
         await self._client.__aenter__()
-        # In the same step, before the receive loop's first: what the feed
-        # sends from now on (one event; then it is not read) is kept for the
-        # block's first call, so that `for event in client.events():` on its
-        # first line sees every event, as after `async with client:`.
-        self._held = self._client.events(buffer=1)
-        self._holding = True
 
-    def _let_go(self) -> None:
-        """The block's first call is not events(): what was held goes, as nobody asked for it."""
-        if self._holding:
-            self._holding = False
-            self._portal.call_soon(self._drop_held)
+    async def _async_exit(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self._client.__aexit__(exc_type, exc, traceback)
 
-    def _drop_held(self) -> None:
-        held, self._held = self._held, None
-        if held is not None:
-            held._unsubscribe()
+    async def _async_close(self) -> None:
+        await self._client.close()
+
+    def _stop_unstarted(self) -> None:
+        self._client._stop(None)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
@@ -995,10 +1202,7 @@ class Client:
         (the block was doing something else) it is raised here, unless the
         block raised an exception of its own.
         """
-        self._shut_down(exc_type, exc, traceback)
-        error, self._exit_error = self._exit_error, None
-        if error is not None and exc is None and not any(error is raised for raised in self._raised):
-            raise error
+        self._exit_blocking(exc_type, exc, traceback)
 
     def close(self) -> None:
         """Stop the client: close the connection, end every iterator and every expectation, stop its thread.
@@ -1012,70 +1216,7 @@ class Client:
         once: the other handlers of the same event still run, then ``run()``
         returns.
         """
-        portal = self._portal
-        if portal.in_loop_thread():  # a where test, a token function: waiting here would wait for itself
-            self._stopping = True
-            portal.spawn(self._request_stop())
-            return
-        if threading.get_ident() == self._pump_thread:  # a handler, in run()
-            self._closed_by_handler = True
-            return
-        self._shut_down()
-
-    def _shut_down(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc: BaseException | None = None,
-        traceback: TracebackType | None = None,
-    ) -> None:
-        """Close the async client as the mode requires, then stop the portal; once, whoever calls first."""
-        with self._closing:
-            if self._closed:
-                return
-            with self._lock:
-                mode, self._mode = self._mode, "closed"
-            portal = self._portal
-            try:
-                if not portal.started:
-                    self._client._stop(None)  # never started: closed for good, without a loop
-                elif mode == "run":
-                    self._stopping = True
-                    with contextlib.suppress(_PortalClosed):
-                        portal.call(self._request_stop())
-                    if self._run_future is not None:
-                        self._run_future.wait()
-                elif mode == "with":
-                    try:
-                        portal.call(self._client.__aexit__(exc_type, exc, traceback))
-                    except _PortalClosed:
-                        pass
-                    except Exception as error:  # the error that stopped the client; for __exit__ to raise
-                        self._exit_error = error
-                else:
-                    with contextlib.suppress(_PortalClosed):
-                        portal.call(self._client.close())
-            finally:
-                portal.stop()
-                self._closed = True
-
-    def _check_unopened(self) -> None:
-        if self._mode == "closed":
-            raise UsageError("the client is closed; create a new one")
-        if self._mode != "unopened":
-            raise UsageError("the client is already running")
-
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        try:
-            return self._portal.call(coro)
-        except _PortalClosed:
-            raise UsageError("the client is closed") from None
-
-    def _refuse_in_handler(self, what: str) -> None:
-        if threading.get_ident() == self._pump_thread:
-            raise UsageError(
-                f"{what} in a handler would wait for ever: the feed is not read while a handler runs. "
-                "Do it in another thread, or outside handlers"
-            )
+        self._close_blocking()
 
     # Introspection
 
@@ -1092,6 +1233,570 @@ class Client:
             return self._portal.run_sync(self._client.statistics)  # taken in the loop's thread, consistent
         except _PortalClosed:  # closed meanwhile: nothing changes them any more
             return self._client.statistics()
+
+
+# The pool
+
+# A handler of this pool is a plain function of the event and its feed's key, returning None.
+_FeedOnNewMessage = TypeVar("_FeedOnNewMessage", bound=Callable[[NewMessage, str], None])
+_FeedOnNewChat = TypeVar("_FeedOnNewChat", bound=Callable[[NewChat, str], None])
+_FeedOnError = TypeVar("_FeedOnError", bound=Callable[[ErrorMessage, str], None])
+_FeedOnUnknown = TypeVar("_FeedOnUnknown", bound=Callable[[UnknownMessage, str], None])
+_FeedOnConnected = TypeVar("_FeedOnConnected", bound=Callable[[Connected, str], None])
+_FeedOnDisconnected = TypeVar("_FeedOnDisconnected", bound=Callable[[Disconnected, str], None])
+_FeedOnFeedStopped = TypeVar("_FeedOnFeedStopped", bound=Callable[[FeedStopped, str], None])
+_FeedOnServerMessage = TypeVar("_FeedOnServerMessage", bound=Callable[[ServerMessage, str], None])
+_FeedOnAny = TypeVar("_FeedOnAny", bound=Callable[[Any, str], None])
+
+
+class Pool(_Blocking):
+    """Many feeds, one per key, from blocking code: the async [`chatfeed.Pool`][chatfeed.Pool] driven from a thread.
+
+    Takes the same arguments as [`chatfeed.Pool`][chatfeed.Pool], with the
+    same defaults, checked at once. Add feeds with [`add`][chatfeed.sync.Pool.add];
+    use it as a context manager and iterate over
+    [`events`][chatfeed.sync.Pool.events], which yields ``(key, event)``, or
+    register handlers with [`on`][chatfeed.sync.Pool.on] and call
+    [`run`][chatfeed.sync.Pool.run]; wait for one event with
+    [`expect`][chatfeed.sync.Pool.expect].
+
+    It runs on a portal as [`chatfeed.sync.Client`][chatfeed.sync.Client]
+    does: one event loop in one thread, named ``chatfeed-sync``, for every
+    feed, started by the first call that needs it and stopped, and joined,
+    when the pool closes. Each feed has its own receive loop there; the
+    handlers of every feed run in the thread of ``run()``, one call at a
+    time, in the order the feeds handed them over (so in the order its
+    frames came, for each feed). A feed waits while its call is pending, or
+    waiting for its turn; the others go on reading until they have a call
+    of their own waiting.
+
+    Args:
+        url: As for [`chatfeed.Pool`][chatfeed.Pool].
+        connect_rate: As for a pool.
+        reconnect: As for a pool.
+        auth_timeout: As for a pool.
+        ping_interval: As for a pool.
+        ping_timeout: As for a pool.
+        open_timeout: As for a pool.
+        close_timeout: As for a pool.
+        max_size: As for a pool.
+        ssl: As for a pool.
+        proxy: As for a pool.
+        auth_retries: As for a pool.
+        compression: As for a pool.
+        backfill: As for a pool; a backfill function runs in the pool's thread.
+        backfill_since: As for a pool.
+        backfill_timeout: As for a pool.
+        dedupe: As for a pool.
+        drain_timeout: As for a pool; no handler of this pool runs
+            concurrently, so close() has none to drain.
+
+    Raises:
+        UsageError: An argument is invalid.
+
+    Example:
+        ```python
+        from chatfeed.sync import Pool
+
+        pool = Pool("wss://api.example.com")
+        for user, token in tokens.items():
+            pool.add(user, token=token)
+
+        @pool.on("new_message")
+        def show(event: chatfeed.NewMessage, feed: str) -> None:
+            print(feed, event.payload.content)
+
+        pool.run()  # Ctrl-C closes the pool and returns
+        ```
+    """
+
+    __slots__ = ("_pool",)
+
+    _NAME = "pool"
+    _HANDLER_CLOSE_ENDS_CALLS = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_rate: float = 500.0,
+        reconnect: Backoff | bool = True,
+        auth_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        open_timeout: float = 10.0,
+        close_timeout: float = 2.0,
+        max_size: int = 2**20,
+        ssl: ssl_module.SSLContext | None = None,
+        proxy: str | bool | None = True,
+        auth_retries: int = 1,
+        compression: Compression = None,
+        backfill: Backfill | None = None,
+        backfill_since: datetime | None = None,
+        backfill_timeout: float = 30.0,
+        dedupe: Dedupe | bool | None = None,
+        drain_timeout: float = 5.0,
+    ) -> None:
+        self._pool = AsyncPool(
+            url,
+            connect_rate=connect_rate,
+            reconnect=reconnect,
+            auth_timeout=auth_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            open_timeout=open_timeout,
+            close_timeout=close_timeout,
+            max_size=max_size,
+            ssl=ssl,
+            proxy=proxy,
+            auth_retries=auth_retries,
+            compression=compression,
+            backfill=backfill,
+            backfill_since=backfill_since,
+            backfill_timeout=backfill_timeout,
+            dedupe=dedupe,
+            drain_timeout=drain_timeout,
+        )
+        self._init_blocking("chatfeed.sync.Pool")
+
+    def __repr__(self) -> str:
+        return repr(self._pool).replace("<chatfeed.Pool", "<chatfeed.sync.Pool", 1)
+
+    def __len__(self) -> int:
+        return len(self._pool)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._pool
+
+    # Feeds
+
+    def add(self, key: str, *, token: TokenSource) -> None:
+        """Add a feed: its key (any non-empty str, usually the user's id) and its token.
+
+        As [`chatfeed.Pool.add`][chatfeed.Pool.add]: a feed added while the
+        pool runs starts at once. A token function runs in the pool's thread.
+
+        Raises:
+            UsageError: The key is not a non-empty str or is taken, the token
+                is invalid, or the pool is closed.
+        """
+        try:
+            self._portal.run_sync(lambda: self._pool.add(key, token=token))
+        except _PortalClosed:
+            raise UsageError("the pool is closed") from None
+
+    def remove(self, key: str) -> None:
+        """Close one feed and take it out of the pool, and return once it has stopped; the others go on.
+
+        As [`chatfeed.Pool.remove`][chatfeed.Pool.remove]: expectations of
+        that feed raise [`ClientClosedError`][chatfeed.ClientClosedError]. A
+        call of that feed's handlers waiting for its turn in ``run()`` is not
+        made. From a handler, a feed may remove any feed, its own included.
+
+        Raises:
+            UsageError: The pool has no such feed, or is closed.
+        """
+        self._call(self._pool.remove(key))
+
+    def feeds(self) -> list[str]:
+        """Return the keys of the feeds, in the order they were added."""
+        try:
+            return self._portal.run_sync(self._pool.feeds)
+        except _PortalClosed:
+            return self._pool.feeds()
+
+    # Registration
+
+    @overload
+    def on(
+        self, event: Literal["new_message"] | type[NewMessage], *, concurrency: Literal[1] = ...
+    ) -> Callable[[_FeedOnNewMessage], _FeedOnNewMessage]: ...
+    @overload
+    def on(
+        self, event: Literal["new_chat"] | type[NewChat], *, concurrency: Literal[1] = ...
+    ) -> Callable[[_FeedOnNewChat], _FeedOnNewChat]: ...
+    @overload
+    def on(
+        self, event: Literal["error"] | type[ErrorMessage], *, concurrency: Literal[1] = ...
+    ) -> Callable[[_FeedOnError], _FeedOnError]: ...
+    @overload
+    def on(
+        self, event: Literal["unknown"] | type[UnknownMessage], *, concurrency: Literal[1] = ...
+    ) -> Callable[[_FeedOnUnknown], _FeedOnUnknown]: ...
+    @overload
+    def on(self, event: Literal["connected"] | type[Connected]) -> Callable[[_FeedOnConnected], _FeedOnConnected]: ...
+    @overload
+    def on(
+        self, event: Literal["disconnected"] | type[Disconnected]
+    ) -> Callable[[_FeedOnDisconnected], _FeedOnDisconnected]: ...
+    @overload
+    def on(
+        self, event: Literal["feed_stopped"] | type[FeedStopped]
+    ) -> Callable[[_FeedOnFeedStopped], _FeedOnFeedStopped]: ...
+    @overload
+    def on(
+        self, event: type[ServerMessage], *, concurrency: Literal[1] = ...
+    ) -> Callable[[_FeedOnServerMessage], _FeedOnServerMessage]: ...
+    @overload
+    def on(self, event: PoolEventName) -> Callable[[_FeedOnAny], _FeedOnAny]: ...
+
+    def on(self, event: PoolEventName | type[Any], *, concurrency: int = 1) -> Callable[[_FeedOnAny], _FeedOnAny]:
+        """Register the decorated function as a handler of one kind of event, of every feed, called by ``run()``.
+
+        As [`chatfeed.sync.Client.on`][chatfeed.sync.Client.on], with the
+        differences of [`chatfeed.Pool.on`][chatfeed.Pool.on]: the handler is
+        called with the event *and the key of its feed*, and
+        ``"feed_stopped"`` ([`FeedStopped`][chatfeed.FeedStopped]) says that
+        a feed stopped for good. Calls are made one at a time, in the thread
+        of ``run()``; while a feed's call is pending, that feed is not read.
+
+        Args:
+            event: An event name or class, as for [`chatfeed.Pool.on`][chatfeed.Pool.on].
+            concurrency: 1, the only value: handlers run one at a time in
+                the thread of ``run()``. For handlers side by side, use
+                [`chatfeed.Pool`][chatfeed.Pool] (async).
+
+        Raises:
+            UsageError: As for [`chatfeed.sync.Client.on`][chatfeed.sync.Client.on].
+
+        Example:
+            ```python
+            @pool.on("new_message")
+            def store(event: chatfeed.NewMessage, feed: str) -> None:
+                Message.objects.create(user=feed, id=event.payload.id, text=event.payload.content)
+            ```
+        """
+        cls = _resolve_pool_event(event)
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise UsageError(f"concurrency must be 1 for chatfeed.sync.Pool, not {concurrency!r}")
+        if concurrency != 1:
+            raise UsageError(
+                "chatfeed.sync.Pool calls handlers one at a time, in the thread that runs run(): concurrency "
+                f"{concurrency} needs chatfeed.Pool, the async pool, whose handlers run side by side; or "
+                "hand the work to a thread pool of your own from the handler"
+            )
+
+        def register(func: _FeedOnAny) -> _FeedOnAny:
+            self._register(cls, func, "chatfeed.sync.Pool")
+            return func
+
+        return register
+
+    def on_error(self, hook: _OnErrorHook) -> _OnErrorHook:
+        """Register a function called with ``(exception, event)`` when a handler raises.
+
+        As [`chatfeed.sync.Client.on_error`][chatfeed.sync.Client.on_error];
+        ``event.feed`` is the feed's key.
+
+        Raises:
+            UsageError: The hook is async, or not callable.
+        """
+        self._register_error_hook(hook, "chatfeed.sync.Pool")
+        return hook
+
+    def _add_handler(self, cls: type[Any], forward: Callable[..., Awaitable[None]]) -> None:
+        add_handler: Callable[[Callable[..., Awaitable[None]]], object] = self._pool.on(cls)
+        add_handler(forward)
+
+    def _add_error_hook(self, forward: Callable[..., Awaitable[None]]) -> None:
+        self._pool.on_error(forward)
+
+    async def _after_call(self) -> None:
+        if self._closed_by_handler and not self._stopping:
+            # close() from a handler: the pool closes from a task of its own
+            # (this one is a feed's, which it cancels), once the calls
+            # handed over meanwhile have been skipped.
+            self._stopping = True
+            self._portal.spawn(self._request_stop())
+
+    # Waiting for one event
+
+    @overload
+    def expect(
+        self,
+        event: Literal["new_message"] | type[NewMessage],
+        *,
+        feed: str | None = ...,
+        where: Callable[[NewMessage], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[NewMessage]: ...
+    @overload
+    def expect(
+        self,
+        event: Literal["new_chat"] | type[NewChat],
+        *,
+        feed: str | None = ...,
+        where: Callable[[NewChat], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[NewChat]: ...
+    @overload
+    def expect(
+        self,
+        event: Literal["error"] | type[ErrorMessage],
+        *,
+        feed: str | None = ...,
+        where: Callable[[ErrorMessage], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[ErrorMessage]: ...
+    @overload
+    def expect(
+        self,
+        event: Literal["unknown"] | type[UnknownMessage],
+        *,
+        feed: str | None = ...,
+        where: Callable[[UnknownMessage], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[UnknownMessage]: ...
+    @overload
+    def expect(
+        self,
+        event: Literal["connected"] | type[Connected],
+        *,
+        feed: str | None = ...,
+        where: Callable[[Connected], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[Connected]: ...
+    @overload
+    def expect(
+        self,
+        event: Literal["disconnected"] | type[Disconnected],
+        *,
+        feed: str | None = ...,
+        where: Callable[[Disconnected], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[Disconnected]: ...
+    @overload
+    def expect(
+        self,
+        event: Literal["feed_stopped"] | type[FeedStopped],
+        *,
+        feed: str | None = ...,
+        where: Callable[[FeedStopped], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[FeedStopped]: ...
+    @overload
+    def expect(
+        self,
+        event: type[ServerMessage],
+        *,
+        feed: str | None = ...,
+        where: Callable[[ServerMessage], bool] | None = ...,
+        timeout: float | None = ...,
+    ) -> Expectation[ServerMessage]: ...
+
+    def expect(
+        self,
+        event: PoolEventName | type[Any],
+        *,
+        feed: str | None = None,
+        where: Callable[[Any], bool] | None = None,
+        timeout: float | None = None,
+    ) -> Expectation[Any]:
+        """Start waiting for the next event of one kind, of one feed or any, that passes ``where``.
+
+        As [`chatfeed.Pool.expect`][chatfeed.Pool.expect], registered before
+        this returns; wait for it with the
+        [`Expectation`][chatfeed.sync.Expectation]'s ``wait(timeout=...)``.
+        ``where`` is called in the pool's thread.
+
+        Raises:
+            UsageError: The pool is closed, or an argument is wrong (``feed``
+                is not a key of the pool, or that feed has stopped).
+
+        Example:
+            ```python
+            with pool.expect("new_message", feed="alice") as reply:
+                requests.post(f"{api}/chats/{chat_id}/messages", json={"content": "hello"})
+                event = reply.wait(timeout=30)
+            ```
+        """
+        return self._expect(lambda: self._pool.expect(event, feed=feed, where=where, timeout=timeout))
+
+    # Iterating
+
+    def events(self, *, timeout: float | None = None, buffer: int = 64) -> PoolEventStream:
+        """Return an iterator over every feed's server events, as ``(key, event)``, from now on.
+
+        As [`chatfeed.sync.Client.events`][chatfeed.sync.Client.events]: one
+        bounded buffer for every feed; while it is full, the feeds are not read.
+
+        Args:
+            timeout: Seconds each ``next()`` waits for an event before raising
+                `TimeoutError`, or ``None`` to wait as long as it takes.
+            buffer: The most events held for this iterator.
+
+        Raises:
+            UsageError: The pool is closed, or an argument is wrong.
+
+        Example:
+            ```python
+            with pool:
+                for key, event in pool.events():
+                    print(key, event)
+            ```
+        """
+        return PoolEventStream(self._events(timeout, buffer))
+
+    def _subscribe(self, buffer: int) -> AsyncEventStream[FeedEvent]:
+        stream: AsyncEventStream[FeedEvent] = self._pool.events(buffer=buffer)._stream
+        return stream
+
+    # Running
+
+    def run(self) -> None:
+        """Run every feed, and call the handlers in this thread, until [`close`][chatfeed.sync.Pool.close] is called.
+
+        Blocks. As [`chatfeed.Pool.run`][chatfeed.Pool.run]: a feed that
+        stops on an error is reported (``FeedStopped``) and does not end the
+        run. Ctrl-C (`KeyboardInterrupt`) closes the pool, after the handler
+        running then, and ``run()`` returns normally. When ``run()`` returns,
+        the pool is closed and its thread has stopped.
+
+        Raises:
+            UsageError: The pool is already running or closed.
+        """
+        self._run()
+
+    def _async_run(self) -> Coroutine[Any, Any, None]:
+        return self._pool.run()
+
+    async def _request_stop(self) -> None:
+        """Stop run(), once the calls handed over are made (or skipped, as the pool is stopping)."""
+        self._stopping = True
+        logged = False
+        while True:
+            pending = [call for call in self._outstanding if not call.done.done()]
+            if not pending:
+                break
+            if not self._serving:  # nobody takes calls any more: they are not made
+                for call in pending:
+                    _resolve(call.done, None)
+                break
+            if not logged:
+                logged = True
+                logger.debug("closing the pool once handler %s returns", _name_of(pending[0].func))
+            await asyncio.wait([call.done for call in pending], timeout=_SIGNAL_POLL)
+        await self._pool.close()
+
+    def __enter__(self) -> Self:
+        """Start every feed; return once each feed added so far has authenticated or stopped.
+
+        A feed whose token is rejected stops alone (a ``FeedStopped`` event,
+        and [`statistics`][chatfeed.sync.Pool.statistics]``().failed``); a feed
+        that cannot connect keeps retrying, and keeps this waiting.
+
+        Raises:
+            UsageError: The pool is already running or closed, has handlers
+                (which only ``run()`` calls), or was closed (from another
+                thread) while its feeds were connecting.
+        """
+        self._enter_blocking()
+        return self
+
+    async def _async_enter(self) -> None:
+        await self._pool.__aenter__()
+
+    async def _async_exit(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self._pool.__aexit__(exc_type, exc, traceback)
+
+    async def _async_close(self) -> None:
+        await self._pool.close()
+
+    def _stop_unstarted(self) -> None:
+        self._pool._state = "closed"  # nothing of it ran: closed for good, without a loop
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        """Close the pool."""
+        self._exit_blocking(exc_type, exc, traceback)
+
+    def close(self) -> None:
+        """Stop the pool: close every feed, end every iterator and every expectation, stop its thread.
+
+        As [`chatfeed.sync.Client.close`][chatfeed.sync.Client.close]: it
+        returns once everything has stopped, after a handler running in
+        ``run()`` has returned; no other call is made. Safe to call more than
+        once, and from any thread. Called from a handler, it returns at once;
+        the calls of the other feeds waiting for their turn are not made, and
+        ``run()`` returns.
+        """
+        self._close_blocking()
+
+    # Introspection
+
+    @overload
+    def statistics(self) -> PoolStatistics: ...
+    @overload
+    def statistics(self, key: str) -> ClientStatistics: ...
+
+    def statistics(self, key: str | None = None) -> PoolStatistics | ClientStatistics:
+        """Return a snapshot of the pool, or with ``key`` of that one feed.
+
+        As [`chatfeed.Pool.statistics`][chatfeed.Pool.statistics].
+
+        Raises:
+            UsageError: No feed has that key.
+        """
+        self._let_go()
+
+        def take() -> PoolStatistics | ClientStatistics:
+            return self._pool.statistics() if key is None else self._pool.statistics(key)
+
+        try:
+            return self._portal.run_sync(take)  # taken in the loop's thread, consistent
+        except _PortalClosed:  # closed meanwhile: nothing changes them any more
+            return take()
+
+
+class PoolEventStream(Iterator[tuple[str, FeedEvent]]):
+    """The events of every feed of a pool, as ``(key, event)``, through one bounded buffer; a blocking iterator.
+
+    Returned by [`Pool.events`][chatfeed.sync.Pool.events]; it behaves as a
+    client's [`EventStream`][chatfeed.sync.EventStream] does (one reader,
+    ``timeout``, backpressure on every feed when full, ``close()`` or
+    ``with`` to unsubscribe).
+    """
+
+    __slots__ = ("_events",)
+
+    def __init__(self, events: EventStream[FeedEvent]) -> None:
+        self._events = events
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds each ``next()`` waits for an event before raising `TimeoutError`; ``None`` for no limit."""
+        return self._events.timeout
+
+    @timeout.setter
+    def timeout(self, timeout: float | None) -> None:
+        self._events.timeout = timeout
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> tuple[str, FeedEvent]:
+        """Return the next ``(key, event)``, waiting for it, as [`EventStream`][chatfeed.sync.EventStream] does."""
+        event = next(self._events)
+        feed = event.feed
+        assert feed is not None  # every event of a pool is marked with its feed
+        return feed, event
+
+    def pending(self) -> int:
+        """Return how many events wait in the buffer."""
+        return self._events.pending()
+
+    def close(self) -> None:
+        """Unsubscribe and drop what the buffer holds; a ``next()`` waiting in another thread then ends."""
+        self._events.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 _NO_HANDLERS_IN_WITH = (
@@ -1114,7 +1819,7 @@ class EventStream(Iterator[E_co], Generic[E_co]):
     buffer is full the client stops reading the feed: close it.
     """
 
-    def __init__(self, client: Client, stream: AsyncEventStream[E_co], timeout: float | None) -> None:
+    def __init__(self, client: _Blocking, stream: AsyncEventStream[E_co], timeout: float | None) -> None:
         self._client = client
         self._stream: AsyncEventStream[E_co] | None = stream
         self._timeout = timeout
@@ -1256,7 +1961,7 @@ class Expectation(Generic[E_co]):
 
     __slots__ = ("__weakref__", "_client", "_expectation")
 
-    def __init__(self, client: Client, expectation: AsyncExpectation[E_co]) -> None:
+    def __init__(self, client: _Blocking, expectation: AsyncExpectation[E_co]) -> None:
         self._client = client
         self._expectation = expectation
         # One dropped without being waited for is forgotten, in the loop's thread.

@@ -1,8 +1,9 @@
-"""chatfeed.sync keeps in step with the async client it drives: same options, corresponding methods.
+"""chatfeed.sync keeps in step with the async client and pool it drives: same options, corresponding methods.
 
-When one of these fails after a change to ``chatfeed.Client``, make the same
-change to ``chatfeed.sync.Client`` (or, if the difference is meant, list it
-here with the reason).
+When one of these fails after a change to ``chatfeed.Client`` (or
+``chatfeed.Pool``), make the same change to ``chatfeed.sync.Client`` (or
+``chatfeed.sync.Pool``); or, if the difference is meant, list it here with
+the reason.
 """
 
 from __future__ import annotations
@@ -38,6 +39,35 @@ PARAMETERS_ONLY_SYNC = {
     ("events", "timeout"): "a blocking next() needs a way to stop waiting; async code has asyncio.timeout",
 }
 
+# The same for the pools.
+POOL_ONLY_ASYNC = ONLY_ASYNC
+POOL_ONLY_SYNC = ONLY_SYNC
+POOL_PARAMETERS_ONLY_ASYNC = {
+    ("on", "key"): "applies to concurrency > 1, which the sync pool refuses",
+    ("on", "max_pending"): "applies to concurrency > 1, which the sync pool refuses",
+}
+POOL_PARAMETERS_ONLY_SYNC = PARAMETERS_ONLY_SYNC
+
+# What differs between each pair, by the async class.
+PAIRS: dict[str, tuple[type[Any], type[Any], dict[str, str], dict[str, str], dict[Any, str], dict[Any, str]]] = {
+    "Client": (
+        chatfeed.Client,
+        chatfeed.sync.Client,
+        ONLY_ASYNC,
+        ONLY_SYNC,
+        PARAMETERS_ONLY_ASYNC,
+        PARAMETERS_ONLY_SYNC,
+    ),
+    "Pool": (
+        chatfeed.Pool,
+        chatfeed.sync.Pool,
+        POOL_ONLY_ASYNC,
+        POOL_ONLY_SYNC,
+        POOL_PARAMETERS_ONLY_ASYNC,
+        POOL_PARAMETERS_ONLY_SYNC,
+    ),
+}
+
 # The classes each side's methods return, and what those have in common.
 STREAM_ONLY_ASYNC = {"__aiter__", "__anext__", "__aenter__", "__aexit__", "aclose", "offer", "wait_for_space", "end"}
 STREAM_ONLY_SYNC = {"__iter__", "__next__", "__enter__", "__exit__", "close", "timeout"}
@@ -58,9 +88,11 @@ def public_members(cls: type[Any]) -> set[str]:
     }
 
 
-def test_every_option_of_the_async_client_is_an_option_of_the_sync_one_with_the_same_default() -> None:
-    expected = inspect.signature(chatfeed.Client.__init__).parameters
-    actual = inspect.signature(chatfeed.sync.Client.__init__).parameters
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_every_option_of_the_async_class_is_an_option_of_the_sync_one_with_the_same_default(pair: str) -> None:
+    async_class, sync_class, *_ = PAIRS[pair]
+    expected = inspect.signature(async_class.__init__).parameters
+    actual = inspect.signature(sync_class.__init__).parameters
     assert list(actual) == list(expected), "the same options, in the same order"
     for name, parameter in expected.items():
         other = actual[name]
@@ -70,17 +102,27 @@ def test_every_option_of_the_async_client_is_an_option_of_the_sync_one_with_the_
         assert other.annotation == parameter.annotation, name
 
 
-def test_the_public_methods_correspond() -> None:
-    async_members = public_members(chatfeed.Client)
-    sync_members = public_members(chatfeed.sync.Client)
-    assert async_members - sync_members == set(ONLY_ASYNC)
-    assert sync_members - async_members == set(ONLY_SYNC)
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_the_public_methods_correspond(pair: str) -> None:
+    async_class, sync_class, only_async, only_sync, *_ = PAIRS[pair]
+    async_members = public_members(async_class)
+    sync_members = public_members(sync_class)
+    assert async_members - sync_members == set(only_async)
+    assert sync_members - async_members == set(only_sync)
 
 
-@pytest.mark.parametrize("method", sorted(public_members(chatfeed.Client) - set(ONLY_ASYNC)))
-def test_each_common_method_takes_the_same_parameters_with_the_same_defaults(method: str) -> None:
-    async_member = inspect.getattr_static(chatfeed.Client, method)
-    sync_member = inspect.getattr_static(chatfeed.sync.Client, method)
+@pytest.mark.parametrize(
+    ("pair", "method"),
+    [
+        (pair, method)
+        for pair in sorted(PAIRS)
+        for method in sorted(public_members(PAIRS[pair][0]) - set(PAIRS[pair][2]))
+    ],
+)
+def test_each_common_method_takes_the_same_parameters_with_the_same_defaults(pair: str, method: str) -> None:
+    async_class, sync_class, _, _, parameters_only_async, parameters_only_sync = PAIRS[pair]
+    async_member = inspect.getattr_static(async_class, method)
+    sync_member = inspect.getattr_static(sync_class, method)
     if isinstance(async_member, property):
         assert isinstance(sync_member, property), method
         return
@@ -88,24 +130,27 @@ def test_each_common_method_takes_the_same_parameters_with_the_same_defaults(met
     expected = inspect.signature(async_member).parameters
     actual = inspect.signature(sync_member).parameters
     for name, parameter in expected.items():
-        if (method, name) in PARAMETERS_ONLY_ASYNC:
+        if (method, name) in parameters_only_async:
             assert name not in actual, f"{method}({name}=) is listed as async-only"
             continue
         assert name in actual, f"sync {method}() lacks {name}="
         assert actual[name].kind == parameter.kind, (method, name)
         assert actual[name].default == parameter.default, (method, name)
     extra = {name for name in actual if name not in expected}
-    assert extra == {name for (of, name) in PARAMETERS_ONLY_SYNC if of == method}, method
+    assert extra == {name for (of, name) in parameters_only_sync if of == method}, method
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="typing.get_overloads is Python 3.11+")
+@pytest.mark.parametrize("pair", sorted(PAIRS))
 @pytest.mark.parametrize("method", ["on", "expect"])
-def test_the_overloads_cover_the_same_events(method: str) -> None:
+def test_the_overloads_cover_the_same_events(pair: str, method: str) -> None:
+    async_class, sync_class, *_ = PAIRS[pair]
+
     def events_of(function: Any) -> list[str]:
         overloads = get_overloads(function)
         return [str(inspect.signature(overload).parameters["event"].annotation) for overload in overloads]
 
-    assert events_of(getattr(chatfeed.sync.Client, method)) == events_of(getattr(chatfeed.Client, method))
+    assert events_of(getattr(sync_class, method)) == events_of(getattr(async_class, method))
 
 
 def test_the_stream_and_the_expectation_correspond() -> None:
@@ -119,6 +164,13 @@ def test_the_stream_and_the_expectation_correspond() -> None:
     assert sync_expectation - async_expectation == EXPECTATION_ONLY_SYNC
     wait = inspect.signature(chatfeed.sync.Expectation.wait).parameters
     assert list(wait) == list(inspect.signature(chatfeed.Expectation.wait).parameters)
+
+
+def test_the_pools_stream_corresponds() -> None:
+    async_stream = public_members(chatfeed.PoolEventStream) | {"__aenter__", "__aexit__"}
+    sync_stream = public_members(chatfeed.sync.PoolEventStream)
+    assert async_stream - sync_stream == {"__aiter__", "__anext__", "__aenter__", "__aexit__", "aclose"}
+    assert sync_stream - async_stream == STREAM_ONLY_SYNC
 
 
 def test_the_module_is_public_documented_and_not_imported_by_chatfeed() -> None:
