@@ -23,9 +23,10 @@ import signal
 import ssl as ssl_module
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeAlias, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeAlias, TypeVar
 
-from typing_extensions import Self
+# typing_extensions' overload: get_overloads() finds them on Python 3.10 too.
+from typing_extensions import Self, overload
 
 from ._config import Compression, Options, TokenSource
 from ._delivery import Backfill, Dedupe, Delivery, Gap, fetch_backfill

@@ -23,9 +23,10 @@ import logging
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar
 
-from typing_extensions import Self
+# typing_extensions' overload: get_overloads() finds them on Python 3.10 too.
+from typing_extensions import Self, overload
 
 from ._client import Client, ClientStatistics, HandlerStatistics, _State, handler_statistics
 from ._config import Compression, Options, TokenSource, _check_token

@@ -54,9 +54,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Generic, Literal, TypeVar, overload
+from typing import Any, Generic, Literal, TypeVar
 
-from typing_extensions import Self
+# typing_extensions' overload: get_overloads() finds them on Python 3.10 too.
+from typing_extensions import Self, overload
 
 from ._client import Client as AsyncClient
 from ._client import ClientStatistics

@@ -140,7 +140,6 @@ def test_each_common_method_takes_the_same_parameters_with_the_same_defaults(pai
     assert extra == {name for (of, name) in parameters_only_sync if of == method}, method
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="typing.get_overloads is Python 3.11+")
 @pytest.mark.parametrize("pair", sorted(PAIRS))
 @pytest.mark.parametrize("method", ["on", "expect"])
 def test_the_overloads_cover_the_same_events(pair: str, method: str) -> None:
