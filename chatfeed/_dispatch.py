@@ -836,7 +836,10 @@ async def _wait_for_room(waiter: asyncio.Future[None], message: str | None = Non
     # fills up, and a timer handle costs far less than asyncio.wait().
     timer = loop.call_later(STALL_WARNING_AFTER, warn)
     try:
-        await waiter
+        # Shielded: the waiter is shared by every task waiting for that room
+        # (a pool's feeds all feed one stream), and cancelling one of them
+        # (a removed feed) must not cancel it for the others.
+        await asyncio.shield(waiter)
     finally:
         timer.cancel()
 

@@ -1524,3 +1524,38 @@ async def test_a_late_ramp_timer_lets_every_due_turn_through() -> None:
     for waiter in waiters:
         waiter.cancel()
     await asyncio.wait(waiters)
+
+
+async def test_removing_a_feed_that_waits_for_room_leaves_the_others_waiting() -> None:
+    # Every feed waiting for room in a full stream waits on one shared future:
+    # cancelling one feed (remove) must not cancel the others' wait.
+    async with FeedServer(users={"token-a": "a", "token-b": "b"}) as server:
+        pool = make_pool(server.url)
+        pool.add("a", token="token-a")
+        pool.add("b", token="token-b")
+        handled: collections.Counter[str] = collections.Counter()
+        both_wait = asyncio.Event()
+
+        @pool.on("new_message")
+        def count(event: chatfeed.NewMessage, feed: str) -> None:
+            # Handlers run before the streams: once a has handled its second
+            # event (its first fills the buffer) and b its first, both are
+            # about to wait for room, before this test runs again.
+            handled[feed] += 1
+            if handled["a"] >= 2 and handled["b"] >= 1:
+                both_wait.set()
+
+        async with pool:
+            stream = pool.events(buffer=1)
+            for user in ("a", "b"):
+                for text in ("1", "2", "3"):
+                    await server.push_message(content=f"{user}{text}", user_id=user)
+            await asyncio.wait_for(both_wait.wait(), WAIT)
+            await pool.remove("a")
+            seen: list[str] = []
+            while len([text for text in seen if text.startswith("b")]) < 3:
+                _, event = await asyncio.wait_for(anext(stream), WAIT)
+                assert isinstance(event, chatfeed.NewMessage)
+                seen.append(event.payload.content)
+            assert [text for text in seen if text.startswith("b")] == ["b1", "b2", "b3"]
+            assert pool.statistics().failed == 0
