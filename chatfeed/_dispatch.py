@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 
 from typing_extensions import Self
 
-from ._lanes import Lanes, by_chat
+from ._lanes import Lanes, _wake, by_chat
 from .exceptions import ClientClosedError, UsageError
 from .models import (
     EVENTS_BY_NAME,
@@ -188,12 +188,12 @@ class Dispatcher:
         "_error_hooks",
         "_expectations",
         "_handlers",
-        "_lone",
         "_routes",
         "_streams",
         "concurrent",
         "error_raised_to",
         "handler_errors",
+        "lone",
         "receivers",
     )
 
@@ -215,7 +215,9 @@ class Dispatcher:
         self._streams: tuple[weakref.ref[EventStream[Any]], ...] = ()
         self._error_hooks: tuple[ErrorHook, ...] = ()
         # The event whose lone handler's coroutine dispatch() returned last, and that handler.
-        self._lone: tuple[object, _Entry | None] = (None, None)
+        # Read it right after ``dispatch`` returns, before awaiting: the next
+        # ``dispatch``, from any feed of a pool, overwrites it.
+        self.lone: tuple[object, _Entry | None] = (None, None)
         self.handler_errors = 0
         # The tasks to which a stream has raised the client's fatal error.
         self.error_raised_to: tuple[asyncio.Task[Any] | None, ...] = ()
@@ -384,7 +386,7 @@ class Dispatcher:
                 pending: Awaitable[None] = lone(event)
             except Exception as exc:  # raised on the call itself: a wrong signature, say
                 return self._deliver((), event, streams, failed=(exc, route.entries[0]))
-            self._lone = (event, route.entries[0])
+            self.lone = (event, route.entries[0])
             return pending
         entries = route.entries
         for index, entry in enumerate(entries):
@@ -409,15 +411,6 @@ class Dispatcher:
             if stream is not None and not stream.offer(event):
                 return self._deliver((), event, streams[index:])
         return None
-
-    @property
-    def lone(self) -> tuple[object, _Entry | None]:
-        """The event whose lone handler's coroutine `dispatch` returned last, and that handler.
-
-        Read it right after ``dispatch`` returns, before awaiting: it is
-        overwritten by the next ``dispatch``, from any feed of a pool.
-        """
-        return self._lone
 
     async def handler_failed(self, exc: BaseException, event: Any, lone: tuple[object, _Entry | None]) -> None:
         """Report an exception of the lone handler whose coroutine `dispatch` returned.
@@ -856,8 +849,3 @@ def being_cancelled() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return cancelling is None or cancelling() > 0
-
-
-def _wake(waiter: asyncio.Future[None] | None) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)
