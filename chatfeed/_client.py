@@ -272,6 +272,7 @@ class Client:
         "_options",
         "_ramp",
         "_runner",
+        "_since",
         "_state",
         "_stopped",
         "_task",
@@ -331,6 +332,7 @@ class Client:
         keepalive: Keepalive | None = None,
         ramp: Ramp | None = None,
         on_state: Callable[[Client], None] | None = None,
+        backfill_since: datetime | None = None,
     ) -> None:
         # A pool's feed (``feed`` is its key) shares the pool's dispatcher,
         # keepalive and ramp; see chatfeed._pool.
@@ -341,12 +343,14 @@ class Client:
         self._keepalive = keepalive
         self._ramp = ramp
         self._on_state = on_state
+        # Where the first backfill starts: a pool's feed may have its own.
+        self._since = options.backfill_since if backfill_since is None else backfill_since
         # What the receive loop delivers an event with: the dispatcher's own
         # dispatch, unless duplicates are dropped or events are marked with
         # their feed; then something in front of it, which only such clients pay for.
         base = dispatcher.dispatch if feed is None else self._dispatch_of_feed
         self._delivery = (
-            Delivery(base, options.dedupe, options.backfill_since)
+            Delivery(base, options.dedupe, self._since)
             if options.dedupe is not None or options.backfill is not None
             else None
         )
@@ -1016,7 +1020,7 @@ class Client:
         delivery = self._delivery
         backfill = options.backfill
         is_reconnect = self._counters.connections > 1
-        if backfill is None or delivery is None or not (is_reconnect or options.backfill_since is not None):
+        if backfill is None or delivery is None or not (is_reconnect or self._since is not None):
             return True
         lost_at = session.lost_at
         gap = Gap(

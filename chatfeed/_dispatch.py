@@ -193,6 +193,7 @@ class Dispatcher:
         "concurrent",
         "error_raised_to",
         "handler_errors",
+        "keep_frames",
         "lone",
         "receivers",
     )
@@ -219,6 +220,10 @@ class Dispatcher:
         # ``dispatch``, from any feed of a pool, overwrites it.
         self.lone: tuple[object, _Entry | None] = (None, None)
         self.handler_errors = 0
+        # Whether each message and chat event keeps the text of its frame
+        # (``FRAME_ATTRIBUTE``): set by a bridge, which publishes the frame as
+        # the wire carried it. Read once per connection.
+        self.keep_frames = False
         # The tasks to which a stream has raised the client's fatal error.
         self.error_raised_to: tuple[asyncio.Task[Any] | None, ...] = ()
 

@@ -309,7 +309,7 @@ class Pool:
 
     # Feeds
 
-    def add(self, key: str, *, token: TokenSource) -> None:
+    def add(self, key: str, *, token: TokenSource, backfill_since: datetime | None = None) -> None:
         """Add a feed: its key (any non-empty str, usually the user's id) and its token.
 
         A feed added while the pool runs starts at once (at the pool's
@@ -318,13 +318,23 @@ class Pool:
         Args:
             key: The feed's key, passed to handlers and yielded by ``events()``.
             token: The feed's JWT, or a function (sync or async) returning one.
+            backfill_since: Backfill this feed from this time after its first
+                connection (the pool's ``backfill_since`` otherwise): where a
+                previous run of the application stopped, say. Needs the
+                pool's ``backfill``.
 
         Raises:
             UsageError: The key is not a non-empty str or is taken, the token
-                is invalid, or the pool is closed.
+                is invalid, ``backfill_since`` is not a timezone-aware datetime
+                or the pool has no ``backfill``, or the pool is closed.
         """
         if not isinstance(key, str) or not key:
             raise UsageError(f"a feed's key must be a non-empty str, not {key!r}")
+        if backfill_since is not None:
+            if not isinstance(backfill_since, datetime) or backfill_since.utcoffset() is None:
+                raise UsageError(f"backfill_since must be a timezone-aware datetime, not {backfill_since!r}")
+            if self._options.backfill is None:
+                raise UsageError("backfill_since is the start of the feed's first backfill: the pool needs backfill=")
         if self._state == "closed":
             raise UsageError("the pool is closed")
         if key in self._feeds:
@@ -338,6 +348,7 @@ class Pool:
             keepalive=self._keepalive,
             ramp=self._ramp,
             on_state=self._state_changed,
+            backfill_since=backfill_since,
         )
         self._feeds[key] = feed
         if self._state == "running":

@@ -27,13 +27,17 @@ from .models import (
     AuthSuccess,
     ErrorMessage,
     FeedEvent,
+    UnknownMessage,
     _ServerMessageUnion,
 )
 
 if TYPE_CHECKING:
     from pydantic.plugin._schema_validator import PluggableSchemaValidator
 
-__all__ = ["FeedProtocol", "HandshakeState", "parse_server_message"]
+__all__ = ["FRAME_ATTRIBUTE", "FeedProtocol", "HandshakeState", "parse_server_message"]
+
+FRAME_ATTRIBUTE = "_chatfeed_frame"
+"""The attribute of an event that holds its frame's text, on events a bridge asked to keep it."""
 
 logger = logging.getLogger("chatfeed.protocol")
 
@@ -224,12 +228,13 @@ class FeedProtocol:
                 raise
         cls = message.__class__
         if cls in _EVENT_CLASS_SET and self.state is HandshakeState.OPEN:
-            if cls is ErrorMessage:
+            if cls is ErrorMessage or cls is UnknownMessage:
                 # A server that quotes the token (in the message, the payload
-                # or any field) would put it in the application's logs.
+                # or any field) would put it in the application's logs, or in
+                # a bridge's broker. Both kinds are rare: the check costs nothing.
                 text = data if isinstance(data, str) else data.decode("utf-8", "replace")
                 if self._scrub.leaks(text):
-                    return ErrorMessage.model_validate(_scrub_json(message.model_dump(by_alias=True), self._scrub))
+                    return cls.model_validate(_scrub_json(message.model_dump(by_alias=True), self._scrub))
             return message  # type: ignore[return-value]  # its class is one of FeedEvent's
         if isinstance(message, AuthError):
             self._reject(message.message)

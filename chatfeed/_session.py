@@ -20,12 +20,15 @@ from ._config import Options, TokenSource
 from ._connection import Connection
 from ._dispatch import Dispatcher
 from ._keepalive import Keepalive
-from ._protocol import FeedProtocol, HandshakeState
+from ._protocol import FRAME_ATTRIBUTE, FeedProtocol, HandshakeState
 from .exceptions import AuthTimeoutError, ChatfeedError, ProtocolError, TokenProviderError, UsageError
+from .models import FeedEvent, NewChat, NewMessage
 
 __all__ = ["Counters", "Session"]
 
 logger = logging.getLogger("chatfeed")
+
+_FRAMED = frozenset({NewMessage, NewChat})
 
 
 @dataclasses.dataclass(slots=True)
@@ -107,7 +110,9 @@ class Session:
             What ended the connection, or ``None`` when ``stopping()`` turned
             true after a delivery (the client was closed from a handler).
         """
-        parse = self._protocol.receive
+        parse: Callable[[str | bytes], FeedEvent | None] = self._protocol.receive
+        if dispatcher.keep_frames:
+            parse = _keeping_frames(parse)
         if dispatch is None:
             dispatch = dispatcher.dispatch
         try:
@@ -198,6 +203,20 @@ async def _authenticate(
                 return
     finally:
         timer.cancel()
+
+
+def _keeping_frames(parse: Callable[[str | bytes], FeedEvent | None]) -> Callable[[str | bytes], FeedEvent | None]:
+    """Return ``parse``, which also keeps on each message and chat event the frame it came in."""
+
+    def parse_and_keep(frame: str | bytes) -> FeedEvent | None:
+        event = parse(frame)
+        # Only these: an error or unknown frame may quote the token, and the
+        # event the protocol made of it has it scrubbed; its frame has not.
+        if event is not None and event.__class__ in _FRAMED:
+            object.__setattr__(event, FRAME_ATTRIBUTE, frame)
+        return event
+
+    return parse_and_keep
 
 
 def _detached(error: ChatfeedError) -> ChatfeedError:

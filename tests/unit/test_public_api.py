@@ -7,6 +7,8 @@ import typing
 from pathlib import Path
 
 import chatfeed
+import chatfeed.bridge
+import chatfeed.bridge.testing
 import chatfeed.exceptions
 import chatfeed.testing
 
@@ -14,12 +16,19 @@ import chatfeed.testing
 def test_all_is_sorted_and_complete() -> None:
     assert chatfeed.__all__ == sorted(chatfeed.__all__)
     public = {name for name in vars(chatfeed) if not name.startswith("_")} - {
+        "bridge",
         "exceptions",
         "models",
         "sync",
         "testing",
     }
     assert public | {"__version__"} == set(chatfeed.__all__)
+
+
+def test_the_bridge_all_is_sorted_and_complete() -> None:
+    bridge = chatfeed.bridge  # its __all__ is sorted by ruff (RUF022: constants first)
+    public = {name for name in vars(bridge) if not name.startswith("_")} - {"annotations", "testing", "Any", "UsageError"}
+    assert public == set(bridge.__all__)
 
 
 def test_every_exception_is_exported_and_in_the_drawn_tree() -> None:
@@ -31,7 +40,7 @@ def test_every_exception_is_exported_and_in_the_drawn_tree() -> None:
 
 
 def test_every_public_name_has_a_docstring() -> None:
-    modules = (chatfeed, chatfeed.testing)
+    modules = (chatfeed, chatfeed.testing, chatfeed.bridge, chatfeed.bridge.testing)
     for module in modules:
         for name in getattr(module, "__all__", ()):
             obj = getattr(module, name)

@@ -1,0 +1,492 @@
+"""The bridge: a pool's events into a broker, in order per chat, with a bounded window and no loss.
+
+Every event a feed of the pool delivers goes through one inline handler,
+which makes its `Record` (the envelope, stamped with the time it arrived)
+and offers it to a `Lanes`: one lane per (feed, chat), at most
+``concurrency`` publishes in flight, at most ``window`` records held. A lane
+publishes one record at a time and retries it, with backoff, until the
+broker stores it: a chat's events reach the log in the order they arrived,
+whatever the broker does meanwhile (a newer message is never published while
+an older one of the same chat waits for a retry). When ``window`` records
+are held, the handler waits for room, so the feeds stop being read and the
+chat server is slowed down by TCP: memory stays bounded through an outage of
+any length. Retries reuse the record, hence its dedup id, which the broker
+uses to store each event once.
+
+Per feed, the bridge keeps a watermark: the newest ``created_at`` such that
+every message and chat of the feed received before it is in the log (the
+oldest still held, or the newest published when none is). It saves the
+watermarks that moved every ``watermark_interval`` seconds and at the end,
+in the broker; a bridge started again backfills each feed from its
+watermark, when the pool has a ``backfill`` function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+from typing_extensions import Self
+
+from .._config import TokenSource
+from .._lanes import Lanes
+from .._pool import Pool
+from ..exceptions import ChatfeedError, UsageError
+from ..models import ServerMessage
+from ._envelope import Record, encode
+
+__all__ = ["Bridge", "BridgeStatistics", "BrokerUnavailableError", "Sink"]
+
+logger = logging.getLogger("chatfeed.bridge")
+
+
+class BrokerUnavailableError(ChatfeedError):
+    """The broker could not be reached (at start, within ``start_timeout``), or refused the bridge's set-up."""
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where a [`Bridge`][chatfeed.bridge.Bridge] publishes: a broker, behind five methods.
+
+    A sink publishes records one at a time per chat (the bridge never has
+    two records of one chat in flight), possibly many chats at once. It
+    decides where a record goes from ``record.feed`` and ``record.chat``.
+    """
+
+    async def open(self) -> None:
+        """Connect, and create or check what the records go into.
+
+        Raises:
+            BrokerUnavailableError: The broker cannot be reached now (the
+                bridge tries again, until its ``start_timeout``).
+            Exception: Anything else ends the bridge's start.
+        """
+
+    async def publish(self, record: Record) -> bool:
+        """Store ``record`` once: return True when stored, False when the broker had it already (its dedup id).
+
+        Raises:
+            Exception: The record may not be stored; the bridge publishes it again (same dedup id).
+        """
+
+    async def load_watermarks(self, feeds: Sequence[str]) -> dict[str, datetime]:
+        """Return the saved watermarks of those of ``feeds`` that have one."""
+
+    async def save_watermarks(self, marks: Mapping[str, datetime]) -> None:
+        """Save watermarks, replacing the feeds' previous ones."""
+
+    async def close(self) -> None:
+        """Let go of the broker; idempotent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BridgeStatistics:
+    """What a bridge has done, from [`Bridge.statistics`][chatfeed.bridge.Bridge.statistics].
+
+    Attributes:
+        received: Events received from the feeds.
+        published: Records the broker stored.
+        duplicates: Records the broker had already (published again after a
+            retry, a restart or a backfill overlap), not stored twice.
+        retries: Publishes that failed and were tried again.
+        held: Records received and not yet stored (queued or in flight); at most ``window``.
+        broker_up: False while publishes fail.
+        watermarks_saved: Times the watermarks were saved.
+    """
+
+    received: int
+    published: int
+    duplicates: int
+    retries: int
+    held: int
+    broker_up: bool
+    watermarks_saved: int
+
+
+def by_feed_and_chat(record: Record) -> tuple[str, str | None]:
+    return (record.feed, record.chat)
+
+
+class Bridge:
+    """Publishes every event of a [`Pool`][chatfeed.Pool] into a broker, through a [`Sink`][chatfeed.bridge.Sink].
+
+    Args:
+        pool: The feeds, not started yet. Give it a ``backfill`` function to
+            resume each feed from its saved watermark after a restart.
+        sink: The broker: [`JetStreamSink`][chatfeed.bridge.JetStreamSink],
+            [`RedisStreamSink`][chatfeed.bridge.RedisStreamSink], or your own.
+        window: The most records held, queued or being published. When the
+            broker is slow or away, the feeds stop being read once this many
+            are held.
+        concurrency: The most publishes in flight (each of a different chat).
+        watermark_interval: Seconds between saves of the watermarks that moved.
+        start_timeout: Seconds to keep trying to reach the broker at start
+            (``None``: forever) before raising
+            [`BrokerUnavailableError`][chatfeed.bridge.BrokerUnavailableError].
+        drain_timeout: Seconds [`close`][chatfeed.bridge.Bridge.close] lets the
+            held records be published; those left are not lost: the saved
+            watermark is older than they are, and a restart backfills them.
+        retry_initial: The first retry's delay bound, in seconds (full jitter, doubling).
+        retry_maximum: The retry delay's cap, in seconds.
+
+    Raises:
+        UsageError: An argument is invalid, or the pool has started.
+
+    Example:
+        ```python
+        pool = chatfeed.Pool("wss://api.example.com", backfill=fetch_missed)
+        for user, token in tokens.items():
+            pool.add(user, token=token)
+        sink = JetStreamSink("nats://127.0.0.1:4222")
+        await Bridge(pool, sink).run()  # until bridge.close(), or cancelled
+        ```
+    """
+
+    __slots__ = (
+        "_closed",
+        "_flusher",
+        "_held_by_feed",
+        "_lanes",
+        "_options",
+        "_pool",
+        "_published_max",
+        "_saved",
+        "_sink",
+        "_state",
+        "_stats",
+        "_unsaved",
+        "_up",
+    )
+
+    def __init__(
+        self,
+        pool: Pool,
+        sink: Sink,
+        *,
+        window: int = 4096,
+        concurrency: int = 256,
+        watermark_interval: float = 1.0,
+        start_timeout: float | None = 30.0,
+        drain_timeout: float = 10.0,
+        retry_initial: float = 0.05,
+        retry_maximum: float = 2.0,
+    ) -> None:
+        if not isinstance(pool, Pool):
+            raise UsageError(f"pool must be a chatfeed.Pool, not {pool!r}")
+        if pool._state != "unopened":
+            raise UsageError("the bridge needs a pool that has not started: it starts it")
+        if not isinstance(sink, Sink):
+            raise UsageError(f"sink must implement chatfeed.bridge.Sink, not {sink!r}")
+        for name, value in (("window", window), ("concurrency", concurrency)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be a positive int, not {value!r}")
+        for name, number in (
+            ("watermark_interval", watermark_interval),
+            ("drain_timeout", drain_timeout),
+            ("retry_initial", retry_initial),
+            ("retry_maximum", retry_maximum),
+            ("start_timeout", 1.0 if start_timeout is None else start_timeout),
+        ):
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number < float("inf"):
+                raise UsageError(f"{name} must be a positive number of seconds, not {number!r}")
+        self._pool = pool
+        self._sink = sink
+        self._options = _Options(
+            window,
+            min(concurrency, window),
+            watermark_interval,
+            start_timeout,
+            drain_timeout,
+            retry_initial,
+            retry_maximum,
+        )
+        self._lanes = Lanes(
+            self._publish, self._report, concurrency=self._options.concurrency, key=by_feed_and_chat, max_pending=window
+        )
+        # Watermarks: per feed, the records received and not yet stored (with
+        # their created_at), the newest created_at stored, and what was saved.
+        self._held_by_feed: dict[str, dict[Record, datetime]] = {}
+        self._published_max: dict[str, datetime] = {}
+        self._saved: dict[str, datetime] = {}
+        self._unsaved: set[str] = set()
+        self._stats = {"received": 0, "published": 0, "duplicates": 0, "retries": 0, "watermarks_saved": 0}
+        self._up = True
+        self._state = "unopened"
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed: asyncio.Future[None] | None = None
+        dispatcher = pool._dispatcher
+        dispatcher.keep_frames = True
+        dispatcher.add_handler(ServerMessage, self._take, with_feed=True)
+
+    def __repr__(self) -> str:
+        return f"<chatfeed.bridge.Bridge {self._sink!r} feeds={len(self._pool)} {self._state}>"
+
+    @property
+    def pool(self) -> Pool:
+        """The bridge's pool."""
+        return self._pool
+
+    # Lifecycle
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Reach the broker, load the watermarks, start the pool; return once every feed authenticated or stopped.
+
+        A feed that cannot connect keeps this waiting, as with
+        ``async with pool``; [`run`][chatfeed.bridge.Bridge.run] does not wait.
+
+        Raises:
+            BrokerUnavailableError: The broker could not be reached within ``start_timeout``.
+            UsageError: The bridge has started already.
+        """
+        await self._begin()
+        try:
+            await self._pool.__aenter__()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def run(self) -> None:
+        """Bridge until [`close`][chatfeed.bridge.Bridge.close] is called (by a handler, a task, a signal) or cancelled.
+
+        Raises:
+            BrokerUnavailableError: The broker could not be reached within ``start_timeout``.
+            UsageError: The bridge has started already.
+        """
+        await self._begin()
+        try:
+            await self._pool.run()
+        finally:
+            await self.close()
+
+    async def _begin(self) -> None:
+        if self._state != "unopened":
+            raise UsageError(f"the bridge is {self._state}: it starts once")
+        self._state = "starting"
+        loop = asyncio.get_running_loop()
+        self._closed = loop.create_future()
+        try:
+            await self._open_sink()
+            keys = self._pool.feeds()
+            marks = await self._sink.load_watermarks(keys) if keys else {}
+        except BaseException:
+            self._state = "closed"
+            self._closed.set_result(None)
+            await self._sink.close()
+            raise
+        self._saved.update(marks)
+        if self._pool._options.backfill is not None:
+            for key, mark in marks.items():
+                feed = self._pool._feeds.get(key)
+                if feed is not None and feed._delivery is not None:
+                    feed._since = mark
+                    feed._delivery.watermark = mark
+        self._state = "running"
+        self._flusher = loop.create_task(self._flush_every(), name="chatfeed-bridge-watermarks")
+
+    async def wait_closed(self) -> None:
+        """Wait until the bridge has closed."""
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+
+    async def add(self, key: str, *, token: TokenSource) -> None:
+        """Add a feed to the running bridge's pool, resuming it from its saved watermark.
+
+        Raises:
+            UsageError: As [`Pool.add`][chatfeed.Pool.add].
+        """
+        mark = None
+        if self._pool._options.backfill is not None:
+            mark = (await self._sink.load_watermarks([key])).get(key)
+        if mark is not None:
+            self._saved[key] = mark
+        self._pool.add(key, token=token, backfill_since=mark)
+
+    async def close(self) -> None:
+        """Stop the feeds, publish what is held (for ``drain_timeout``), save the watermarks, and close the sink.
+
+        Idempotent; a second call waits for the first.
+        """
+        if self._state == "unopened":
+            self._state = "closed"
+            await self._sink.close()
+            return
+        if self._state == "closing" or self._state == "closed":
+            if self._closed is not None:
+                await asyncio.shield(self._closed)
+            return
+        self._state = "closing"
+        try:
+            await self._pool.close()
+            left = await self._lanes.drain(self._options.drain_timeout, "bridge publish")
+            if left:
+                logger.warning(
+                    "%d event(s) were not published before the bridge closed; the saved watermarks are older "
+                    "than they are, so a bridge started again backfills them",
+                    left,
+                )
+            if self._flusher is not None:
+                self._flusher.cancel()
+                await asyncio.wait([self._flusher])
+            await self._save()
+        finally:
+            self._state = "closed"
+            try:
+                await self._sink.close()
+            finally:
+                if self._closed is not None and not self._closed.done():
+                    self._closed.set_result(None)
+
+    def statistics(self) -> BridgeStatistics:
+        """Return what the bridge has received and published so far."""
+        stats = self._stats
+        return BridgeStatistics(
+            received=stats["received"],
+            published=stats["published"],
+            duplicates=stats["duplicates"],
+            retries=stats["retries"],
+            held=self._lanes.held,
+            broker_up=self._up,
+            watermarks_saved=stats["watermarks_saved"],
+        )
+
+    # The event path
+
+    async def _take(self, event: Any, feed: str) -> None:
+        record = encode(event, feed)
+        self._stats["received"] += 1
+        created = record.created
+        if created is not None:
+            # Held from now: if this wait is cancelled (the bridge closes), the
+            # record stays held, so the watermark never passes it.
+            held = self._held_by_feed.get(feed)
+            if held is None:
+                held = self._held_by_feed[feed] = {}
+            held[record] = created
+        lanes = self._lanes
+        while not lanes.offer(record):
+            # Shared by every feed: one feed's cancelled wait must not cancel the others'.
+            await asyncio.shield(lanes.wait_for_room())
+
+    async def _publish(self, record: Record) -> None:
+        failures = 0
+        sink = self._sink
+        while True:
+            try:
+                stored = await sink.publish(record)
+            except Exception as exc:
+                failures += 1
+                self._stats["retries"] += 1
+                if self._up:
+                    self._up = False
+                    logger.warning(
+                        "the broker refused or did not acknowledge a publish (%s); the bridge retries, "
+                        "and the feeds stop being read once %d event(s) are held",
+                        _describe(exc),
+                        self._options.window,
+                    )
+                options = self._options
+                bound = min(options.retry_maximum, options.retry_initial * 2 ** min(failures - 1, 30))
+                await asyncio.sleep(random.uniform(0, bound))  # jitter, not cryptography
+                continue
+            break
+        if not self._up:
+            self._up = True
+            logger.warning("the broker is back; publishing resumes (%d event(s) held)", self._lanes.held)
+        self._stats["published" if stored else "duplicates"] += 1
+        created = record.created
+        if created is not None:
+            feed = record.feed
+            held = self._held_by_feed[feed]
+            del held[record]
+            if not held:
+                del self._held_by_feed[feed]
+            newest = self._published_max.get(feed)
+            if newest is None or created > newest:
+                self._published_max[feed] = created
+            self._unsaved.add(feed)
+
+    async def _report(self, exc: BaseException, record: Any) -> None:
+        # _publish catches every Exception; what reaches here is a cancellation
+        # of something it awaited (the sink's own), logged and not fatal.
+        logger.error("publishing %r failed: %r; the record stays held until the bridge closes", record, exc)
+
+    # Watermarks
+
+    def _watermarks(self) -> dict[str, datetime]:
+        marks = {}
+        for feed in self._unsaved:
+            held = self._held_by_feed.get(feed)
+            mark = min(held.values()) if held else self._published_max.get(feed)
+            if mark is not None and mark != self._saved.get(feed):
+                marks[feed] = mark
+        return marks
+
+    async def _save(self) -> None:
+        marks = self._watermarks()
+        unsaved = self._unsaved
+        self._unsaved = set()
+        if not marks:
+            return
+        try:
+            await self._sink.save_watermarks(marks)
+        except Exception as exc:
+            self._unsaved |= unsaved
+            logger.warning("could not save %d watermark(s) (%s); trying again later", len(marks), _describe(exc))
+            return
+        self._saved.update(marks)
+        self._stats["watermarks_saved"] += 1
+
+    async def _flush_every(self) -> None:
+        while True:
+            await asyncio.sleep(self._options.watermark_interval)
+            await self._save()
+
+    async def _open_sink(self) -> None:
+        options = self._options
+        loop = asyncio.get_running_loop()
+        deadline = None if options.start_timeout is None else loop.time() + options.start_timeout
+        failures = 0
+        while True:
+            try:
+                await self._sink.open()
+                return
+            except BrokerUnavailableError as exc:
+                failures += 1
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise
+                if failures == 1:
+                    logger.warning("%s; trying again until it answers", exc)
+                delay = min(2.0, 0.1 * 2 ** min(failures - 1, 30))
+                await asyncio.sleep(delay if remaining is None else min(delay, remaining))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    window: int
+    concurrency: int
+    watermark_interval: float
+    start_timeout: float | None
+    drain_timeout: float
+    retry_initial: float
+    retry_maximum: float
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,350 @@
+"""NATS JetStream: the bridge's sink and the consumer's source (the ``nats`` extra: nats-py).
+
+Layout in the broker, all names configurable:
+
+- stream ``CHATFEED`` captures ``chatfeed.>``; an event is published to
+  ``chatfeed.<feed>.<chat>`` (both escaped by `subject_token`; ``%`` for an
+  event of no chat), with its dedup id as ``Nats-Msg-Id``: the stream's
+  duplicate window (10 minutes by default) stores it once.
+- key-value bucket ``chatfeed-watermarks``: one key per feed (its escaped
+  key, ``=`` for ``%``), the watermark in ISO 8601.
+- stream ``CHATFEED_DEAD`` captures ``chatfeed_dead.>``; a consumer
+  dead-letters to ``chatfeed_dead.<durable>``, with the reason and the
+  original position in headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from ..exceptions import UsageError
+from ._bridge import BrokerUnavailableError
+from ._consumer import Delivery
+from ._envelope import Record, subject_token
+
+__all__ = ["JetStreamSink", "JetStreamSource"]
+
+logger = logging.getLogger("chatfeed.bridge")
+
+
+def _nats() -> Any:
+    try:
+        import nats
+        import nats.js.api
+        import nats.js.errors
+    except ImportError:
+        raise UsageError("JetStream needs nats-py: pip install 'chatfeed[nats]'") from None
+    return nats
+
+
+async def _connect(url: str, name: str, connect_timeout: float) -> Any:
+    """Connect to NATS, reconnecting forever after; raise `BrokerUnavailableError` if it is not there now."""
+    nats = _nats()
+    state = {"down": False}
+
+    async def on_error(exc: Exception) -> None:
+        if not state["down"]:
+            logger.debug("NATS: %r", exc)
+
+    async def on_disconnected() -> None:
+        if not state["down"] and not client.is_closed:
+            state["down"] = True
+            logger.warning("lost the connection to NATS at %s; reconnecting", _redact(url))
+
+    async def on_reconnected() -> None:
+        state["down"] = False
+        logger.warning("reconnected to NATS at %s", _redact(url))
+
+    try:
+        client = await nats.connect(
+            url,
+            name=name,
+            connect_timeout=connect_timeout,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            # While disconnected, publishes fail at once (the bridge retries
+            # them) instead of piling up in the client's buffer.
+            pending_size=0,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        )
+    except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+        raise BrokerUnavailableError(f"cannot reach NATS at {_redact(url)} ({type(exc).__name__})") from None
+    return client
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
+
+
+def _kv_key(feed: str) -> str:
+    return subject_token(feed).replace("%", "=")
+
+
+class JetStreamSink:
+    """A [`Sink`][chatfeed.bridge.Sink] into a NATS JetStream stream.
+
+    Args:
+        url: The NATS server, ``nats://host:4222`` (credentials in the URL are never logged).
+        stream: The stream's name; created if missing, checked if present.
+        prefix: The subjects' prefix (one or more tokens); the stream captures ``<prefix>.>``.
+        duplicate_window: Seconds the stream remembers dedup ids (when it
+            creates the stream): longer than a bridge's restart plus its backfill.
+        bucket: The key-value bucket of the watermarks (``None``: not kept).
+        publish_timeout: Seconds to wait for a publish's acknowledgement.
+        connect_timeout: Seconds to wait for the server at start.
+        replicas: The stream's replicas, when it creates it.
+    """
+
+    def __init__(
+        self,
+        url: str = "nats://127.0.0.1:4222",
+        *,
+        stream: str = "CHATFEED",
+        prefix: str = "chatfeed",
+        duplicate_window: float = 600.0,
+        bucket: str | None = "chatfeed-watermarks",
+        publish_timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        replicas: int = 1,
+    ) -> None:
+        _nats()
+        if not prefix or any(part == "" or set(part) & set(" *>") for part in prefix.split(".")):
+            raise UsageError(f"prefix must be dot-separated NATS subject tokens, not {prefix!r}")
+        self.url = url
+        self.stream = stream
+        self.prefix = prefix
+        self.duplicate_window = duplicate_window
+        self.bucket = bucket
+        self.publish_timeout = publish_timeout
+        self.connect_timeout = connect_timeout
+        self.replicas = replicas
+        self._nc: Any = None
+        self._js: Any = None
+        self._kv: Any = None
+
+    def __repr__(self) -> str:
+        return f"<JetStreamSink {_redact(self.url)} stream={self.stream}>"
+
+    def subject(self, record: Record) -> str:
+        """Return the subject of ``record``: ``<prefix>.<feed>.<chat>``."""
+        chat = "%" if record.chat is None else subject_token(record.chat) if record.chat else "%%"
+        return f"{self.prefix}.{subject_token(record.feed)}.{chat}"
+
+    async def open(self) -> None:
+        nats = _nats()
+        self._nc = await _connect(self.url, "chatfeed-bridge", self.connect_timeout)
+        self._js = self._nc.jetstream(timeout=self.publish_timeout)
+        try:
+            await _ensure_stream(self._js, self.stream, f"{self.prefix}.>", self.duplicate_window, self.replicas)
+            if self.bucket is not None:
+                try:
+                    self._kv = await self._js.key_value(self.bucket)
+                except nats.js.errors.BucketNotFoundError:
+                    self._kv = await self._js.create_key_value(bucket=self.bucket, history=1)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def publish(self, record: Record) -> bool:
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            raise BrokerUnavailableError("not connected to NATS")
+        subject = self.subject(record)
+        ack = await self._js.publish(subject, record.data, headers={"Nats-Msg-Id": record.dedup})
+        return not ack.duplicate
+
+    async def load_watermarks(self, feeds: Sequence[str]) -> dict[str, datetime]:
+        kv = self._kv
+        if kv is None:
+            return {}
+        nats = _nats()
+        marks: dict[str, datetime] = {}
+        limit = asyncio.Semaphore(64)
+
+        async def load(feed: str) -> None:
+            async with limit:
+                try:
+                    entry = await kv.get(_kv_key(feed))
+                except nats.js.errors.KeyNotFoundError:
+                    return
+            if entry.value:
+                try:
+                    marks[feed] = datetime.fromisoformat(entry.value.decode())
+                except ValueError:
+                    logger.warning("ignored the unreadable watermark of feed %r", feed)
+
+        await asyncio.gather(*(load(feed) for feed in feeds))
+        return marks
+
+    async def save_watermarks(self, marks: Mapping[str, datetime]) -> None:
+        kv = self._kv
+        if kv is None:
+            return
+        if not self._nc.is_connected:
+            raise BrokerUnavailableError("not connected to NATS")
+        limit = asyncio.Semaphore(64)
+
+        async def save(feed: str, mark: datetime) -> None:
+            async with limit:
+                await kv.put(_kv_key(feed), mark.isoformat().encode())
+
+        await asyncio.gather(*(save(feed, mark) for feed, mark in marks.items()))
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        self._js = self._kv = None
+        if nc is not None:
+            try:
+                await nc.close()
+            except Exception as exc:  # closing a connection that is down
+                logger.debug("closing the NATS connection: %r", exc)
+
+
+async def _ensure_stream(js: Any, name: str, subject: str, duplicate_window: float, replicas: int) -> None:
+    nats = _nats()
+    try:
+        info = await js.stream_info(name)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(
+            name=name,
+            subjects=[subject],
+            duplicate_window=duplicate_window,
+            num_replicas=replicas,
+            storage=nats.js.api.StorageType.FILE,
+        )
+        return
+    except (asyncio.TimeoutError, nats.errors.NoRespondersError) as exc:
+        raise BrokerUnavailableError(f"NATS answers, but not its JetStream ({type(exc).__name__})") from None
+    subjects = info.config.subjects or []
+    if subject not in subjects and ">" not in subjects:
+        raise BrokerUnavailableError(
+            f"the stream {name} exists but does not capture {subject} (it captures {', '.join(subjects)})"
+        )
+
+
+class _JetStreamDelivery:
+    __slots__ = ("_msg", "_source", "attempt", "data", "position")
+
+    def __init__(self, msg: Any, source: JetStreamSource) -> None:
+        self._msg = msg
+        self._source = source
+        self.data: bytes = msg.data
+        metadata = msg.metadata
+        self.attempt: int = metadata.num_delivered
+        self.position = f"{metadata.stream}#{metadata.sequence.stream}"
+
+    async def ack(self) -> None:
+        await self._msg.ack()
+
+    async def retry(self, delay: float) -> None:
+        await self._msg.nak(delay=delay or None)
+
+    async def dead_letter(self, reason: str) -> None:
+        source = self._source
+        await source._js.publish(
+            source.dead_subject,
+            self.data,
+            headers={
+                "Nats-Msg-Id": f"{self.position}:{source.durable}",
+                "Chatfeed-Reason": reason.replace("\r", " ").replace("\n", " ")[:500],
+                "Chatfeed-Position": self.position,
+                "Chatfeed-Subject": self._msg.subject,
+            },
+        )
+        await self._msg.term()
+
+
+class JetStreamSource:
+    """A consumer's reader of a JetStream stream: a durable pull consumer, shared by every process of that name.
+
+    Args:
+        url: The NATS server.
+        durable: The durable consumer's name.
+        stream: The stream the bridge publishes to.
+        prefix: The bridge's subject prefix.
+        ack_wait: Seconds before an event fetched and not settled is
+            delivered again (to any process): longer than a handler's call.
+        dead_stream: The dead-letter stream (created if missing); it captures ``<prefix>_dead.>``.
+        connect_timeout: Seconds to wait for the server at start.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        durable: str,
+        *,
+        stream: str = "CHATFEED",
+        prefix: str = "chatfeed",
+        ack_wait: float = 30.0,
+        dead_stream: str | None = None,
+        connect_timeout: float = 2.0,
+    ) -> None:
+        _nats()
+        if set(durable) & set(" .*>"):
+            raise UsageError(f"a JetStream durable name has no spaces, dots, '*' or '>': {durable!r}")
+        self.url = url
+        self.durable = durable
+        self.stream = stream
+        self.prefix = prefix
+        self.ack_wait = ack_wait
+        self.dead_stream = dead_stream or f"{stream}_DEAD"
+        self.dead_subject = f"{prefix}_dead.{durable}"
+        self.connect_timeout = connect_timeout
+        self._nc: Any = None
+        self._js: Any = None
+        self._subscription: Any = None
+
+    def __repr__(self) -> str:
+        return f"<JetStreamSource {_redact(self.url)} stream={self.stream} durable={self.durable}>"
+
+    async def open(self) -> None:
+        nats = _nats()
+        api = nats.js.api
+        self._nc = await _connect(self.url, f"chatfeed-consumer-{self.durable}", self.connect_timeout)
+        self._js = self._nc.jetstream()
+        try:
+            await _ensure_stream(self._js, self.dead_stream, f"{self.prefix}_dead.>", 120.0, 1)
+            try:
+                await self._js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                raise BrokerUnavailableError(f"NATS has no stream {self.stream}: start the bridge first") from None
+            self._subscription = await self._js.pull_subscribe(
+                f"{self.prefix}.>",
+                durable=self.durable,
+                stream=self.stream,
+                config=api.ConsumerConfig(
+                    ack_policy=api.AckPolicy.EXPLICIT,
+                    deliver_policy=api.DeliverPolicy.ALL,
+                    ack_wait=self.ack_wait,
+                    max_deliver=-1,  # the consumer dead-letters; the server never drops silently
+                    max_ack_pending=10_000,
+                ),
+            )
+        except BaseException:
+            await self.close()
+            raise
+
+    async def fetch(self, count: int) -> list[Delivery]:
+        nats = _nats()
+        try:
+            messages = await self._subscription.fetch(count, timeout=1.0)
+        except nats.errors.TimeoutError:
+            return []
+        return [_JetStreamDelivery(msg, self) for msg in messages]
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        self._js = self._subscription = None
+        if nc is not None:
+            try:
+                await nc.close()
+            except Exception as exc:
+                logger.debug("closing the NATS connection: %r", exc)
