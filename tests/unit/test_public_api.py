@@ -27,7 +27,12 @@ def test_all_is_sorted_and_complete() -> None:
 
 def test_the_bridge_all_is_sorted_and_complete() -> None:
     bridge = chatfeed.bridge  # its __all__ is sorted by ruff (RUF022: constants first)
-    public = {name for name in vars(bridge) if not name.startswith("_")} - {"annotations", "testing", "Any", "UsageError"}
+    public = {name for name in vars(bridge) if not name.startswith("_")} - {
+        "annotations",
+        "testing",
+        "Any",
+        "UsageError",
+    }
     assert public == set(bridge.__all__)
 
 
