@@ -1371,18 +1371,19 @@ class Pool(_Blocking):
 
     # Feeds
 
-    def add(self, key: str, *, token: TokenSource) -> None:
+    def add(self, key: str, *, token: TokenSource, backfill_since: datetime | None = None) -> None:
         """Add a feed: its key (any non-empty str, usually the user's id) and its token.
 
         As [`chatfeed.Pool.add`][chatfeed.Pool.add]: a feed added while the
-        pool runs starts at once. A token function runs in the pool's thread.
+        pool runs starts at once, from ``backfill_since`` if given. A token
+        function runs in the pool's thread.
 
         Raises:
             UsageError: The key is not a non-empty str or is taken, the token
-                is invalid, or the pool is closed.
+                is invalid, ``backfill_since`` is invalid, or the pool is closed.
         """
         try:
-            self._portal.run_sync(lambda: self._pool.add(key, token=token))
+            self._portal.run_sync(lambda: self._pool.add(key, token=token, backfill_since=backfill_since))
         except _PortalClosed:
             raise UsageError("the pool is closed") from None
 
