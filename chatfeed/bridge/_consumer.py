@@ -169,7 +169,7 @@ class ConsumerEventStream:
         if self._closed:
             raise StopAsyncIteration
         waiter: asyncio.Future[Any] = asyncio.ensure_future(self._queue.get())
-        ended: asyncio.Future[Any] = self._consumer._ended
+        ended: asyncio.Future[Any] = self._consumer._ending()
         try:
             await asyncio.wait([waiter, ended], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -289,7 +289,7 @@ class Consumer:
         self._fetcher: asyncio.Task[None] | None = None
         self._settler: asyncio.Task[None] | None = None
         self._room: asyncio.Event | None = None
-        self._ended: asyncio.Future[None] = _unbound_future()
+        self._ended: asyncio.Future[None] | None = None  # done once closed; made in the loop that uses it
 
     def __repr__(self) -> str:
         return f"<chatfeed.bridge.Consumer {self._source!r} {self._state}>"
@@ -425,13 +425,13 @@ class Consumer:
             raise UsageError(f"the consumer is {self._state}: it starts once")
         self._state = "running"
         loop = asyncio.get_running_loop()
-        self._ended = loop.create_future()
+        ended = self._ending()
         self._room = asyncio.Event()
         try:
             await self._source.open()
         except BaseException:
             self._state = "closed"
-            self._ended.set_result(None)
+            ended.set_result(None)
             await self._source.close()
             raise
         self._settler = loop.create_task(self._settle_all(), name="chatfeed-consumer-settle")
@@ -440,7 +440,7 @@ class Consumer:
     async def run(self) -> None:
         """Start, and consume until [`close`][chatfeed.bridge.Consumer.close] is called or the task is cancelled."""
         async with self:
-            await asyncio.shield(self._ended)
+            await asyncio.shield(self._ending())
 
     async def close(self) -> None:
         """Stop fetching, let the handlers finish (``drain_timeout``), settle what they finished, and disconnect.
@@ -452,7 +452,7 @@ class Consumer:
             await self._source.close()
             return
         if self._state != "running":
-            await asyncio.shield(self._ended)
+            await asyncio.shield(self._ending())
             return
         self._state = "closing"
         try:
@@ -474,8 +474,9 @@ class Consumer:
             try:
                 await self._source.close()
             finally:
-                if not self._ended.done():
-                    self._ended.set_result(None)
+                ended = self._ending()
+                if not ended.done():
+                    ended.set_result(None)
 
     def statistics(self) -> ConsumerStatistics:
         """Return what the consumer has done so far."""
@@ -489,6 +490,11 @@ class Consumer:
             handler_errors=counts["handler_errors"],
         )
 
+    def _ending(self) -> asyncio.Future[None]:
+        if self._ended is None:
+            self._ended = asyncio.get_running_loop().create_future()
+        return self._ended
+
     # Fetching and handing out
 
     async def _fetch_all(self) -> None:
@@ -496,6 +502,7 @@ class Consumer:
         source = self._source
         room = self._room
         assert room is not None
+        failing = False
         while True:
             free = options.max_in_flight - self._in_flight
             if free <= 0:
@@ -507,9 +514,14 @@ class Consumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.warning("fetching from the broker failed (%s); trying again", _describe(exc))
+                if not failing:
+                    failing = True
+                    logger.warning("fetching from the broker failed (%s); trying again every second", _describe(exc))
                 await asyncio.sleep(1.0)
                 continue
+            if failing:
+                failing = False
+                logger.warning("fetching from the broker works again")
             for delivery in deliveries:
                 self._counts["received"] += 1
                 self._in_flight += 1
@@ -639,12 +651,6 @@ class _ConsumerOptions:
     max_in_flight: int
     batch: int
     drain_timeout: float
-
-
-def _unbound_future() -> asyncio.Future[None]:
-    # Replaced by start(); a done future stands in until then.
-    future: asyncio.Future[None] = asyncio.Future.__new__(asyncio.Future)
-    return future
 
 
 def source_for(url: str, durable: str, **options: Any) -> Source:
