@@ -91,9 +91,11 @@ class BridgeStatistics:
 
     Attributes:
         received: Events received from the feeds.
-        published: Records the broker stored.
-        duplicates: Records the broker had already (published again after a
-            retry, a restart or a backfill overlap), not stored twice.
+        published: Records the broker acknowledged: each event received is
+            published once, whatever the retries.
+        duplicates: Of those, the records the broker had already (after an
+            acknowledgement lost on the way, a restart or a backfill
+            overlap), and did not store twice.
         retries: Publishes that failed and were tried again.
         held: Records received and not yet stored (queued or in flight); at most ``window``.
         broker_up: False while publishes fail.
@@ -407,7 +409,9 @@ class Bridge:
         if not self._up:
             self._up = True
             logger.warning("the broker is back; publishing resumes (%d event(s) held)", self._lanes.held)
-        self._stats["published" if stored else "duplicates"] += 1
+        self._stats["published"] += 1
+        if not stored:
+            self._stats["duplicates"] += 1
         created = record.created
         if created is not None:
             feed = record.feed
