@@ -290,6 +290,8 @@ class Bridge:
             self._closed.set_result(None)
             await self._sink.close()
             raise
+        if self._state != "starting":  # close() was called meanwhile, and has closed the sink
+            raise UsageError("the bridge was closed while it was starting")
         self._saved.update(marks)
         if self._pool._options.backfill is not None:
             for key, mark in marks.items():
@@ -312,7 +314,8 @@ class Bridge:
             UsageError: As [`Pool.add`][chatfeed.Pool.add].
         """
         mark = None
-        if self._pool._options.backfill is not None:
+        if self._state == "running" and self._pool._options.backfill is not None:
+            # Before the start, start() loads every feed's watermark at once.
             mark = (await self._sink.load_watermarks([key])).get(key)
         if mark is not None:
             self._saved[key] = mark
@@ -448,8 +451,10 @@ class Bridge:
             return
         try:
             await self._sink.save_watermarks(marks)
-        except Exception as exc:
-            self._unsaved |= unsaved
+        except BaseException as exc:
+            self._unsaved |= unsaved  # saved next time (close() saves once more after the flusher's end)
+            if not isinstance(exc, Exception):
+                raise
             logger.warning("could not save %d watermark(s) (%s); trying again later", len(marks), _describe(exc))
             return
         self._saved.update(marks)
