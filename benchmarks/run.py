@@ -22,6 +22,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bridge import FULL as BRIDGE_FULL
+from bridge import SMOKE as BRIDGE_SMOKE
+from bridge import bridge_report, bridge_targets, run_bridge
 from delivery import measure_concurrency, measure_dedupe
 from pool import FULL as POOL_FULL
 from pool import GC_MODES, measure_pool_throughput, run_pool
@@ -42,6 +45,7 @@ FULL = {
     "concurrency": (1_000, 50, 0.010),
     "dedupe_events": 200_000,
     "pool": POOL_FULL,
+    "bridge": BRIDGE_FULL,
 }
 SMOKE = {
     "frames": 2_000,
@@ -53,6 +57,7 @@ SMOKE = {
     "concurrency": (100, 10, 0.005),
     "dedupe_events": 10_000,
     "pool": POOL_SMOKE,
+    "bridge": BRIDGE_SMOKE,
 }
 
 
@@ -96,6 +101,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     # The issue's figures: about 10 s inline, at most 1.5 s with concurrency=8.
     rows.append(("slow handlers, inline / concurrency=8, seconds", concurrency["speedup"], ">= 6.67"))
     rows += pool_targets(results["pool"])
+    if "bridge" in results:
+        rows += bridge_targets(results["bridge"])
     checked = []
     for name, value, target in rows:
         operator, bound = target.split()
@@ -162,6 +169,13 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
         ),
         "throughput": pool_throughput,
     }
+    bridge = settings["bridge"]
+    print(
+        f"bridge: {bridge['feeds']} feeds of {bridge['events']:,} events into JetStream and Redis, "
+        f"against a hand-written loop, {bridge['rounds']} rounds",
+        flush=True,
+    )
+    results["bridge"] = run_bridge(bridge)
     results["targets"] = [
         {"name": name, "value": value, "target": target, "met": met} for name, value, target, met in targets(results)
     ]
@@ -420,7 +434,8 @@ def write_page(results: dict[str, Any]) -> None:
     """Lay out docs/benchmarks.md from benchmarks/benchmarks.md.in and the results."""
     template = (ROOT / "benchmarks" / "benchmarks.md.in").read_text()
     machine_lines = "\n".join(f"| {key} | {value} |" for key, value in results["machine"].items())
-    (DOCS / "benchmarks.md").write_text(template.format(machine=machine_lines, results=report(results)))
+    bridge = "\n".join(bridge_report(results["bridge"])) if "bridge" in results else "Not measured in this run."
+    (DOCS / "benchmarks.md").write_text(template.format(machine=machine_lines, results=report(results), bridge=bridge))
 
 
 def main() -> int:
@@ -436,6 +451,7 @@ def main() -> int:
         return 0
     results = run(SMOKE if args.smoke else FULL)
     print(report(results))
+    print("\n".join(["", "### Bridge", "", *bridge_report(results["bridge"])]))
     if not args.smoke:
         (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         plot(results, DOCS / "benchmarks.png")
