@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..exceptions import UsageError
-from ._bridge import Bridge, BridgeStatistics, BrokerUnavailableError, Sink
+from ._bridge import Bridge, BridgeStatistics, BrokerUnavailableError, RecordRejectedError, Sink
 from ._consumer import Consumer, ConsumerEventStream, ConsumerStatistics, Delivery, Source
 from ._envelope import (
     ENVELOPE_SCHEMA,
@@ -51,6 +51,7 @@ __all__ = [
     "JetStreamSink",
     "JetStreamSource",
     "Record",
+    "RecordRejectedError",
     "RedisStreamSink",
     "RedisStreamSource",
     "Sink",

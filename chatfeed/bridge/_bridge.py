@@ -41,13 +41,23 @@ from ..exceptions import ChatfeedError, UsageError
 from ..models import ServerMessage
 from ._envelope import Record, encode
 
-__all__ = ["Bridge", "BridgeStatistics", "BrokerUnavailableError", "Sink"]
+__all__ = ["Bridge", "BridgeStatistics", "BrokerUnavailableError", "RecordRejectedError", "Sink"]
 
 logger = logging.getLogger("chatfeed.bridge")
 
 
 class BrokerUnavailableError(ChatfeedError):
     """The broker could not be reached (at start, within ``start_timeout``), or refused the bridge's set-up."""
+
+
+class RecordRejectedError(ChatfeedError):
+    """The broker will never store this record (it is larger than the broker takes, say).
+
+    A sink raises it instead of an error worth retrying; the bridge reports
+    the record (feed, type, dedup id; never its content), counts it in
+    ``statistics().rejected`` and goes on with the chat's next event, instead
+    of retrying it forever and holding the chat behind it.
+    """
 
 
 @runtime_checkable
@@ -72,6 +82,7 @@ class Sink(Protocol):
         """Store ``record`` once: return True when stored, False when the broker had it already (its dedup id).
 
         Raises:
+            RecordRejectedError: The broker will never take it; the bridge reports it and goes on.
             Exception: The record may not be stored; the bridge publishes it again (same dedup id).
         """
 
@@ -97,6 +108,8 @@ class BridgeStatistics:
             acknowledgement lost on the way, a restart or a backfill
             overlap), and did not store twice.
         retries: Publishes that failed and were tried again.
+        rejected: Records the broker will never store (see
+            [`RecordRejectedError`][chatfeed.bridge.RecordRejectedError]), reported and skipped.
         held: Records received and not yet stored (queued or in flight); at most ``window``.
         broker_up: False while publishes fail.
         watermarks_saved: Times the watermarks were saved.
@@ -106,6 +119,7 @@ class BridgeStatistics:
     published: int
     duplicates: int
     retries: int
+    rejected: int
     held: int
     broker_up: bool
     watermarks_saved: int
@@ -217,7 +231,9 @@ class Bridge:
         self._published_max: dict[str, datetime] = {}
         self._saved: dict[str, datetime] = {}
         self._unsaved: set[str] = set()
-        self._stats = {"received": 0, "published": 0, "duplicates": 0, "retries": 0, "watermarks_saved": 0}
+        self._stats = dict.fromkeys(
+            ("received", "published", "duplicates", "retries", "rejected", "watermarks_saved"), 0
+        )
         self._up = True
         self._state = "unopened"
         self._flusher: asyncio.Task[None] | None = None
@@ -255,7 +271,8 @@ class Bridge:
             BrokerUnavailableError: The broker could not be reached within ``start_timeout``.
             UsageError: The bridge has started already.
         """
-        await self._begin()
+        if not await self._begin():
+            raise UsageError("the bridge was closed while it was starting")
         try:
             await self._pool.__aenter__()
         except BaseException:
@@ -269,29 +286,33 @@ class Bridge:
             BrokerUnavailableError: The broker could not be reached within ``start_timeout``.
             UsageError: The bridge has started already.
         """
-        await self._begin()
+        if not await self._begin():
+            return  # closed while starting
         try:
             await self._pool.run()
         finally:
             await self.close()
 
-    async def _begin(self) -> None:
+    async def _begin(self) -> bool:
+        """Open the sink and load the watermarks; return False if close() was called meanwhile."""
         if self._state != "unopened":
             raise UsageError(f"the bridge is {self._state}: it starts once")
         self._state = "starting"
         loop = asyncio.get_running_loop()
-        self._closed = loop.create_future()
+        closed = self._closed = loop.create_future()
         try:
-            await self._open_sink()
+            opened = await self._open_sink(closed)
             keys = self._pool.feeds()
-            marks = await self._sink.load_watermarks(keys) if keys else {}
+            marks = await self._sink.load_watermarks(keys) if opened and keys else {}
         except BaseException:
-            self._state = "closed"
-            self._closed.set_result(None)
+            if self._state == "starting":
+                self._state = "closed"
+                closed.set_result(None)
             await self._sink.close()
             raise
-        if self._state != "starting":  # close() was called meanwhile, and has closed the sink
-            raise UsageError("the bridge was closed while it was starting")
+        if self._state != "starting":  # close() was called meanwhile; the sink may have opened since
+            await self._sink.close()
+            return False
         self._saved.update(marks)
         if self._pool._options.backfill is not None:
             for key, mark in marks.items():
@@ -301,6 +322,7 @@ class Bridge:
                     feed._delivery.watermark = mark
         self._state = "running"
         self._flusher = loop.create_task(self._flush_every(), name="chatfeed-bridge-watermarks")
+        return True
 
     async def wait_closed(self) -> None:
         """Wait until the bridge has closed."""
@@ -364,6 +386,7 @@ class Bridge:
             published=stats["published"],
             duplicates=stats["duplicates"],
             retries=stats["retries"],
+            rejected=stats["rejected"],
             held=self._lanes.held,
             broker_up=self._up,
             watermarks_saved=stats["watermarks_saved"],
@@ -388,14 +411,24 @@ class Bridge:
             await asyncio.shield(lanes.wait_for_room())
 
     async def _publish(self, record: Record) -> None:
+        stats = self._stats
         failures = 0
-        sink = self._sink
         while True:
             try:
-                stored = await sink.publish(record)
+                stored = await self._sink.publish(record)
+            except RecordRejectedError as exc:
+                stats["rejected"] += 1
+                logger.error(
+                    "the broker will never store the %s event %s of feed %r (%s); it is skipped",
+                    record.type,
+                    record.dedup,
+                    record.feed,
+                    exc,
+                )
+                break
             except Exception as exc:
                 failures += 1
-                self._stats["retries"] += 1
+                stats["retries"] += 1
                 if self._up:
                     self._up = False
                     logger.warning(
@@ -408,15 +441,15 @@ class Bridge:
                 bound = min(options.retry_maximum, options.retry_initial * 2 ** min(failures - 1, 30))
                 await asyncio.sleep(random.uniform(0, bound))  # jitter, not cryptography
                 continue
+            if not self._up:
+                self._up = True
+                logger.warning("the broker is back; publishing resumes (%d event(s) held)", self._lanes.held)
+            stats["published"] += 1
+            if not stored:
+                stats["duplicates"] += 1
             break
-        if not self._up:
-            self._up = True
-            logger.warning("the broker is back; publishing resumes (%d event(s) held)", self._lanes.held)
-        self._stats["published"] += 1
-        if not stored:
-            self._stats["duplicates"] += 1
         created = record.created
-        if created is not None:
+        if created is not None:  # stored, or never to be: the watermark may pass it
             feed = record.feed
             held = self._held_by_feed[feed]
             del held[record]
@@ -465,24 +498,43 @@ class Bridge:
             await asyncio.sleep(self._options.watermark_interval)
             await self._save()
 
-    async def _open_sink(self) -> None:
+    async def _open_sink(self, closed: asyncio.Future[None]) -> bool:
+        """Open the sink, trying again until ``start_timeout``; return False if close() was called meanwhile.
+
+        Raises:
+            BrokerUnavailableError: The last failure's, once ``start_timeout`` has passed.
+        """
         options = self._options
         loop = asyncio.get_running_loop()
         deadline = None if options.start_timeout is None else loop.time() + options.start_timeout
+        failure: BrokerUnavailableError | None = None
         failures = 0
-        while True:
+        while self._state == "starting":
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                break
             try:
-                await self._sink.open()
-                return
+                # A sink whose open() hangs still ends at start_timeout.
+                await asyncio.wait_for(self._sink.open(), remaining)
+            except asyncio.TimeoutError:
+                await self._sink.close()
+                break
             except BrokerUnavailableError as exc:
+                failure = exc
                 failures += 1
-                remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0:
-                    raise
                 if failures == 1:
                     logger.warning("%s; trying again until it answers", exc)
                 delay = min(2.0, 0.1 * 2 ** min(failures - 1, 30))
-                await asyncio.sleep(delay if remaining is None else min(delay, remaining))
+                await asyncio.wait([closed], timeout=delay if remaining is None else min(delay, remaining))
+                continue
+            return True
+        if self._state != "starting":
+            return False
+        if failure is None:
+            failure = BrokerUnavailableError(
+                f"{self._sink!r} did not answer within start_timeout ({options.start_timeout:g} s)"
+            )
+        raise failure
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,6 +77,9 @@ class Delivery(Protocol):
     async def retry(self, delay: float) -> None:
         """Have it delivered again, in about ``delay`` seconds."""
 
+    async def extend(self) -> None:
+        """Say it is still being handled: the broker does not deliver it again meanwhile."""
+
     async def dead_letter(self, reason: str) -> None:
         """Store it aside with ``reason`` (never the envelope's content in the reason), then acknowledge it."""
 
@@ -192,7 +195,11 @@ class ConsumerEventStream:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop: the events still buffered go back to the log (delivered again, not counted as failures)."""
+        """Stop: the events still buffered go back to the log, to be delivered again.
+
+        The broker counts that delivery too (towards ``max_deliver``), as it
+        counts every delivery; the consumer's statistics do not count it as a retry.
+        """
         if self._closed:
             return
         self._closed = True
@@ -217,6 +224,11 @@ class Consumer:
     durable="analytics")`` reads the partition streams through a consumer
     group of that name. Processes with the same ``durable`` share the work.
 
+    An event that no handler takes (no handler for its type) and no open
+    [`events`][chatfeed.bridge.Consumer.events] stream takes is acknowledged
+    at once: register the handlers, and open the streams, before
+    [`start`][chatfeed.bridge.Consumer.start].
+
     Args:
         url: The broker: ``nats://`` (JetStream) or ``redis://`` / ``rediss://``.
         durable: The name of the durable consumer (JetStream) or of the consumer group (Redis).
@@ -230,9 +242,15 @@ class Consumer:
         drain_timeout: Seconds [`close`][chatfeed.bridge.Consumer.close] lets
             the handlers' calls finish; the events of unfinished calls are
             not acknowledged, and come back.
+        heartbeat: Every this many seconds, the events still being handled
+            are reported in progress to the broker, so that a handler slower
+            than the broker's ack wait (or ``claim_after``) does not get its
+            event delivered a second time meanwhile. Keep it well under both.
         source: Options of the broker's reader: for JetStream ``stream``,
-            ``prefix``, ``ack_wait``; for Redis ``prefix``, ``partitions``,
-            ``name``, ``claim_after``.
+            ``prefix``, ``ack_wait``, ``dead_stream``, ``connect_timeout``
+            (see [`JetStreamSource`][chatfeed.bridge.JetStreamSource]); for
+            Redis ``prefix``, ``partitions``, ``name``, ``claim_after``,
+            ``connect_timeout`` (see [`RedisStreamSource`][chatfeed.bridge.RedisStreamSource]).
 
     Raises:
         UsageError: The URL's scheme is neither, or an option is invalid.
@@ -242,6 +260,7 @@ class Consumer:
         "_counts",
         "_ended",
         "_entries",
+        "_extender",
         "_fetcher",
         "_in_flight",
         "_options",
@@ -251,6 +270,7 @@ class Consumer:
         "_source",
         "_state",
         "_streams",
+        "_unsettled",
     )
 
     def __init__(
@@ -264,6 +284,7 @@ class Consumer:
         max_in_flight: int = 1024,
         batch: int = 128,
         drain_timeout: float = 10.0,
+        heartbeat: float = 10.0,
         **source: Any,
     ) -> None:
         if not isinstance(durable, str) or not durable:
@@ -275,16 +296,23 @@ class Consumer:
             ("retry_delay", retry_delay),
             ("retry_maximum", retry_maximum),
             ("drain_timeout", drain_timeout),
+            ("heartbeat", heartbeat),
         ):
             if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number < float("inf"):
                 raise UsageError(f"{name} must be a number of seconds, not {number!r}")
         self._source = source_for(url, durable, **source)
-        self._options = _ConsumerOptions(max_deliver, retry_delay, retry_maximum, max_in_flight, batch, drain_timeout)
+        if heartbeat <= 0:
+            raise UsageError(f"heartbeat must be a positive number of seconds, not {heartbeat!r}")
+        self._options = _ConsumerOptions(
+            max_deliver, retry_delay, retry_maximum, max_in_flight, batch, drain_timeout, heartbeat
+        )
         self._entries: dict[type[Any], tuple[_Entry, ...]] = {}
         self._streams: set[ConsumerEventStream] = set()
         self._settling: collections.deque[_Pending] = collections.deque()
         self._counts = dict.fromkeys(("received", "acked", "retried", "dead_lettered", "handler_errors"), 0)
         self._in_flight = 0
+        self._unsettled: dict[_Pending, float] = {}  # handed out and not settled, with when
+        self._extender: asyncio.Task[None] | None = None
         self._state: Literal["unopened", "running", "closing", "closed"] = "unopened"
         self._fetcher: asyncio.Task[None] | None = None
         self._settler: asyncio.Task[None] | None = None
@@ -436,6 +464,7 @@ class Consumer:
             raise
         self._settler = loop.create_task(self._settle_all(), name="chatfeed-consumer-settle")
         self._fetcher = loop.create_task(self._fetch_all(), name="chatfeed-consumer-fetch")
+        self._extender = loop.create_task(self._extend_all(), name="chatfeed-consumer-extend")
 
     async def run(self) -> None:
         """Start, and consume until [`close`][chatfeed.bridge.Consumer.close] is called or the task is cancelled."""
@@ -456,9 +485,10 @@ class Consumer:
             return
         self._state = "closing"
         try:
-            if self._fetcher is not None:
-                self._fetcher.cancel()
-                await asyncio.wait([self._fetcher])
+            for task in (self._fetcher, self._extender):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.wait([task])
             for entries in self._entries.values():
                 for entry in entries:
                     if entry.lanes is not None:
@@ -528,33 +558,53 @@ class Consumer:
                 await self._hand_out(delivery)
 
     async def _hand_out(self, delivery: Delivery) -> None:
+        """Give one delivery to the streams and the handlers; never raises but the consumer's own cancellation."""
         try:
             envelope = Envelope.decode(delivery.data)
             event = envelope.event()
-        except EnvelopeError as exc:
-            logger.error("dead-lettered the entry at %s of the log: %s", delivery.position, exc)
-            self._settle(_Pending(delivery, None, "", 0), f"unreadable: {exc}", dead=True)
+        except Exception as exc:  # EnvelopeError, or what a pathological document makes json raise
+            reason = (
+                str(exc) if isinstance(exc, EnvelopeError) else f"the envelope cannot be read ({type(exc).__name__})"
+            )
+            logger.error("dead-lettered the entry at %s of the log: %s", delivery.position, reason)
+            self._settle(_Pending(delivery, None, "", 0), f"unreadable: {reason}", dead=True)
             return
         entries = self._entries.get(event.__class__, ())
         streams = tuple(self._streams)
         pending = _Pending(delivery, event, envelope.feed, len(entries) + len(streams))
-        if pending.left == 0:
+        self._unsettled[pending] = asyncio.get_running_loop().time()
+        if pending.left == 0:  # nothing takes this kind of event: acknowledged
             self._settle(pending, None)
             return
         for stream in streams:
             await stream._queue.put(pending)
+            if stream._closed:  # closed while this waited for room: it will never be taken
+                self._done(pending, "the events() stream closed", count=False)
         for entry in entries:
             lanes = entry.lanes
             if lanes is None:
                 await self._call(entry, pending)
-            else:
+                continue
+            try:
                 while not lanes.offer(pending):
                     await lanes.wait_for_room()
+            except Exception as exc:  # the handler's key function raised
+                self._counts["handler_errors"] += 1
+                logger.error(
+                    "the key function of handler %s failed on the event at %s",
+                    entry.name,
+                    delivery.position,
+                    exc_info=exc,
+                )
+                self._done(pending, f"{type(exc).__name__} in the key function of handler {entry.name}")
 
     async def _call(self, entry: _Entry, pending: _Pending) -> None:
         try:
             await entry.func(pending.event, pending.feed)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and self._state != "running":
+                raise  # close() cancels the fetch loop: the event is not settled, and comes back
+            # An exception, or a cancellation of something the handler awaited.
             self._counts["handler_errors"] += 1
             logger.error(
                 "handler %s failed on the event at %s (feed %r, delivery %d of %d)",
@@ -635,8 +685,26 @@ class Consumer:
                 # The broker will deliver it again (its ack wait, or a claim).
                 logger.warning("could not settle the event at %s (%s)", delivery.position, _describe(exc))
             finally:
+                self._unsettled.pop(pending, None)
                 self._in_flight -= 1
                 room.set()
+
+    async def _extend_all(self) -> None:
+        # Handlers may take longer than the broker waits for an answer (its
+        # ack wait, or claim_after): every ``heartbeat`` seconds, the events
+        # still unsettled are said to be in progress, so that they are not
+        # delivered a second time, to this process or another, meanwhile.
+        heartbeat = self._options.heartbeat
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(heartbeat)
+            older = loop.time() - heartbeat
+            for pending, since in list(self._unsettled.items()):
+                if since <= older and pending in self._unsettled:
+                    try:
+                        await pending.delivery.extend()
+                    except Exception as exc:
+                        logger.debug("could not extend the event at %s: %r", pending.delivery.position, exc)
 
 
 _NOT_COUNTED = "\x00"
@@ -651,6 +719,7 @@ class _ConsumerOptions:
     max_in_flight: int
     batch: int
     drain_timeout: float
+    heartbeat: float
 
 
 def source_for(url: str, durable: str, **options: Any) -> Source:

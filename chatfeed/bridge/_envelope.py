@@ -80,19 +80,25 @@ class Record:
 def dedup_id(feed: str, type: str, *parts: str) -> str:
     """Return the dedup id of an event: 32 hex digits, the same every time the event is published.
 
-    The id is a BLAKE2b-128 digest of the feed's key, the type and the
-    event's identity, joined by the unit separator (U+001F): for a message
-    its id and status (``""`` when none), for a chat its id and
-    ``updatedAt`` (ISO 8601). An event with no identity (``error``,
-    unknown types) is identified by its frame and the time it was received,
-    so its retries share an id and two such events do not.
+    The id is the BLAKE2b digest, with a digest size of 16 bytes, of the
+    feed's key, the type and the event's identity, each written as the
+    decimal length of its UTF-8 bytes, a colon, and those bytes (so that no
+    two lists of parts give the same text). The identity of a message is its
+    id and status (``""`` when none); of a chat, its id and ``updatedAt``
+    (ISO 8601). An event with no identity (``error``, unknown types) is
+    identified by its frame and the time it was received: its retries share
+    an id, and two such events do not.
 
     Example:
         >>> dedup_id("alice", "new_message", "42", "COMPLETED")
-        '52c613332d856cda0debf769884c4adf'
+        'e468df60a8f093e2ee2a803fbcdbd18c'
     """
-    text = "\x1f".join((feed, type, *parts))
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    data = b"".join(b"%d:%s" % (len(encoded), encoded) for encoded in _utf8((feed, type, *parts)))
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _utf8(parts: tuple[str, ...]) -> list[bytes]:
+    return [part.encode("utf-8", "surrogatepass") for part in parts]
 
 
 def subject_token(value: str) -> str:
@@ -118,8 +124,9 @@ def subject_token(value: str) -> str:
 def partition(feed: str, chat: str | None, partitions: int) -> int:
     """Return the partition of a chat's events: a stable hash, the same in every process and language.
 
-    The first 8 bytes of BLAKE2b-64 over ``feed``, U+001F, ``chat`` (``""``
-    when none), as a big-endian unsigned integer, modulo ``partitions``.
+    The BLAKE2b digest, with a digest size of 8 bytes, of the UTF-8 of
+    ``feed``, U+001F, ``chat`` (``""`` when none), read as a big-endian
+    unsigned integer, modulo ``partitions``.
 
     Example:
         >>> partition("alice", "17", 16) == partition("alice", "17", 16)
@@ -142,13 +149,26 @@ def _frame_text(event: ServerMessage) -> str:
         text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
         # What the parser took may hold NaN or Infinity, which JSON does not:
         # such a frame (rare) is written again below, without them.
-        if "NaN" not in text and "Infinity" not in text:
+        if ("NaN" not in text and "Infinity" not in text) or _strict_json(text):
             return text
     document = event.model_dump(mode="json", by_alias=True, exclude_unset=True)
     try:
         return json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except ValueError:
         return json.dumps(_finite(document), ensure_ascii=False, separators=(",", ":"))
+
+
+def _strict_json(text: str) -> bool:
+    """Whether ``text`` is JSON without NaN or Infinity (the words may be inside strings)."""
+    try:
+        json.loads(text, parse_constant=_refuse)
+    except ValueError:
+        return False
+    return True
+
+
+def _refuse(name: str) -> None:
+    raise ValueError(name)
 
 
 def _finite(value: Any) -> Any:
@@ -249,7 +269,7 @@ class Envelope:
             raise EnvelopeError("the envelope is not JSON") from None
         if not isinstance(document, dict):
             raise EnvelopeError("the envelope is not a JSON object")
-        version = document.get("v")
+        version = document.get("v", ...)
         if version != ENVELOPE_VERSION:
             raise EnvelopeError(f"the envelope's version is {_describe(version)}, not {ENVELOPE_VERSION}")
         for name, kinds in _FIELDS:
@@ -257,12 +277,11 @@ class Envelope:
                 raise EnvelopeError(f"the envelope's {name!r} is {_describe(document.get(name, ...))}")
         if document["source"] not in ("live", "backfill"):
             raise EnvelopeError("the envelope's 'source' is neither 'live' nor 'backfill'")
-        try:
-            received = datetime.fromisoformat(document["received"].replace("Z", "+00:00"))
-            created = document["created"]
-            created = None if created is None else datetime.fromisoformat(created.replace("Z", "+00:00"))
-        except ValueError:
-            raise EnvelopeError("the envelope's 'received' or 'created' is not an ISO 8601 time") from None
+        received = _time(document["received"])
+        created = None if document["created"] is None else _time(document["created"])
+        if received is None or (created is None and document["created"] is not None):
+            # Raised here, not in an except block: the ValueError would quote the value.
+            raise EnvelopeError("the envelope's 'received' or 'created' is not an ISO 8601 time")
         return cls(
             feed=document["feed"],
             type=document["type"],
@@ -293,6 +312,14 @@ class Envelope:
             object.__setattr__(event, "source", self.source)
         object.__setattr__(event, "feed", self.feed)
         return event  # type: ignore[return-value]  # one of FeedEvent's classes, checked above
+
+
+def _time(text: str) -> datetime | None:
+    """Return the time ``text`` says, or ``None`` if it is not ISO 8601."""
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 _EVENTS: frozenset[type[Any]] = frozenset(get_args(FeedEvent))

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from ..exceptions import UsageError
-from ._bridge import BrokerUnavailableError
+from ._bridge import BrokerUnavailableError, RecordRejectedError
 from ._consumer import Delivery
 from ._envelope import Record, subject_token
 
@@ -65,7 +65,9 @@ async def _connect(url: str, name: str, connect_timeout: float) -> Any:
             name=name,
             connect_timeout=connect_timeout,
             allow_reconnect=True,
-            max_reconnect_attempts=-1,
+            # nats-py applies this to the first connection too: one more try,
+            # then NoServersError. Once connected, it reconnects forever (below).
+            max_reconnect_attempts=1,
             reconnect_time_wait=0.25,
             # While disconnected, publishes fail at once (the bridge retries
             # them) instead of piling up in the client's buffer.
@@ -76,6 +78,7 @@ async def _connect(url: str, name: str, connect_timeout: float) -> Any:
         )
     except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
         raise BrokerUnavailableError(f"cannot reach NATS at {_redact(url)} ({type(exc).__name__})") from None
+    client.options["max_reconnect_attempts"] = -1  # read at each reconnection: never give up from now on
     return client
 
 
@@ -158,7 +161,12 @@ class JetStreamSink:
         if nc is None or not nc.is_connected:
             raise BrokerUnavailableError("not connected to NATS")
         subject = self.subject(record)
-        ack = await self._js.publish(subject, record.data, headers={"Nats-Msg-Id": record.dedup})
+        if len(record.data) > nc.max_payload:
+            raise RecordRejectedError(f"{len(record.data)} bytes, more than the server's max_payload {nc.max_payload}")
+        try:
+            ack = await self._js.publish(subject, record.data, headers={"Nats-Msg-Id": record.dedup})
+        except _nats().js.errors.BadRequestError as exc:  # the stream's limits refuse it, every time
+            raise RecordRejectedError(f"the stream refused it: {exc.description}") from None
         return not ack.duplicate
 
     async def load_watermarks(self, feeds: Sequence[str]) -> dict[str, datetime]:
@@ -225,8 +233,15 @@ async def _ensure_stream(js: Any, name: str, subject: str, duplicate_window: flo
         raise BrokerUnavailableError(f"NATS answers, but not its JetStream ({type(exc).__name__})") from None
     subjects = info.config.subjects or []
     if subject not in subjects and ">" not in subjects:
-        raise BrokerUnavailableError(
-            f"the stream {name} exists but does not capture {subject} (it captures {', '.join(subjects)})"
+        raise UsageError(f"the stream {name} exists but does not capture {subject} (it captures {', '.join(subjects)})")
+    window = info.config.duplicate_window or 0.0
+    if window < duplicate_window:
+        logger.warning(
+            "the stream %s exists with a duplicate window of %g s, shorter than the %g s asked for: "
+            "an event published again after that long (a restart's backfill) is stored twice",
+            name,
+            window,
+            duplicate_window,
         )
 
 
@@ -243,6 +258,9 @@ class _JetStreamDelivery:
 
     async def ack(self) -> None:
         await self._msg.ack()
+
+    async def extend(self) -> None:
+        await self._msg.in_progress()
 
     async def retry(self, delay: float) -> None:
         await self._msg.nak(delay=delay or None)

@@ -71,9 +71,11 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
 
 
-async def _connect(url: str, connect_timeout: float) -> Any:
+async def _connect(url: str, connect_timeout: float, command_timeout: float) -> Any:
     redis = _redis()
-    client = redis.asyncio.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=None)
+    # A server that stops answering (frozen, partitioned) fails the command
+    # after command_timeout: publishes are retried, close() ends.
+    client = redis.asyncio.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=command_timeout)
     try:
         await client.ping()
     except (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
@@ -88,16 +90,18 @@ async def _check_meta(client: Any, prefix: str, partitions: int | None, *, write
     if write and partitions is not None:
         await client.hsetnx(key, "partitions", partitions)
         await client.hsetnx(key, "version", ENVELOPE_VERSION)
-    recorded = await client.hget(key, "partitions")
+    recorded, version = await client.hmget(key, ["partitions", "version"])
+    if version is not None and int(version) != ENVELOPE_VERSION:
+        raise UsageError(
+            f"{key} says the envelopes are of version {int(version)}; this chatfeed reads and writes {ENVELOPE_VERSION}"
+        )
     if recorded is None:
         if partitions is None:
             raise BrokerUnavailableError(f"Redis has no {key}: start the bridge first, or give partitions=")
         return partitions
     count = int(recorded)
     if partitions is not None and count != partitions:
-        raise BrokerUnavailableError(
-            f"{key} says {count} partitions, not {partitions}: changing the count would reorder chats"
-        )
+        raise UsageError(f"{key} says {count} partitions, not {partitions}: changing the count would reorder chats")
     return count
 
 
@@ -114,6 +118,7 @@ class RedisStreamSink:
         dedup_ttl: Seconds a dedup id is remembered.
         maxlen: Trim each partition stream to about this many entries (``None``: never).
         connect_timeout: Seconds to wait for the server at start.
+        command_timeout: Seconds to wait for an answer before a command fails (and is retried).
     """
 
     def __init__(
@@ -125,6 +130,7 @@ class RedisStreamSink:
         dedup_ttl: float = 600.0,
         maxlen: int | None = None,
         connect_timeout: float = 2.0,
+        command_timeout: float = 10.0,
     ) -> None:
         _redis()
         if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
@@ -137,6 +143,7 @@ class RedisStreamSink:
         self.dedup_ttl = dedup_ttl
         self.maxlen = maxlen
         self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
         self._client: Any = None
         self._sha = ""
         self._queue: list[tuple[Record, asyncio.Future[bool]]] = []
@@ -150,7 +157,7 @@ class RedisStreamSink:
         return f"{self.prefix}:{{{partition(record.feed, record.chat, self.partitions)}}}"
 
     async def open(self) -> None:
-        self._client = await _connect(self.url, self.connect_timeout)
+        self._client = await _connect(self.url, self.connect_timeout, self.command_timeout)
         try:
             await _check_meta(self._client, self.prefix, self.partitions, write=True)
             self._sha = await self._client.script_load(_APPEND)
@@ -253,13 +260,18 @@ class _RedisDelivery:
     async def retry(self, delay: float) -> None:
         source = self._source
         loop = asyncio.get_running_loop()
-        heapq.heappush(
-            source._retries, (loop.time() + delay, next(source._order), self.stream, self.entry, self.attempt)
-        )
+        due = loop.time() + delay
+        heapq.heappush(source._retries, (due, next(source._order), self.stream, self.entry, self.attempt, delay))
+
+    async def extend(self) -> None:
+        source = self._source
+        await source._client.xclaim(self.stream, source.group, source.name, 0, [self.entry], justid=True)
 
     async def dead_letter(self, reason: str) -> None:
         source = self._source
-        async with source._client.pipeline(transaction=True) as pipe:
+        # Not a transaction: the two keys may be in different cluster slots.
+        # Stopped between the two, the event comes back and is dead-lettered again.
+        async with source._client.pipeline(transaction=False) as pipe:
             pipe.xadd(
                 source.dead_stream,
                 {"envelope": self.data, "reason": reason[:500], "position": self.position, "group": source.group},
@@ -281,8 +293,11 @@ class RedisStreamSource:
         prefix: The bridge's key prefix.
         partitions: The partition count, when ``<prefix>:meta`` does not say it yet.
         name: This process's consumer name in the group (default: host, pid and a random suffix).
-        claim_after: Seconds an event may stay pending with another consumer before it is claimed.
+        claim_after: Seconds an event may stay idle, pending with another
+            consumer, before it is claimed (a consumer keeps the events it
+            handles from going idle, however long its handlers take).
         connect_timeout: Seconds to wait for the server at start.
+        command_timeout: Seconds to wait for an answer before a command fails.
     """
 
     def __init__(
@@ -295,8 +310,10 @@ class RedisStreamSource:
         name: str | None = None,
         claim_after: float = 30.0,
         connect_timeout: float = 2.0,
+        command_timeout: float = 10.0,
     ) -> None:
         _redis()
+        self.command_timeout = max(command_timeout, 2.0)  # longer than a fetch's 1 s block
         self.url = url
         self.group = durable
         self.prefix = prefix
@@ -307,7 +324,11 @@ class RedisStreamSource:
         self.dead_stream = f"{prefix}:dead:{durable}"
         self._client: Any = None
         self._streams: dict[str, str] = {}
-        self._retries: list[tuple[float, int, str, str, int]] = []
+        # Failed entries to claim again: (due, order, stream, entry id, attempt, delay).
+        self._retries: list[tuple[float, int, str, str, int, float]] = []
+        # Per stream not yet swept: where the sweep of the entries a previous
+        # run under this name left pending goes on from.
+        self._own_left: dict[str, str] = {}
         self._order = iter(range(1 << 62))
         self._next_claim = 0.0
 
@@ -316,10 +337,11 @@ class RedisStreamSource:
 
     async def open(self) -> None:
         redis = _redis()
-        self._client = await _connect(self.url, self.connect_timeout)
+        self._client = await _connect(self.url, self.connect_timeout, self.command_timeout)
         try:
             count = await _check_meta(self._client, self.prefix, self.partitions, write=False)
             self._streams = {f"{self.prefix}:{{{index}}}": ">" for index in range(count)}
+            self._own_left = dict.fromkeys(self._streams, "-")
             for stream in self._streams:
                 try:
                     await self._client.xgroup_create(stream, self.group, id="0", mkstream=True)
@@ -336,15 +358,22 @@ class RedisStreamSource:
         now = loop.time()
         retries = self._retries
         while retries and retries[0][0] <= now and len(deliveries) < count:
-            _, _, stream, entry, attempt = heapq.heappop(retries)
-            deliveries.extend(await self._claim(stream, [entry], 0, {entry: attempt}))
+            _, _, stream, entry, attempt, delay = heapq.heappop(retries)
+            # Idle at least as long as the delay: unless another consumer
+            # claimed it meanwhile (then it is that one's to handle).
+            deliveries.extend(await self._claim(stream, [entry], int(delay * 1000), {entry: attempt}))
+        if self._own_left and len(deliveries) < count:
+            deliveries.extend(await self._reclaim_own(count - len(deliveries)))
         if now >= self._next_claim and len(deliveries) < count:
             self._next_claim = now + min(self.claim_after, 5.0)
             deliveries.extend(await self._claim_abandoned(count - len(deliveries)))
         if deliveries:
             return deliveries
         block = 1000 if not retries else max(1, min(1000, int((retries[0][0] - now) * 1000)))
-        answer = await self._client.xreadgroup(self.group, self.name, self._streams, count=count, block=block)
+        # COUNT applies to each stream: shared out, so that one read stays
+        # within what the consumer asked for (one per stream at least).
+        per_stream = max(1, count // len(self._streams))
+        answer = await self._client.xreadgroup(self.group, self.name, self._streams, count=per_stream, block=block)
         for stream, entries in answer or ():
             name = stream.decode() if isinstance(stream, bytes) else stream
             for entry, fields in entries:
@@ -359,16 +388,33 @@ class RedisStreamSource:
             if fields is not None
         ]
 
+    async def _reclaim_own(self, count: int) -> list[Delivery]:
+        """Claim, a batch at a time, what a previous run under this consumer name left pending."""
+        found: list[Delivery] = []
+        for stream, start in list(self._own_left.items()):
+            pending = await self._client.xpending_range(stream, self.group, start, "+", count, consumername=self.name)
+            if len(pending) < count:
+                del self._own_left[stream]  # swept
+            else:
+                self._own_left[stream] = "(" + _text(pending[-1]["message_id"])
+            candidates = {_text(item["message_id"]): item["times_delivered"] for item in pending}
+            if candidates:
+                found.extend(await self._claim(stream, list(candidates), 0, candidates))
+            count -= len(pending)
+            if count <= 0:
+                break
+        return found
+
     async def _claim_abandoned(self, count: int) -> list[Delivery]:
+        """Claim the entries idle too long with other consumers (gone, or stuck)."""
         idle = int(self.claim_after * 1000)
-        mine = {entry for _, _, _, entry, _ in self._retries}
         found: list[Delivery] = []
         for stream in self._streams:
             pending = await self._client.xpending_range(stream, self.group, "-", "+", count, idle=idle)
             candidates = {
                 _text(item["message_id"]): item["times_delivered"]
                 for item in pending
-                if _text(item["message_id"]) not in mine and _text(item["consumer"]) != self.name
+                if _text(item["consumer"]) != self.name
             }
             if candidates:
                 found.extend(await self._claim(stream, list(candidates), idle, candidates))

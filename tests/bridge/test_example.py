@@ -1,4 +1,4 @@
-"""examples/bridge.py runs, as a user runs it: a program, with its own brokers."""
+"""examples/broker_bridge.py runs, as a user runs it: a program, with its own brokers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from chatfeed.bridge.testing import nats_server_binary, redis_server_binary
 
 from .conftest import NATS_INSTALL, REDIS_INSTALL, require_binary
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "bridge.py"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "broker_bridge.py"
 
 
 @pytest.mark.parametrize("broker", ["nats", "redis"])

