@@ -165,11 +165,16 @@ class Broker:
             await client.xadd(f"{self.prefix}:{{0}}", {"envelope": data})
 
 
-def check_envelopes(entries: list[bytes]) -> list[Envelope]:
-    """Decode every entry, validating it against the schema first."""
+def check_envelopes(entries: list[bytes], *, every: int = 1) -> list[Envelope]:
+    """Decode every entry (checking each field), and validate every ``every``-th against the schema too.
+
+    The schema's validator costs about 70 µs an entry: a test of 100,000
+    entries validates a tenth of them, spread over the whole log.
+    """
     envelopes = []
-    for data in entries:
-        VALIDATOR.validate(json.loads(data))
+    for index, data in enumerate(entries):
+        if index % every == 0:
+            VALIDATOR.validate(json.loads(data))
         envelopes.append(Envelope.decode(data))
     return envelopes
 
