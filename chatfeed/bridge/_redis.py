@@ -55,6 +55,7 @@ return id
 """
 
 _BATCH = 512
+_BLOCK_MS = 250  # the longest a consumer's read waits for new entries
 
 
 def _redis() -> Any:
@@ -324,6 +325,8 @@ class RedisStreamSource:
         self.dead_stream = f"{prefix}:dead:{durable}"
         self._client: Any = None
         self._streams: dict[str, str] = {}
+        self._stream_names: list[str] = []
+        self._turn = 0  # the partition the next small read starts at
         # Failed entries to claim again: (due, order, stream, entry id, attempt, delay).
         self._retries: list[tuple[float, int, str, str, int, float]] = []
         # Per stream not yet swept: where the sweep of the entries a previous
@@ -341,6 +344,7 @@ class RedisStreamSource:
         try:
             count = await _check_meta(self._client, self.prefix, self.partitions, write=False)
             self._streams = {f"{self.prefix}:{{{index}}}": ">" for index in range(count)}
+            self._stream_names = list(self._streams)
             self._own_left = dict.fromkeys(self._streams, "-")
             for stream in self._streams:
                 try:
@@ -369,11 +373,21 @@ class RedisStreamSource:
             deliveries.extend(await self._claim_abandoned(count - len(deliveries)))
         if deliveries:
             return deliveries
-        block = 1000 if not retries else max(1, min(1000, int((retries[0][0] - now) * 1000)))
-        # COUNT applies to each stream: shared out, so that one read stays
-        # within what the consumer asked for (one per stream at least).
-        per_stream = max(1, count // len(self._streams))
-        answer = await self._client.xreadgroup(self.group, self.name, self._streams, count=per_stream, block=block)
+        # Short blocks: a retry scheduled meanwhile (by a handler that fails
+        # while this waits) is due soon after its delay.
+        block = _BLOCK_MS if not retries else max(1, min(_BLOCK_MS, int((retries[0][0] - now) * 1000)))
+        # COUNT applies to each stream: the read is shared out so that it
+        # stays within ``count``; with less room than partitions, it reads
+        # one entry from each of ``count`` partitions, taking turns.
+        streams = self._stream_names
+        if count >= len(streams):
+            chosen, per_stream = self._streams, count // len(streams)
+        else:
+            first = self._turn % len(streams)
+            self._turn += count
+            chosen = {streams[(first + offset) % len(streams)]: ">" for offset in range(count)}
+            per_stream = 1
+        answer = await self._client.xreadgroup(self.group, self.name, chosen, count=per_stream, block=block)
         for stream, entries in answer or ():
             name = stream.decode() if isinstance(stream, bytes) else stream
             for entry, fields in entries:
