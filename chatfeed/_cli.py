@@ -1,4 +1,4 @@
-"""The command line: ``chatfeed listen``, ``chatfeed serve`` and ``chatfeed demo``.
+"""The command line: ``chatfeed listen``, ``serve``, ``bridge``, ``consume`` and ``demo``.
 
 Events go to standard output, one per line; connection state and errors go to
 standard error, so that ``chatfeed listen ... | jq`` sees only events.
@@ -7,6 +7,14 @@ standard error, so that ``chatfeed listen ... | jq`` sees only events.
 ``serve --users N`` serves that many users, their tokens written to such a
 file. Tokens of a pool are only ever read from, or written to, that file:
 never taken from the command line, printed or logged.
+
+``bridge URL --tokens FILE --to BROKER`` publishes every event of such a
+pool into NATS JetStream or Redis Streams (`chatfeed.bridge.Bridge`), each
+feed resumed from its saved watermark with ``--backfill-url`` (the
+backend's history over HTTP, `chatfeed._http_backfill`); ``consume BROKER
+--durable NAME`` prints what a bridge published, as ``listen`` prints a
+feed, acknowledging each event once printed. The bridge's extras (nats-py,
+redis-py) are imported by these two commands only.
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ import secrets
 import signal
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import ClassVar, TextIO
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 
 from ._client import Client
+from ._http_backfill import http_backfill
 from ._logging import redact_url
 from ._policy import Backoff
 from ._pool import Pool
@@ -34,9 +45,13 @@ from .exceptions import AuthenticationError, ChatfeedError, ConnectionFailedErro
 from .models import Connected, Disconnected, FeedEvent, FeedStopped, NewChat, NewMessage, UnknownMessage
 from .testing import FeedServer, synthetic_conversation
 
+if TYPE_CHECKING:
+    from .bridge import Bridge, Record, Sink
+
 __all__ = ["main"]
 
 EXIT_OK = 0
+EXIT_BROKER = 1
 EXIT_USAGE = 2
 EXIT_AUTH = 3
 EXIT_UNREACHABLE = 4
@@ -69,6 +84,37 @@ written to the --tokens-file (mode 0600, never printed), one
 {"feed": "user-1", "token": "..."} per line, for `chatfeed listen URL --tokens FILE`.
 """
 
+_BRIDGE_EPILOG = """\
+FILE is a tokens file as for `chatfeed listen --tokens`; a line that is not a
+feed is reported (its line number, never its content) and skipped, and a feed
+whose token is rejected is reported by its key: the other feeds are bridged.
+
+Each event becomes an envelope: NATS subjects <prefix>.<feed>.<chat> in the
+stream --stream, or Redis streams <prefix>:{P} for P below --partitions. Each
+feed's watermark is kept in the broker; with --backfill-url, a bridge started
+again fetches what its feeds missed since then (`chatfeed serve` serves it:
+give its ws:// address, taken as http://HOST:PORT/history), and the broker
+stores what it had already only once.
+
+A summary line (received, published, duplicates, held) goes to stderr every
+--summary-every seconds when it changed, and at exit.
+
+exit status: 0 on Ctrl-C or SIGTERM (held events are published, watermarks
+saved), 1 when the broker cannot be reached within --broker-wait, 2 on bad
+usage; 3 or 4, as for listen, once every feed has stopped.
+"""
+
+_CONSUME_EPILOG = """\
+Several `chatfeed consume` with the same --durable share the events. An event
+is acknowledged once printed; one not printed (Ctrl-C, or the reader of the
+output gone) comes back to the next reader of the durable. --stream and
+--prefix (JetStream) or --prefix and --partitions (Redis) must be the bridge's.
+
+exit status: 0 on Ctrl-C or SIGTERM, or when the reader of the output goes
+away, 1 when the broker cannot be reached (or has no bridge's log yet), 2 on
+bad usage.
+"""
+
 _MAX_FEED_WIDTH = 24
 """The widest a feed's key is padded to, in the pretty format."""
 
@@ -94,11 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatfeed",
-        description="Listen to a chat feed, serve one for development, or watch a demo of both.",
+        description=(
+            "Listen to a chat feed, serve one for development, watch a demo of both, or bridge feeds into "
+            "NATS JetStream or Redis Streams and consume them from there."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"chatfeed {__version__}")
     parser.set_defaults(run=_demo, duration=6.0, format=None, no_color=False)
-    commands = parser.add_subparsers(title="commands", metavar="{listen,serve,demo}")
+    commands = parser.add_subparsers(title="commands", metavar="{listen,serve,bridge,consume,demo}")
 
     listen = commands.add_parser(
         "listen",
@@ -188,6 +237,99 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, help="seed of the synthetic conversation, for a repeatable feed")
     serve.set_defaults(run=_serve)
 
+    bridge = commands.add_parser(
+        "bridge",
+        help="publish every event of many feeds into NATS JetStream or Redis Streams",
+        description=(
+            "Listen to many feeds at once, as `listen --tokens` does, and publish every event into a broker's "
+            "log, in order per chat, each event stored once, until Ctrl-C or SIGTERM."
+        ),
+        epilog=_BRIDGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bridge.add_argument("url", help="the feed's address, ws:// or wss://")
+    bridge.add_argument(
+        "--tokens",
+        metavar="FILE",
+        required=True,
+        help='the feeds: one {"feed": KEY, "token": JWT} per line (blank lines are ignored)',
+    )
+    bridge.add_argument(
+        "--to",
+        metavar="BROKER",
+        required=True,
+        help="the broker: nats://HOST:PORT (JetStream) or redis://HOST:PORT/DB (Redis Streams)",
+    )
+    bridge.add_argument(
+        "--backfill-url",
+        metavar="URL",
+        help=(
+            "the backend's history, http(s)://... (a ws:// or wss:// address is taken as http(s)://HOST:PORT/history): "
+            "each feed is resumed from its saved watermark"
+        ),
+    )
+    bridge.add_argument(
+        "--window",
+        type=_positive_int,
+        default=4096,
+        metavar="N",
+        help="the most events held unpublished; beyond it, the feeds stop being read (default: 4096)",
+    )
+    bridge.add_argument(
+        "--connect-rate",
+        type=_positive_float,
+        metavar="N",
+        help="at most N connection attempts per second, over all feeds (default: 500)",
+    )
+    _add_broker_options(bridge)
+    bridge.add_argument(
+        "--broker-wait",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to keep trying to reach the broker at start (default: 30)",
+    )
+    bridge.add_argument(
+        "--summary-every",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between summary lines on stderr, when the counts changed (default: 10)",
+    )
+    bridge.add_argument(
+        "-v", "--verbose", action="store_true", help="log connection details (never a token), a line per feed"
+    )
+    bridge.set_defaults(run=_bridge)
+
+    consume = commands.add_parser(
+        "consume",
+        help="print the events a bridge published, acknowledging each",
+        description=(
+            "Read the events a `chatfeed bridge` published, as a durable consumer (JetStream) or a consumer "
+            "group (Redis), and print each as `listen --tokens` does, with its feed, until Ctrl-C or SIGTERM."
+        ),
+        epilog=_CONSUME_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    consume.add_argument("broker", help="the broker: nats://HOST:PORT or redis://HOST:PORT/DB")
+    consume.add_argument(
+        "--durable",
+        metavar="NAME",
+        required=True,
+        help="the durable consumer's (JetStream) or the consumer group's (Redis) name",
+    )
+    consume.add_argument(
+        "--max-deliver",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help="deliveries of an event that fails before it is dead-lettered (default: 5)",
+    )
+    _add_broker_options(consume)
+    _add_output_options(consume)
+    consume.add_argument("-v", "--verbose", action="store_true", help="log the broker's connection details")
+    consume.set_defaults(run=_consume)
+
     demo = commands.add_parser(
         "demo",
         help="run a feed and a listener in one process (the default command)",
@@ -216,6 +358,21 @@ def _add_output_options(
         ),
     )
     parser.add_argument("--no-color", action="store_true", help="no colours in the pretty format (also: $NO_COLOR)")
+
+
+def _add_broker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stream", metavar="NAME", help="JetStream: the stream (default: CHATFEED)")
+    parser.add_argument(
+        "--prefix",
+        metavar="PREFIX",
+        help="the subjects' (JetStream) or the keys' (Redis) prefix (default: chatfeed)",
+    )
+    parser.add_argument(
+        "--partitions",
+        type=_positive_int,
+        metavar="N",
+        help="Redis: the number of partition streams, fixed once written (default: 16)",
+    )
 
 
 def _output_format(text: str) -> str:
@@ -497,13 +654,19 @@ def _explain(error: BaseException | None, url: str) -> int:
 # listen --tokens
 
 
-def _read_tokens(path: str) -> dict[str, str]:
+def _read_tokens(path: str, *, skip_bad_lines: bool = False) -> dict[str, str]:
     """Return the feeds of a tokens file, key to token, in the file's order.
 
+    Args:
+        path: The file.
+        skip_bad_lines: Report a line that is not a feed, or whose key came
+            before, on stderr and go on with the others, instead of raising.
+
     Raises:
-        UsageError: The file cannot be read, a line is not a feed, or a key
-            comes twice. The message never quotes a token; nor the path when
-            the file cannot be opened, in case a token was given for a path.
+        UsageError: The file cannot be read, or has no feed; without
+            ``skip_bad_lines``, a line is not a feed, or a key comes twice.
+            The message never quotes a token; nor the path when the file
+            cannot be opened, in case a token was given for a path.
     """
     try:
         with open(path, encoding="utf-8-sig") as file:
@@ -517,22 +680,13 @@ def _read_tokens(path: str) -> dict[str, str]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        where = f"{path}, line {number}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{where}: not JSON ({exc.msg}, column {exc.colno})") from None
-        except (ValueError, RecursionError):
-            raise UsageError(f"{where}: not JSON") from None
-        if not isinstance(entry, dict):
-            raise UsageError(f'{where}: expected an object, {{"feed": "<key>", "token": "<jwt>"}}')
-        feed, token = entry.get("feed"), entry.get("token")
-        if not isinstance(feed, str) or not feed:
-            raise UsageError(f'{where}: "feed" must be a non-empty string')
-        if not isinstance(token, str) or not token:
-            raise UsageError(f'{where}: "token" must be a non-empty string')
-        if feed in feeds:
-            raise UsageError(f"{where}: feed {feed!r} is already on line {lines_of[feed]}")
+        problem = _tokens_line_problem(line, feeds, lines_of)
+        if isinstance(problem, str):
+            if not skip_bad_lines:
+                raise UsageError(f"{path}, line {number}: {problem}")
+            _say(f"{path}, line {number}: {problem}; skipped, the other feeds go on")
+            continue
+        feed, token = problem
         feeds[feed] = token
         lines_of[feed] = number
     if not feeds:
@@ -541,6 +695,26 @@ def _read_tokens(path: str) -> dict[str, str]:
         if os.name == "posix" and os.stat(path).st_mode & 0o044:
             _say(f"warning: other users of this machine can read {path}; `chmod 600 {path}` protects its tokens")
     return feeds
+
+
+def _tokens_line_problem(line: str, feeds: Mapping[str, str], lines_of: Mapping[str, int]) -> str | tuple[str, str]:
+    """Return a tokens file's line as (key, token), or what is wrong with it (never quoting the line)."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"not JSON ({exc.msg}, column {exc.colno})"
+    except (ValueError, RecursionError):
+        return "not JSON"
+    if not isinstance(entry, dict):
+        return 'expected an object, {"feed": "<key>", "token": "<jwt>"}'
+    feed, token = entry.get("feed"), entry.get("token")
+    if not isinstance(feed, str) or not feed:
+        return '"feed" must be a non-empty string'
+    if not isinstance(token, str) or not token:
+        return '"token" must be a non-empty string'
+    if feed in feeds:
+        return f"feed {feed!r} is already on line {lines_of[feed]}"
+    return feed, token
 
 
 class _PoolReport:
@@ -667,6 +841,11 @@ async def _listen_to_pool(args: argparse.Namespace) -> int:
         raise error
     if show.counted.is_set() or printer.closed.is_set() or not report.all_stopped.is_set():
         return EXIT_OK
+    return _every_feed_stopped(report)
+
+
+def _every_feed_stopped(report: _PoolReport) -> int:
+    """Say why every feed of a pool has stopped; return the exit status that says it."""
     reasons = report.stopped.values()
     if all(_is_rejection(reason) for reason in reasons):
         _say("every feed's token was rejected. Check the tokens in the file: they may be wrong or expired.")
@@ -676,6 +855,188 @@ async def _listen_to_pool(args: argparse.Namespace) -> int:
     else:
         _say("every feed has stopped")
     return EXIT_UNREACHABLE
+
+
+# bridge
+
+
+def _broker_options(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Return the sink's or the source's options that ``--stream``, ``--prefix`` and ``--partitions`` give.
+
+    Raises:
+        UsageError: An option of the other broker.
+    """
+    scheme = url.partition("://")[0].lower()
+    options: dict[str, Any] = {}
+    if args.stream is not None:
+        if scheme not in ("nats", "tls"):
+            raise UsageError("--stream is JetStream's: it goes with a nats:// broker")
+        options["stream"] = args.stream
+    if args.partitions is not None:
+        if scheme not in ("redis", "rediss"):
+            raise UsageError("--partitions is Redis's: it goes with a redis:// broker")
+        options["partitions"] = args.partitions
+    if args.prefix is not None:
+        options["prefix"] = args.prefix
+    return options
+
+
+def _history_url(url: str) -> str:
+    """Return the history's address for ``--backfill-url``: a feed's ws(s)://HOST:PORT is http(s)://HOST:PORT/history."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("ws", "wss"):
+        return urllib.parse.urlunsplit(("http" if scheme == "ws" else "https", parts.netloc, "/history", "", ""))
+    if parts.path in ("", "/"):
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/history", parts.query, ""))
+    return url
+
+
+class _OpenedSink:
+    """A bridge's sink that says when it has reached the broker: the bridge's start is past the broker."""
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+        self.opened = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return repr(self._sink)
+
+    async def open(self) -> None:
+        await self._sink.open()
+        self.opened.set()
+
+    async def publish(self, record: Record) -> bool:
+        return await self._sink.publish(record)
+
+    async def load_watermarks(self, feeds: Sequence[str]) -> dict[str, datetime]:
+        return await self._sink.load_watermarks(feeds)
+
+    async def save_watermarks(self, marks: Mapping[str, datetime]) -> None:
+        await self._sink.save_watermarks(marks)
+
+    async def close(self) -> None:
+        await self._sink.close()
+
+
+class _BridgeSummary:
+    """Sums up what a bridge has done in one line on stderr: every ``interval`` seconds when it changed, and at exit."""
+
+    def __init__(self, bridge: Bridge, interval: float) -> None:
+        self._bridge = bridge
+        self._interval = interval
+
+    def line(self) -> str:
+        stats = self._bridge.statistics()
+        line = (
+            f"bridged: {stats.received} received, {stats.published} published, "
+            f"{stats.duplicates} duplicates, {stats.held} held"
+        )
+        if stats.rejected:
+            line += f", {stats.rejected} rejected by the broker"
+        return line if stats.broker_up else line + "; the broker is away"
+
+    async def run(self) -> None:
+        said = self.line()
+        while True:
+            await asyncio.sleep(self._interval)
+            line = self.line()
+            if line != said:
+                _say(line)
+                said = line
+
+
+def _quiet_start(record: logging.LogRecord) -> bool:
+    # An unreachable broker is one line: the one saying that the bridge gave
+    # up, not also the bridge's own at the first failed attempt.
+    return not getattr(record, "chatfeed_start_retry", False)
+
+
+async def _bridge(args: argparse.Namespace) -> int:
+    from .bridge import Bridge, BrokerUnavailableError, sink_for
+
+    feeds = _read_tokens(args.tokens, skip_bad_lines=True)
+    sink = _OpenedSink(sink_for(args.to, **_broker_options(args.to, args)))
+    backfill = None if args.backfill_url is None else http_backfill(_history_url(args.backfill_url), feeds)
+    if args.connect_rate is None:
+        pool = Pool(args.url, backfill=backfill)
+    else:
+        pool = Pool(args.url, backfill=backfill, connect_rate=args.connect_rate)
+    for key, token in feeds.items():
+        pool.add(key, token=token)
+    bridge = Bridge(pool, sink, window=args.window, start_timeout=args.broker_wait)
+    _log_to_stderr(args.verbose, pool=True)
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_start)
+    report = _PoolReport(len(pool), verbose=args.verbose)
+    report.watch(pool)
+    summary = _BridgeSummary(bridge, args.summary_every)
+
+    async def announce() -> None:
+        await sink.opened.wait()
+        backfilled = (
+            "" if args.backfill_url is None else f", resumed from {redact_url(_history_url(args.backfill_url))}"
+        )
+        _say(f"bridging {len(pool)} feeds from {redact_url(args.url)} into {sink!r}{backfilled}")
+        await asyncio.gather(report.run(), summary.run())
+
+    running = asyncio.ensure_future(bridge.run())
+    helpers = [asyncio.ensure_future(announce()), asyncio.ensure_future(report.all_stopped.wait())]
+    try:
+        await asyncio.wait([running, *helpers], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for helper in helpers:
+            helper.cancel()
+        # Publishes what is held and saves the watermarks, on a signal too.
+        await bridge.close()
+        await asyncio.wait([running, *helpers])
+        if sink.opened.is_set():
+            _say(summary.line())
+    error = None if running.cancelled() else running.exception()
+    if isinstance(error, BrokerUnavailableError):
+        _say(f"the broker is unavailable: {error} (tried for {args.broker_wait:g} s, --broker-wait)")
+        return EXIT_BROKER
+    if error is not None:
+        raise error
+    return _every_feed_stopped(report) if report.all_stopped.is_set() else EXIT_OK
+
+
+# consume
+
+
+async def _consume(args: argparse.Namespace) -> int:
+    from .bridge import Consumer
+
+    consumer = Consumer(
+        args.broker, durable=args.durable, max_deliver=args.max_deliver, **_broker_options(args.broker, args)
+    )
+    printer = _Printer(args.format, no_color=args.no_color)
+
+    async def show(event: FeedEvent, feed: str) -> None:
+        if not printer.closed.is_set():
+            printer(event, feed)
+        if printer.closed.is_set():
+            # Not printed, so not acknowledged: held until close() cancels
+            # this wait, it comes back to the durable's next reader.
+            await asyncio.get_running_loop().create_future()
+
+    for name in ("new_message", "new_chat", "error", "unknown"):
+        consumer.on(name)(show)
+    _log_to_stderr(args.verbose)
+    try:
+        await consumer.start()
+    except UsageError:
+        raise  # a mismatch with what the bridge set up (its partitions, say): exit 2
+    except ChatfeedError as exc:
+        _say(f"the broker is unavailable: {exc}")
+        return EXIT_BROKER
+    try:
+        _say(f"consuming {redact_url(args.broker)} as {args.durable!r}")
+        await printer.closed.wait()  # or Ctrl-C, or SIGTERM
+    finally:
+        await consumer.close()
+    return EXIT_OK
 
 
 # serve

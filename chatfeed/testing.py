@@ -7,7 +7,9 @@ can also misbehave on purpose (reject the handshake with an HTTP status, stay
 silent, close with any code, drop or freeze connections, restart) so that you
 can test how your application copes. It keeps a history of the messages and
 chats it pushed, as a backend's database would, for a client to backfill from
-after a gap.
+after a gap: in the process ([`history`][chatfeed.testing.FeedServer.history]),
+or over HTTP on the same port (``GET /history``), as a backend's REST API
+serves it.
 
 Example:
     ```python
@@ -34,9 +36,11 @@ import logging
 import operator
 import random
 import ssl as ssl_module
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
+from http import HTTPStatus
 from typing import Any, Literal
 
 from typing_extensions import Self
@@ -229,6 +233,26 @@ class FeedServer:
         UsageError: ``history_size`` or ``backlog`` is not a positive int, or
             ``compression`` is neither ``"deflate"`` nor ``None``, or ``users``
             is not a mapping of non-empty str to non-empty str.
+
+    HTTP: the history is served on the same port, as a backend's REST API
+    would, to a request without an ``Upgrade`` header (any other such request
+    gets websockets' 426):
+
+    ```text
+    GET /history?since=2024-05-01T12:00:00.5Z HTTP/1.1
+    Authorization: Bearer <token>
+    ```
+
+    answers ``200`` with a JSON array of frames, ``{"type": "new_message",
+    "payload": {...}}`` or ``{"type": "new_chat", "payload": {...}}`` (the
+    payloads as the feed's frames carry them, camelCase), oldest first: what
+    [`history(since, user_id=)`][chatfeed.testing.FeedServer.history] returns
+    for the token's user, or for every user with a token of ``tokens``.
+    ``since`` is ISO 8601 with a timezone (``Z``, or an offset whose ``+`` is
+    sent as ``%2B``); without it, the whole history. A missing or unknown
+    token gets ``401``, a bad ``since`` ``400``. Neither `silent` nor
+    [`reject_handshakes`][chatfeed.testing.FeedServer.reject_handshakes]
+    applies to these requests, and they are not counted in `handshakes`.
 
     Attributes:
         tokens: The accepted tokens.
@@ -582,11 +606,48 @@ class FeedServer:
     # The protocol
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if "Upgrade" not in request.headers:
+            return self._serve_http(connection, request)
         if not self._rejections:
             return None
         status, headers = self._rejections.pop(0)
         response = connection.respond(status, "rejected by FeedServer\n")
         response.headers.update(Headers(headers))
+        return response
+
+    def _serve_http(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Answer a plain HTTP request: ``GET /history``; ``None`` (websockets' 426) for any other path."""
+        target = urllib.parse.urlsplit(request.path)
+        if target.path.rstrip("/") != "/history":
+            return None
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not (token in self.users or token in self.tokens):
+            response = connection.respond(
+                HTTPStatus.UNAUTHORIZED, "a valid token is needed: Authorization: Bearer <token>\n"
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="chatfeed"'
+            return response
+        since = None
+        values = urllib.parse.parse_qs(target.query, keep_blank_values=True).get("since")
+        if values is not None:
+            since = _parse_since(values[-1])
+            if since is None:
+                return connection.respond(
+                    HTTPStatus.BAD_REQUEST,
+                    "since must be an ISO 8601 time with a timezone, such as 2024-05-01T12:00:00Z\n",
+                )
+        frames = [
+            (
+                NewMessage(type="new_message", payload=item)
+                if isinstance(item, Message)
+                else NewChat(type="new_chat", payload=item)
+            ).model_dump_json(by_alias=True)
+            for item in self.history(since, user_id=self.users.get(token))
+        ]
+        response = connection.respond(HTTPStatus.OK, "[" + ",".join(frames) + "]")
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = "application/json"
         return response
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -637,6 +698,15 @@ class FeedServer:
             self._notify()
         async for _ in ws:  # clients send nothing after auth; keep the connection read
             pass
+
+
+def _parse_since(text: str) -> datetime | None:
+    """Return the ISO 8601 time ``text`` (``Z`` taken for UTC), or ``None`` when it is not one with a timezone."""
+    try:
+        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text)
+    except ValueError:
+        return None
+    return moment if moment.utcoffset() is not None else None
 
 
 def _auth_token(frame: str | bytes) -> str | None:

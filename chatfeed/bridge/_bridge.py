@@ -523,7 +523,7 @@ class Bridge:
                 failure = exc
                 failures += 1
                 if failures == 1:
-                    logger.warning("%s; trying again until it answers", exc)
+                    logger.warning("%s; trying again until it answers", exc, extra={"chatfeed_start_retry": True})
                 delay = min(2.0, 0.1 * 2 ** min(failures - 1, 30))
                 await asyncio.wait([closed], timeout=delay if remaining is None else min(delay, remaining))
                 continue

@@ -6,7 +6,8 @@ Layout in the broker, all names configurable:
   ``chatfeed.<feed>.<chat>`` (both escaped by `subject_token`; ``%`` for an
   event of no chat), with its dedup id as ``Nats-Msg-Id``: the stream's
   duplicate window (10 minutes by default) stores it once.
-- key-value bucket ``chatfeed-watermarks``: one key per feed (its escaped
+- key-value bucket ``CHATFEED-watermarks`` (the stream's name, then
+  ``-watermarks``): one key per feed (its escaped
   key, ``=`` for ``%``), the watermark in ISO 8601.
 - stream ``CHATFEED_DEAD`` captures ``chatfeed_dead.>``; a consumer
   dead-letters to ``chatfeed_dead.<durable>``, with the reason and the
@@ -100,7 +101,9 @@ class JetStreamSink:
         prefix: The subjects' prefix (one or more tokens); the stream captures ``<prefix>.>``.
         duplicate_window: Seconds the stream remembers dedup ids (when it
             creates the stream): longer than a bridge's restart plus its backfill.
-        bucket: The key-value bucket of the watermarks (``None``: not kept).
+        bucket: The key-value bucket of the watermarks: by default (``True``)
+            ``<stream>-watermarks``, so that bridges into different streams do
+            not share them; a name; or ``False``: not kept.
         publish_timeout: Seconds to wait for a publish's acknowledgement.
         connect_timeout: Seconds to wait for the server at start.
         replicas: The stream's replicas, when it creates it.
@@ -113,7 +116,7 @@ class JetStreamSink:
         stream: str = "CHATFEED",
         prefix: str = "chatfeed",
         duplicate_window: float = 600.0,
-        bucket: str | None = "chatfeed-watermarks",
+        bucket: str | bool = True,
         publish_timeout: float = 5.0,
         connect_timeout: float = 2.0,
         replicas: int = 1,
@@ -125,7 +128,7 @@ class JetStreamSink:
         self.stream = stream
         self.prefix = prefix
         self.duplicate_window = duplicate_window
-        self.bucket = bucket
+        self.bucket: str | None = f"{stream}-watermarks" if bucket is True else bucket or None
         self.publish_timeout = publish_timeout
         self.connect_timeout = connect_timeout
         self.replicas = replicas

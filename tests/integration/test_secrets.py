@@ -129,6 +129,25 @@ async def test_an_error_frame_quoting_the_token_reaches_the_app_scrubbed(server:
     assert third.message == "no secret here"
 
 
+async def test_an_unknown_frame_quoting_the_token_reaches_the_app_scrubbed(server: FeedServer) -> None:
+    # An unknown frame is kept whole: a bridge would put it, token and all, in its broker.
+    client = make_client(server.url)
+    unknown = Recorder()
+    client.on("unknown")(unknown)
+    async with client:
+        await server.send_raw(json.dumps({"type": "typing", "payload": {"by": TOKEN}, "echo": SIGNATURE}))
+        await server.send_raw(json.dumps({"type": "typing", "payload": {"by": "someone"}}))
+        first, second = await unknown.wait_for(2)
+    assert first.model_dump(by_alias=True) == {
+        "type": "typing",
+        "payload": {"by": "***"},
+        "message": None,
+        "echo": "***",
+    }
+    assert SECRET not in repr(first) and SIGNATURE not in repr(first)
+    assert second.payload == {"by": "someone"}
+
+
 async def test_an_auth_error_quoting_the_token_under_payload_is_scrubbed() -> None:
     async def handler(ws: ServerConnection) -> None:
         await ws.recv()
