@@ -934,6 +934,8 @@ class _BridgeSummary:
         )
         if stats.rejected:
             line += f", {stats.rejected} rejected by the broker"
+        if stats.unpublished:
+            line += f", {stats.unpublished} not published (a restart with --backfill-url fetches them)"
         return line if stats.broker_up else line + "; the broker is away"
 
     async def run(self) -> None:

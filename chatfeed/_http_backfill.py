@@ -18,7 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import ValidationError
@@ -49,7 +49,11 @@ class HistoryError(ChatfeedError):
 
 
 def http_backfill(
-    url: str, tokens: Mapping[str, str] | Callable[[str], str], *, timeout: float = 10.0
+    url: str,
+    tokens: Mapping[str, str] | Callable[[str], str],
+    *,
+    timeout: float = 10.0,
+    lookback: float = 60.0,
 ) -> Callable[[Gap], Awaitable[list[Message | Chat]]]:
     """Return a pool's ``backfill`` function (a `chatfeed.Backfill`) that fetches each feed's gap from ``url``.
 
@@ -57,6 +61,11 @@ def http_backfill(
         url: The history's address, ``http://`` or ``https://`` (``…/history``).
         tokens: Each feed's token, by the feed's key: a mapping, or a function of the key.
         timeout: Seconds one request may take, connecting and reading.
+        lookback: Seconds before ``gap.since`` the fetch starts from: clocks
+            differ, and a message created a little before the watermark may
+            have changed (its status) in the gap. The overlap is dropped as
+            duplicates. A message changed longer after its creation than this
+            is not fetched again: the protocol has no cursor of changes.
 
     Raises:
         UsageError: ``url`` is not http or https, or ``timeout`` is not a positive number.
@@ -65,6 +74,9 @@ def http_backfill(
             `ProtocolError` when the answer is not an array of frames. Their
             text never holds the token.
     """
+    if isinstance(lookback, bool) or not isinstance(lookback, (int, float)) or not 0 <= lookback < float("inf"):
+        raise UsageError(f"lookback must be a number of seconds, not {lookback!r}")
+    lookback_delta = timedelta(seconds=lookback)
     parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
         raise UsageError(f"the history's URL must be http:// or https://, not {redact_url(str(url))!r}")
@@ -81,7 +93,7 @@ def http_backfill(
             token = lookup(feed)
         except KeyError:
             raise UsageError(f"no token for feed {feed!r}") from None
-        target = url if gap.since is None else _with_since(url, gap.since)
+        target = url if gap.since is None else _with_since(url, gap.since - lookback_delta)
         body = await asyncio.to_thread(_get, opener, target, token, timeout)
         return _items(body)
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 from typing_extensions import Self
 
 from .._config import TokenSource
+from .._delivery import Gap
 from .._lanes import Lanes
 from .._pool import Pool
 from ..exceptions import ChatfeedError, UsageError
@@ -111,6 +112,9 @@ class BridgeStatistics:
         rejected: Records the broker will never store (see
             [`RecordRejectedError`][chatfeed.bridge.RecordRejectedError]), reported and skipped.
         held: Records received and not yet stored (queued or in flight); at most ``window``.
+        unpublished: Records still held when the bridge closed, after its
+            ``drain_timeout``: not in the log; the saved watermarks are older
+            than they are, so a bridge started again with a backfill fetches them.
         broker_up: False while publishes fail.
         watermarks_saved: Times the watermarks were saved.
     """
@@ -121,6 +125,7 @@ class BridgeStatistics:
     retries: int
     rejected: int
     held: int
+    unpublished: int
     broker_up: bool
     watermarks_saved: int
 
@@ -166,6 +171,7 @@ class Bridge:
 
     __slots__ = (
         "_closed",
+        "_floors",
         "_flusher",
         "_held_by_feed",
         "_lanes",
@@ -231,8 +237,12 @@ class Bridge:
         self._published_max: dict[str, datetime] = {}
         self._saved: dict[str, datetime] = {}
         self._unsaved: set[str] = set()
+        # Per feed whose backfill failed: the start of the gap it missed. Its
+        # saved watermark stays there for the rest of the run, so that a
+        # bridge started again backfills that gap again.
+        self._floors: dict[str, datetime] = {}
         self._stats = dict.fromkeys(
-            ("received", "published", "duplicates", "retries", "rejected", "watermarks_saved"), 0
+            ("received", "published", "duplicates", "retries", "rejected", "unpublished", "watermarks_saved"), 0
         )
         self._up = True
         self._state = "unopened"
@@ -241,6 +251,7 @@ class Bridge:
         dispatcher = pool._dispatcher
         dispatcher.keep_frames = True
         dispatcher.add_handler(ServerMessage, self._take, with_feed=True)
+        dispatcher.add_error_hook(self._backfill_failed)
 
     def __repr__(self) -> str:
         return f"<chatfeed.bridge.Bridge {self._sink!r} feeds={len(self._pool)} {self._state}>"
@@ -360,6 +371,7 @@ class Bridge:
         try:
             await self._pool.close()
             left = await self._lanes.drain(self._options.drain_timeout, "bridge publish")
+            self._stats["unpublished"] = left
             if left:
                 logger.warning(
                     "%d event(s) were not published before the bridge closed; the saved watermarks are older "
@@ -388,6 +400,7 @@ class Bridge:
             retries=stats["retries"],
             rejected=stats["rejected"],
             held=self._lanes.held,
+            unpublished=stats["unpublished"],
             broker_up=self._up,
             watermarks_saved=stats["watermarks_saved"],
         )
@@ -472,9 +485,29 @@ class Bridge:
         for feed in self._unsaved:
             held = self._held_by_feed.get(feed)
             mark = min(held.values()) if held else self._published_max.get(feed)
+            floor = self._floors.get(feed)
+            if floor is not None and (mark is None or floor < mark):
+                mark = floor
             if mark is not None and mark != self._saved.get(feed):
                 marks[feed] = mark
         return marks
+
+    def _backfill_failed(self, exc: Exception, subject: Any) -> None:
+        # An error hook of the pool: a failed backfill passes its Gap.
+        if not isinstance(subject, Gap) or subject.feed is None or subject.since is None:
+            return
+        feed = subject.feed
+        floor = self._floors.get(feed)
+        if floor is None or subject.since < floor:
+            self._floors[feed] = subject.since
+            logger.warning(
+                "the watermark of feed %r stays at %s, the start of the gap its backfill could not fetch: "
+                "a bridge started again backfills it again",
+                feed,
+                subject.since.isoformat(),
+                extra={"chatfeed_feed": feed},
+            )
+        self._unsaved.add(feed)
 
     async def _save(self) -> None:
         marks = self._watermarks()

@@ -80,6 +80,9 @@ class Delivery(Protocol):
     async def extend(self) -> None:
         """Say it is still being handled: the broker does not deliver it again meanwhile."""
 
+    async def release(self) -> None:
+        """Give it back at once, to be delivered again (to any process) as if it had not been taken."""
+
     async def dead_letter(self, reason: str) -> None:
         """Store it aside with ``reason`` (never the envelope's content in the reason), then acknowledge it."""
 
@@ -131,7 +134,7 @@ class ConsumerStatistics:
 class _Pending:
     """One delivery on its way through the handlers: settled when the last of them is done."""
 
-    __slots__ = ("delivery", "error", "event", "feed", "left")
+    __slots__ = ("delivery", "error", "event", "feed", "left", "settling")
 
     def __init__(self, delivery: Delivery, event: FeedEvent | None, feed: str, left: int) -> None:
         self.delivery = delivery
@@ -139,6 +142,7 @@ class _Pending:
         self.feed = feed
         self.left = left
         self.error: str | None = None
+        self.settling = False  # queued to be settled: settled once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,6 +275,7 @@ class Consumer:
         "_state",
         "_streams",
         "_unsettled",
+        "_waiting",
     )
 
     def __init__(
@@ -312,6 +317,7 @@ class Consumer:
         self._counts = dict.fromkeys(("received", "acked", "retried", "dead_lettered", "handler_errors"), 0)
         self._in_flight = 0
         self._unsettled: dict[_Pending, float] = {}  # handed out and not settled, with when
+        self._waiting: collections.deque[Delivery] = collections.deque()  # fetched, not yet handed out
         self._extender: asyncio.Task[None] | None = None
         self._state: Literal["unopened", "running", "closing", "closed"] = "unopened"
         self._fetcher: asyncio.Task[None] | None = None
@@ -495,6 +501,13 @@ class Consumer:
                         await entry.lanes.drain(self._options.drain_timeout, entry.name)
             for stream in list(self._streams):
                 await stream.aclose()
+            # What was fetched and not handed out, or whose handlers did not
+            # finish, goes back to the log now, not after the broker's ack wait.
+            left_behind = [_Pending(delivery, None, "", 0) for delivery in self._waiting]
+            self._waiting.clear()
+            left_behind += [pending for pending in self._unsettled if not pending.settling]
+            for pending in left_behind:
+                self._settle(pending, f"{_NOT_COUNTED}the consumer closed")
             if self._settler is not None:
                 self._settling.append(_STOP)
                 self._wake_settler()
@@ -552,10 +565,12 @@ class Consumer:
             if failing:
                 failing = False
                 logger.warning("fetching from the broker works again")
-            for delivery in deliveries:
-                self._counts["received"] += 1
-                self._in_flight += 1
-                await self._hand_out(delivery)
+            self._counts["received"] += len(deliveries)
+            self._in_flight += len(deliveries)
+            waiting = self._waiting
+            waiting.extend(deliveries)
+            while waiting:
+                await self._hand_out(waiting.popleft())
 
     async def _hand_out(self, delivery: Delivery) -> None:
         """Give one delivery to the streams and the handlers; never raises but the consumer's own cancellation."""
@@ -633,6 +648,9 @@ class Consumer:
     # Settling: acks, retries and dead letters, awaited by one task
 
     def _settle(self, pending: _Pending, error: str | None, *, dead: bool = False) -> None:
+        if pending.settling:
+            return
+        pending.settling = True
         pending.error = error
         if dead:
             pending.left = -1
@@ -664,7 +682,7 @@ class Consumer:
                     await delivery.ack()
                     self._counts["acked"] += 1
                 elif error.startswith(_NOT_COUNTED):
-                    await delivery.retry(0.0)
+                    await delivery.release()
                 elif pending.left == -1 or delivery.attempt >= options.max_deliver:
                     await delivery.dead_letter(error)
                     self._counts["dead_lettered"] += 1

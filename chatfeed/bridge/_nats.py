@@ -77,6 +77,8 @@ async def _connect(url: str, name: str, connect_timeout: float) -> Any:
             disconnected_cb=on_disconnected,
             reconnected_cb=on_reconnected,
         )
+    except ValueError as exc:  # a URL nats-py cannot read
+        raise UsageError(f"not a NATS URL: {_redact(url)} ({exc})") from None
     except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
         raise BrokerUnavailableError(f"cannot reach NATS at {_redact(url)} ({type(exc).__name__})") from None
     client.options["max_reconnect_attempts"] = -1  # read at each reconnection: never give up from now on
@@ -223,14 +225,21 @@ async def _ensure_stream(js: Any, name: str, subject: str, duplicate_window: flo
     nats = _nats()
     try:
         info = await js.stream_info(name)
+    except ValueError as exc:  # nats-py checks the name
+        raise UsageError(f"not a JetStream stream name: {name!r} ({exc})") from None
     except nats.js.errors.NotFoundError:
-        await js.add_stream(
-            name=name,
-            subjects=[subject],
-            duplicate_window=duplicate_window,
-            num_replicas=replicas,
-            storage=nats.js.api.StorageType.FILE,
-        )
+        try:
+            await js.add_stream(
+                name=name,
+                subjects=[subject],
+                duplicate_window=duplicate_window,
+                num_replicas=replicas,
+                storage=nats.js.api.StorageType.FILE,
+            )
+        except nats.js.errors.BadRequestError as exc:  # another stream captures these subjects, say
+            raise UsageError(
+                f"JetStream refused to create the stream {name} for {subject}: {exc.description}"
+            ) from None
         return
     except (asyncio.TimeoutError, nats.errors.NoRespondersError) as exc:
         raise BrokerUnavailableError(f"NATS answers, but not its JetStream ({type(exc).__name__})") from None
@@ -264,6 +273,9 @@ class _JetStreamDelivery:
 
     async def extend(self) -> None:
         await self._msg.in_progress()
+
+    async def release(self) -> None:
+        await self._msg.nak()
 
     async def retry(self, delay: float) -> None:
         await self._msg.nak(delay=delay or None)
@@ -332,11 +344,14 @@ class JetStreamSource:
         self._nc = await _connect(self.url, f"chatfeed-consumer-{self.durable}", self.connect_timeout)
         self._js = self._nc.jetstream()
         try:
-            await _ensure_stream(self._js, self.dead_stream, f"{self.prefix}_dead.>", 120.0, 1)
             try:
                 await self._js.stream_info(self.stream)
+            except ValueError as exc:
+                raise UsageError(f"not a JetStream stream name: {self.stream!r} ({exc})") from None
             except nats.js.errors.NotFoundError:
                 raise BrokerUnavailableError(f"NATS has no stream {self.stream}: start the bridge first") from None
+            # After the check: a consumer of a stream that does not exist leaves nothing behind.
+            await _ensure_stream(self._js, self.dead_stream, f"{self.prefix}_dead.>", 120.0, 1)
             self._subscription = await self._js.pull_subscribe(
                 f"{self.prefix}.>",
                 durable=self.durable,

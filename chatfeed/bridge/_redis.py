@@ -76,12 +76,23 @@ async def _connect(url: str, connect_timeout: float, command_timeout: float) -> 
     redis = _redis()
     # A server that stops answering (frozen, partitioned) fails the command
     # after command_timeout: publishes are retried, close() ends.
-    client = redis.asyncio.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=command_timeout)
+    try:
+        client = redis.asyncio.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=command_timeout)
+    except ValueError as exc:
+        raise UsageError(f"not a Redis URL: {_redact(url)} ({exc})") from None
+    refused: str | None = None
     try:
         await client.ping()
+    except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError, ValueError) as exc:
+        # A wrong password, a database that does not exist, a port out of
+        # range: trying again would not help.
+        refused = f"Redis at {_redact(url)} refused the connection: {type(exc).__name__}: {exc}"
     except (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         await client.aclose()
         raise BrokerUnavailableError(f"cannot reach Redis at {_redact(url)} ({type(exc).__name__})") from None
+    if refused is not None:
+        await client.aclose()
+        raise UsageError(refused)
     return client
 
 
@@ -98,7 +109,7 @@ async def _check_meta(client: Any, prefix: str, partitions: int | None, *, write
         )
     if recorded is None:
         if partitions is None:
-            raise BrokerUnavailableError(f"Redis has no {key}: start the bridge first, or give partitions=")
+            raise BrokerUnavailableError(f"Redis has no {key}: start the bridge first, or give the partition count")
         return partitions
     count = int(recorded)
     if partitions is not None and count != partitions:
@@ -268,6 +279,14 @@ class _RedisDelivery:
         source = self._source
         await source._client.xclaim(self.stream, source.group, source.name, 0, [self.entry], justid=True)
 
+    async def release(self) -> None:
+        # Redis has no "not acknowledged": the entry stays pending with this
+        # consumer, but made idle for claim_after already, so that any
+        # consumer of the group (this one too) claims it at its next look.
+        source = self._source
+        idle = int(source.claim_after * 1000)
+        await source._client.xclaim(self.stream, source.group, source.name, 0, [self.entry], idle=idle, justid=True)
+
     async def dead_letter(self, reason: str) -> None:
         source = self._source
         # Not a transaction: the two keys may be in different cluster slots.
@@ -314,7 +333,9 @@ class RedisStreamSource:
         command_timeout: float = 10.0,
     ) -> None:
         _redis()
-        self.command_timeout = max(command_timeout, 2.0)  # longer than a fetch's 1 s block
+        if not prefix:
+            raise UsageError("prefix must be a non-empty str")
+        self.command_timeout = max(command_timeout, 2.0)  # longer than a fetch's block
         self.url = url
         self.group = durable
         self.prefix = prefix

@@ -120,7 +120,7 @@ async def test_events_yields_feed_and_event_and_acknowledges(broker: Broker) -> 
                 if len(seen) == len(ids):
                     break
         await wait_for(lambda: consumer.statistics().acked == len(ids) and consumer.statistics().in_flight == 0, 5)
-    assert seen == ids or sorted(seen, key=int) == ids
+    assert sorted(seen, key=int) == ids  # each once (partitions interleave; per-chat order is tested below)
     assert await broker.pending("stream") == 0
 
 

@@ -147,11 +147,17 @@ async def test_http_backfill_fetches_a_feeds_gap_with_its_token() -> None:
         await server.push_chat(id="c1", user_id="u1", created_at=start - timedelta(minutes=1))
         await server.push_message(id="m1", chat_id="c1", created_at=start)
         await server.push_chat(id="c2", user_id="u2")
-        backfill = http_backfill(f"http://127.0.0.1:{server.port}/history", {"first": TOKEN})
+        url = f"http://127.0.0.1:{server.port}/history"
+        backfill = http_backfill(url, {"first": TOKEN}, lookback=0)
         items = await backfill(Gap(since=start, is_reconnect=True, downtime=1.0, feed="first"))
         everything = await backfill(Gap(since=None, is_reconnect=True, downtime=1.0, feed="first"))
+        # By default, from a minute before the gap: what changed just before it too.
+        looking_back = await http_backfill(url, {"first": TOKEN})(
+            Gap(since=start, is_reconnect=True, downtime=1.0, feed="first")
+        )
     assert [(type(item).__name__, item.id) for item in items] == [("Message", "m1")]
     assert [item.id for item in everything] == ["c1", "m1"]
+    assert [item.id for item in looking_back] == ["c1", "m1"]
 
 
 async def test_http_backfill_errors_are_chatfeed_errors_that_never_quote_the_token() -> None:
