@@ -96,6 +96,10 @@ again fetches what its feeds missed since then (`chatfeed serve` serves it:
 give its ws:// address, taken as http://HOST:PORT/history), and the broker
 stores what it had already only once.
 
+With --shard K/N, N bridges given the same tokens file share the feeds: each
+takes those whose key falls to its shard by rendezvous hashing, so that going
+from N to N + 1 shards moves about 1/(N + 1) of the feeds, all to the new one.
+
 A summary line (received, published, duplicates, held) goes to stderr every
 --summary-every seconds when it changed, and at exit.
 
@@ -269,6 +273,13 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     bridge.add_argument(
+        "--shard",
+        type=_shard_spec,
+        metavar="K/N",
+        help="bridge only the feeds of shard K of N (1 to N), by rendezvous hashing of their keys: "
+        "run N bridges, K = 1 to N, each with the whole tokens file",
+    )
+    bridge.add_argument(
         "--window",
         type=_positive_int,
         default=4096,
@@ -378,6 +389,17 @@ def _add_broker_options(parser: argparse.ArgumentParser) -> None:
 def _output_format(text: str) -> str:
     # JSON lines are JSON: the name people reach for first.
     return "jsonl" if text == "json" else text
+
+
+def _shard_spec(text: str) -> tuple[int, int]:
+    number, slash, count = text.partition("/")
+    try:
+        shard, shards = int(number), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not K/N (shard K of N, as in 2/5): {text!r}") from None
+    if not slash or shards < 1 or not 1 <= shard <= shards:
+        raise argparse.ArgumentTypeError(f"K/N needs 1 <= K <= N, not {text!r}")
+    return shard, shards
 
 
 def _positive_int(text: str) -> int:
@@ -958,6 +980,13 @@ async def _bridge(args: argparse.Namespace) -> int:
     from .bridge import Bridge, BrokerUnavailableError, sink_for
 
     feeds = _read_tokens(args.tokens, skip_bad_lines=True)
+    if args.shard is not None:
+        from .bridge import shard
+
+        number, shards = args.shard
+        every = len(feeds)
+        feeds = {key: token for key, token in feeds.items() if shard(key, shards) == number}
+        _say(f"shard {number}/{shards}: {len(feeds)} of the {every} feeds")
     sink = _OpenedSink(sink_for(args.to, **_broker_options(args.to, args)))
     backfill = None if args.backfill_url is None else http_backfill(_history_url(args.backfill_url), feeds)
     if args.connect_rate is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..exceptions import UsageError
+from ._assign import owner, shard
 from ._bridge import Bridge, BridgeStatistics, BrokerUnavailableError, RecordRejectedError, Sink
 from ._consumer import Consumer, ConsumerEventStream, ConsumerStatistics, Delivery, Source
 from ._envelope import (
@@ -58,7 +59,9 @@ __all__ = [
     "Source",
     "dedup_id",
     "encode",
+    "owner",
     "partition",
+    "shard",
     "sink_for",
     "subject_token",
 ]

@@ -424,3 +424,36 @@ async def test_a_partition_count_other_than_the_logs_is_bad_usage(
     assert err.splitlines() == [
         f"chatfeed: error: {prefix}:meta says 4 partitions, not 8: changing the count would reorder chats"
     ]
+
+
+async def test_two_shards_bridge_every_feed_of_one_tokens_file_once(
+    broker: Broker, users_server: FeedServer, commands: Callable[..., Any], tmp_path: Path
+) -> None:
+    keys = [f"sharded-{unique()}-{number}" for number in range(12)]
+    owners = {key: TOKEN if number % 2 == 0 else OTHER_TOKEN for number, key in enumerate(keys)}
+    tokens = write_tokens(tmp_path / "tokens.jsonl", owners)
+    common = ("--tokens", str(tokens), "--to", broker.url, *broker.options)
+    bridges = [await commands("bridge", users_server.url, "--shard", f"{k}/2", *common) for k in (1, 2)]
+    counts = []
+    for number, bridge in enumerate(bridges, 1):
+        taken = await bridge.stderr_matching(rf"^chatfeed: shard {number}/2: (\d+) of the 12 feeds$")
+        counts.append(int(taken.group(1)))
+        await bridge.stderr_matching(rf"^chatfeed: {taken.group(1)} of {taken.group(1)} feeds up$")
+    assert sum(counts) == 12 and min(counts) > 0  # each feed to one shard; both shards have some
+
+    await users_server.push_chat(id="c1", user_id="u1")
+    await users_server.push_chat(id="c2", user_id="u2")
+    for number in range(3):
+        await users_server.push_message(id=f"m1-{number}", chat_id="c1", user_id="u1")
+        await users_server.push_message(id=f"m2-{number}", chat_id="c2", user_id="u2")
+    expected = sorted(
+        (key, kind, identity)
+        for key, token in owners.items()
+        for kind, identity in [("new_chat", "c1" if token == TOKEN else "c2")]
+        + [("new_message", f"m{1 if token == TOKEN else 2}-{number}") for number in range(3)]
+    )
+    log = await wait_for_log(broker, lambda log: len(log) >= len(expected), f"{len(expected)} events in the log")
+    assert sorted(identities(log)) == expected  # every feed's events once: no feed bridged twice, none left out
+    for bridge in bridges:
+        status, _, err = await bridge.finish(signal.SIGTERM)
+        assert status == 0, err
