@@ -507,7 +507,8 @@ class Consumer:
             self._waiting.clear()
             left_behind += [pending for pending in self._unsettled if not pending.settling]
             for pending in left_behind:
-                self._settle(pending, f"{_NOT_COUNTED}the consumer closed")
+                # A handler that failed already counts; one cut short by close() does not.
+                self._settle(pending, pending.error or f"{_NOT_COUNTED}the consumer closed")
             if self._settler is not None:
                 self._settling.append(_STOP)
                 self._wake_settler()
@@ -682,7 +683,9 @@ class Consumer:
                     await delivery.ack()
                     self._counts["acked"] += 1
                 elif error.startswith(_NOT_COUNTED):
-                    await delivery.release()
+                    # Running (an events() stream closed early): back to this
+                    # consumer at once. Closing: back to any consumer of the durable.
+                    await (delivery.retry(0.0) if self._state == "running" else delivery.release())
                 elif pending.left == -1 or delivery.attempt >= options.max_deliver:
                     await delivery.dead_letter(error)
                     self._counts["dead_lettered"] += 1

@@ -139,3 +139,24 @@ async def test_what_a_closed_consumer_did_not_finish_comes_back_at_once(broker: 
         await wait_for(lambda: len(handled) == len(ids), 5)  # well before the broker's 30 s
     assert sorted(handled, key=int) == ids
     assert set(handled.values()) == {1}
+
+
+async def test_what_an_events_stream_closed_early_held_comes_back_to_the_running_consumer(broker: Broker) -> None:
+    ids = await fill(broker, 10)
+    handled: collections.Counter[str] = collections.Counter()
+    slow = {"ack_wait": 30.0} if broker.kind == "nats" else {"claim_after": 30.0}  # the broker's own timers: long
+    consumer = broker.consumer("early-stream", **slow)
+
+    @consumer.on("new_message")
+    async def handle(event: chatfeed.NewMessage, feed: str) -> None:
+        handled[event.payload.id] += 1
+
+    stream = consumer.events(buffer=16)
+    async with consumer:
+        async with stream:
+            async for _ in stream:
+                break  # the rest of what the stream held goes back to the log...
+        # ...and comes back to this consumer, the only one: each event is acknowledged in the end.
+        await wait_for(lambda: consumer.statistics().acked == len(ids) and consumer.statistics().in_flight == 0, 5)
+    assert set(handled) == set(ids)
+    assert await broker.pending("early-stream") == 0
