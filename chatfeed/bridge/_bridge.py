@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import random
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
@@ -494,17 +494,19 @@ class Bridge:
 
     def _backfill_failed(self, exc: Exception, subject: Any) -> None:
         # An error hook of the pool: a failed backfill passes its Gap.
-        if not isinstance(subject, Gap) or subject.feed is None or subject.since is None:
+        if not isinstance(subject, Gap) or subject.feed is None:
             return
         feed = subject.feed
+        # No start: the backfill asked for everything, and a restart will too.
+        since = _EVERYTHING if subject.since is None else subject.since
         floor = self._floors.get(feed)
-        if floor is None or subject.since < floor:
-            self._floors[feed] = subject.since
+        if floor is None or since < floor:
+            self._floors[feed] = since
             logger.warning(
                 "the watermark of feed %r stays at %s, the start of the gap its backfill could not fetch: "
                 "a bridge started again backfills it again",
                 feed,
-                subject.since.isoformat(),
+                since.isoformat(),
                 extra={"chatfeed_feed": feed},
             )
         self._unsaved.add(feed)
@@ -568,6 +570,10 @@ class Bridge:
                 f"{self._sink!r} did not answer within start_timeout ({options.start_timeout:g} s)"
             )
         raise failure
+
+
+_EVERYTHING = datetime(1970, 1, 1, tzinfo=timezone.utc)
+"""The watermark of a feed whose backfill of everything failed: its next start fetches everything again."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,6 +54,23 @@ redis.call('SET', KEYS[2], id, 'PX', ARGV[2])
 return id
 """
 
+# KEYS[1]: a partition stream; ARGV: group, consumer, entry id, idle (ms, or
+# "" to leave it). Claims the entry again for the consumer, resetting its
+# idle time or setting it, only if the consumer still holds it: another
+# consumer may have claimed it meanwhile, and then it is that one's.
+_RECLAIM_OWN = """
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
+if #held == 0 then
+    return 0
+end
+if ARGV[4] == '' then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+else
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[4], 'JUSTID')
+end
+return 1
+"""
+
 _BATCH = 512
 _BLOCK_MS = 250  # the longest a consumer's read waits for new entries
 
@@ -277,15 +294,15 @@ class _RedisDelivery:
 
     async def extend(self) -> None:
         source = self._source
-        await source._client.xclaim(self.stream, source.group, source.name, 0, [self.entry], justid=True)
+        await source._reclaim(keys=[self.stream], args=[source.group, source.name, self.entry, ""])
 
     async def release(self) -> None:
         # Redis has no "not acknowledged": the entry stays pending with this
-        # consumer, but made idle for claim_after already, so that any
-        # consumer of the group (this one too) claims it at its next look.
+        # consumer, made idle for claim_after already, so that another
+        # consumer of the group claims it at its next look.
         source = self._source
-        idle = int(source.claim_after * 1000)
-        await source._client.xclaim(self.stream, source.group, source.name, 0, [self.entry], idle=idle, justid=True)
+        idle = str(int(source.claim_after * 1000))
+        await source._reclaim(keys=[self.stream], args=[source.group, source.name, self.entry, idle])
 
     async def dead_letter(self, reason: str) -> None:
         source = self._source
@@ -355,6 +372,7 @@ class RedisStreamSource:
         self._own_left: dict[str, str] = {}
         self._order = iter(range(1 << 62))
         self._next_claim = 0.0
+        self._reclaim: Any = None
 
     def __repr__(self) -> str:
         return f"<RedisStreamSource {_redact(self.url)} prefix={self.prefix} group={self.group}>"
@@ -367,6 +385,7 @@ class RedisStreamSource:
             self._streams = {f"{self.prefix}:{{{index}}}": ">" for index in range(count)}
             self._stream_names = list(self._streams)
             self._own_left = dict.fromkeys(self._streams, "-")
+            self._reclaim = self._client.register_script(_RECLAIM_OWN)
             for stream in self._streams:
                 try:
                     await self._client.xgroup_create(stream, self.group, id="0", mkstream=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from datetime import datetime
+from datetime import datetime, timezone
 
 import pytest
 
@@ -160,3 +160,55 @@ async def test_what_an_events_stream_closed_early_held_comes_back_to_the_running
         await wait_for(lambda: consumer.statistics().acked == len(ids) and consumer.statistics().in_flight == 0, 5)
     assert set(handled) == set(ids)
     assert await broker.pending("early-stream") == 0
+
+
+async def test_a_failed_backfill_of_a_feed_that_had_nothing_yet_keeps_its_watermark_at_the_start() -> None:
+    sink = FlakySink()
+
+    def backfill(gap: chatfeed.Gap) -> list[chatfeed.Message]:
+        raise ConnectionError("the history is down")
+
+    async with FeedServer(users=USERS) as server:
+        pool = make_pool(server, backfill=backfill, reconnect=chatfeed.Backoff(initial=0.01))
+        reconnected = asyncio.Event()
+        back: set[str] = set()
+
+        @pool.on("connected")
+        def connected(event: chatfeed.Connected, feed: str) -> None:
+            if event.is_reconnect:
+                back.add(feed)
+                if len(back) == len(USERS):
+                    reconnected.set()
+
+        async with Bridge(pool, sink, watermark_interval=60) as bridge:
+            server.drop_connections()  # before any event: the reconnect's gap has no start
+            await asyncio.wait_for(reconnected.wait(), 5)
+            later = await push(server, 1)
+            await sink.wait_for(len(later))
+        assert bridge.statistics().published == len(later)
+    # Not the newest published: the start of time, so that a restart fetches everything again.
+    assert sink.marks["user-0"] == datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+async def test_a_redis_consumer_never_takes_back_an_entry_another_consumer_claimed(redis_session: RedisServer) -> None:
+    import redis.asyncio
+
+    from chatfeed.bridge import RedisStreamSource
+
+    broker = Broker("redis", redis_session.url)
+    await fill(broker, 1)
+    source = RedisStreamSource(redis_session.url, "stolen", prefix=broker.prefix, claim_after=30.0)
+    await source.open()
+    client = redis.asyncio.from_url(redis_session.url)
+    try:
+        (delivery,) = await source.fetch(10)
+        stream, entry = delivery.position.split("#")
+        await client.xclaim(stream, "stolen", "other", 0, [entry])  # claimed by another consumer meanwhile
+        await delivery.extend()
+        await delivery.release()
+        (pending,) = await client.xpending_range(stream, "stolen", "-", "+", 10)
+        assert pending["consumer"] == b"other"  # still the other's, and not made idle
+        assert int(pending["time_since_delivered"]) < 30_000
+    finally:
+        await client.aclose()
+        await source.close()
