@@ -1,0 +1,339 @@
+"""Worker groups: heartbeats and leases per feed, kept in the broker the bridge publishes to.
+
+WORK IN PROGRESS (issue 14): the coordinators below are complete and tested
+on their own; the bridge does not use them yet. See the branch's notes.
+
+A `Coordinator` keeps, for one group:
+
+- the live workers: each heartbeats (`join`) at least every ``ttl / 3``;
+  one that stops is gone after ``ttl``;
+- one lease per feed: `acquire` succeeds only when nobody holds the feed,
+  `renew` only for the holder, `release` only by the holder. A lease expires
+  ``ttl`` after its last renewal. Each acquisition of a feed gets a larger
+  ``token`` than any before it (the fencing token): a sink can refuse the
+  publishes of an older one.
+
+JetStream keeps them in two key-value buckets whose entries age out after
+``ttl`` (a renewal writes the entry again, compare-and-set on its revision;
+the token is the revision of the acquisition). Redis keeps heartbeats in a
+hash of expiry times and leases in keys with ``PX``, behind scripts that
+compare before they set (the token comes from a counter per feed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Protocol
+
+from ..exceptions import UsageError
+from ._envelope import subject_token
+
+__all__ = ["Coordinator", "JetStreamCoordinator", "Lease", "RedisCoordinator"]
+
+
+@dataclasses.dataclass
+class Lease:
+    """A worker's hold on one feed.
+
+    Attributes:
+        feed: The feed's key.
+        worker: The holder.
+        token: The fencing token: larger for every later acquisition of the feed.
+        revision: The broker's version of the lease, for compare-and-set (JetStream).
+    """
+
+    feed: str
+    worker: str
+    token: int
+    revision: int = 0
+
+
+class Coordinator(Protocol):
+    """Heartbeats and per-feed leases of one group of bridge workers."""
+
+    async def open(self) -> None: ...
+
+    async def join(self, worker: str) -> None:
+        """Say ``worker`` is alive, for ``ttl`` more seconds."""
+
+    async def leave(self, worker: str) -> None:
+        """Say ``worker`` is gone (on a planned stop)."""
+
+    async def workers(self) -> list[str]:
+        """The live workers, sorted."""
+
+    async def acquire(self, feed: str, worker: str) -> Lease | None:
+        """Take ``feed`` for ``worker`` if nobody holds it; ``None`` if somebody does."""
+
+    async def renew(self, lease: Lease) -> bool:
+        """Extend ``lease`` by ``ttl``; False if it is no longer the holder's (expired, taken)."""
+
+    async def release(self, lease: Lease) -> None:
+        """Let go of ``lease``, if it is still the holder's."""
+
+    async def holders(self) -> dict[str, tuple[str, int]]:
+        """Every held feed: its holder and fencing token."""
+
+    async def close(self) -> None: ...
+
+
+def _check(group: str, ttl: float) -> None:
+    if not isinstance(group, str) or not group or not all(char.isalnum() or char in "-_" for char in group):
+        raise UsageError(f"a group's name is letters, digits, '-' and '_', not {group!r}")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < float("inf"):
+        raise UsageError(f"ttl must be a positive number of seconds, not {ttl!r}")
+
+
+def _key(feed: str) -> str:
+    # A key-value key: letters, digits, '-', '_', '=' and '.'; '=' escapes the rest.
+    return subject_token(feed).replace("%", "=")
+
+
+class JetStreamCoordinator:
+    """A `Coordinator` in two JetStream key-value buckets, ``<group>-workers`` and ``<group>-leases``.
+
+    Args:
+        url: The NATS server.
+        group: The group's name.
+        ttl: Seconds a heartbeat or a lease lasts without renewal.
+    """
+
+    def __init__(self, url: str, group: str, *, ttl: float = 10.0) -> None:
+        _check(group, ttl)
+        self.url = url
+        self.group = group
+        self.ttl = float(ttl)
+        self._nc: Any = None
+        self._workers: Any = None
+        self._leases: Any = None
+
+    async def open(self) -> None:
+        from ._nats import _connect, _nats
+
+        nats = _nats()
+        self._nc = await _connect(self.url, f"chatfeed-group-{self.group}", 2.0)
+        js = self._nc.jetstream()
+        buckets = []
+        for name in (f"{self.group}-workers", f"{self.group}-leases"):
+            try:
+                buckets.append(await js.key_value(name))
+            except nats.js.errors.BucketNotFoundError:
+                buckets.append(await js.create_key_value(bucket=name, history=1, ttl=self.ttl))
+        self._workers, self._leases = buckets
+
+    async def join(self, worker: str) -> None:
+        await self._workers.put(_key(worker), worker.encode())
+
+    async def leave(self, worker: str) -> None:
+        await self._workers.delete(_key(worker))
+
+    async def workers(self) -> list[str]:
+        nats = _nats_module()
+        try:
+            keys = await self._workers.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        names = []
+        for key in keys:
+            try:
+                entry = await self._workers.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            if entry.value:
+                names.append(entry.value.decode())
+        return sorted(names)
+
+    async def acquire(self, feed: str, worker: str) -> Lease | None:
+        nats = _nats_module()
+        try:
+            revision = await self._leases.create(_key(feed), worker.encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+        return Lease(feed, worker, revision, revision)
+
+    async def renew(self, lease: Lease) -> bool:
+        nats = _nats_module()
+        # The value says the token: the revision of the acquisition, which renewals change.
+        value = f"{lease.worker}|{lease.token}".encode()
+        try:
+            lease.revision = await self._leases.update(_key(lease.feed), value, last=lease.revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def release(self, lease: Lease) -> None:
+        nats = _nats_module()
+        try:
+            await self._leases.delete(_key(lease.feed), last=lease.revision)
+        except nats.js.errors.BadRequestError as exc:  # nats-py does not map delete's error to its own
+            if exc.err_code != _WRONG_LAST_SEQUENCE:
+                raise  # anything but "no longer ours"
+
+    async def holders(self) -> dict[str, tuple[str, int]]:
+        nats = _nats_module()
+        try:
+            keys = await self._leases.keys()
+        except nats.js.errors.NoKeysError:
+            return {}
+        held = {}
+        for key in keys:
+            try:
+                entry = await self._leases.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            if entry.value:
+                worker, bar, token = entry.value.decode().rpartition("|")
+                held[key] = (worker, int(token)) if bar else (token, entry.revision or 0)
+        return held
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            await nc.close()
+
+
+_WRONG_LAST_SEQUENCE = 10071
+
+
+def _nats_module() -> Any:
+    from ._nats import _nats
+
+    return _nats()
+
+
+# Redis: times are the server's (TIME), in milliseconds, so that workers'
+# clocks do not matter.
+
+_JOIN = """
+local now = redis.call('TIME')
+local ms = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ms + tonumber(ARGV[2]))
+return 1
+"""
+
+_WORKERS = """
+local now = redis.call('TIME')
+local ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local all = redis.call('HGETALL', KEYS[1])
+local live = {}
+for index = 1, #all, 2 do
+    if tonumber(all[index + 1]) > ms then
+        table.insert(live, all[index])
+    else
+        redis.call('HDEL', KEYS[1], all[index])
+    end
+end
+return live
+"""
+
+# KEYS[1]: the lease, KEYS[2]: the feed's token counter; ARGV: worker, ttl ms.
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    return false
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
+return token
+"""
+
+# KEYS[1]: the lease; ARGV: worker|token, ttl ms (renew) or nothing (release).
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return 0
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+end
+return 1
+"""
+
+
+class RedisCoordinator:
+    """A `Coordinator` in Redis: ``<prefix>:group:<group>:workers`` (a hash) and ``...:lease:<feed>`` keys.
+
+    Args:
+        url: The Redis server.
+        group: The group's name.
+        prefix: The bridge's key prefix.
+        ttl: Seconds a heartbeat or a lease lasts without renewal.
+    """
+
+    def __init__(self, url: str, group: str, *, prefix: str = "chatfeed", ttl: float = 10.0) -> None:
+        _check(group, ttl)
+        self.url = url
+        self.group = group
+        self.ttl = float(ttl)
+        self._base = f"{prefix}:group:{group}"
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+
+    async def open(self) -> None:
+        from ._redis import _connect
+
+        self._client = await _connect(self.url, 2.0, 10.0)
+        self._scripts = {
+            name: self._client.register_script(source)
+            for name, source in (
+                ("join", _JOIN),
+                ("workers", _WORKERS),
+                ("acquire", _ACQUIRE),
+                ("renew", _RENEW),
+                ("release", _RELEASE),
+            )
+        }
+
+    @property
+    def _ttl_ms(self) -> int:
+        return int(self.ttl * 1000)
+
+    async def join(self, worker: str) -> None:
+        await self._scripts["join"](keys=[f"{self._base}:workers"], args=[worker, self._ttl_ms])
+
+    async def leave(self, worker: str) -> None:
+        await self._client.hdel(f"{self._base}:workers", worker)
+
+    async def workers(self) -> list[str]:
+        live = await self._scripts["workers"](keys=[f"{self._base}:workers"])
+        return sorted(name.decode() if isinstance(name, bytes) else name for name in live)
+
+    async def acquire(self, feed: str, worker: str) -> Lease | None:
+        token = await self._scripts["acquire"](
+            keys=[f"{self._base}:lease:{feed}", f"{self._base}:token:{feed}"], args=[worker, self._ttl_ms]
+        )
+        return None if token is None else Lease(feed, worker, int(token))
+
+    async def renew(self, lease: Lease) -> bool:
+        held = f"{lease.worker}|{lease.token}"
+        renewed = await self._scripts["renew"](keys=[f"{self._base}:lease:{lease.feed}"], args=[held, self._ttl_ms])
+        return bool(renewed)
+
+    async def release(self, lease: Lease) -> None:
+        held = f"{lease.worker}|{lease.token}"
+        await self._scripts["release"](keys=[f"{self._base}:lease:{lease.feed}"], args=[held])
+
+    async def holders(self) -> dict[str, tuple[str, int]]:
+        held = {}
+        prefix = f"{self._base}:lease:"
+        async for key in self._client.scan_iter(match=f"{prefix}*", count=1000):
+            text = key.decode() if isinstance(key, bytes) else key
+            value = await self._client.get(key)
+            if value is not None:
+                worker, _, token = value.decode().rpartition("|")
+                held[text[len(prefix) :]] = (worker, int(token))
+        return held
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+
+def monotonic() -> float:
+    """The clock a worker measures its lease's validity with (self-fencing)."""
+    return time.monotonic()

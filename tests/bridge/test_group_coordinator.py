@@ -1,0 +1,69 @@
+"""The group coordinators' leases and heartbeats, against the real brokers (work in progress, issue 14)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+
+from chatfeed.bridge._group import Coordinator, JetStreamCoordinator, RedisCoordinator
+from chatfeed.bridge.testing import NatsServer, RedisServer
+
+TTL = 0.6
+
+
+@pytest.fixture(params=["nats", "redis"])
+async def coordinators(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Coordinator, Coordinator]]:
+    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_session")
+    group = f"g{secrets.token_hex(4)}"
+    made: list[Coordinator] = []
+    for _ in range(2):
+        coordinator: Coordinator = (
+            JetStreamCoordinator(server.url, group, ttl=TTL)
+            if request.param == "nats"
+            else RedisCoordinator(server.url, group, prefix=f"t{group}", ttl=TTL)
+        )
+        await coordinator.open()
+        made.append(coordinator)
+    yield made[0], made[1]
+    for coordinator in made:
+        await coordinator.close()
+
+
+async def test_one_holder_at_a_time_and_each_acquisition_a_larger_token(
+    coordinators: tuple[Coordinator, Coordinator],
+) -> None:
+    a, b = coordinators
+    lease = await a.acquire("feed.1 x", "w1")
+    assert lease is not None
+    assert await b.acquire("feed.1 x", "w2") is None  # held
+    assert await a.renew(lease)
+    assert await b.holders() == {"feed.1 x" if isinstance(b, RedisCoordinator) else "feed=2E1=20x": ("w1", lease.token)}
+    await a.release(lease)
+    second = await b.acquire("feed.1 x", "w2")
+    assert second is not None and second.token > lease.token
+    assert not await a.renew(lease)  # the old holder's renewal fails: it must stop publishing
+    await a.release(lease)  # and its release does not free the new holder's lease
+    assert await a.acquire("feed.1 x", "w1") is None
+
+
+async def test_a_lease_and_a_heartbeat_expire_after_ttl(coordinators: tuple[Coordinator, Coordinator]) -> None:
+    a, b = coordinators
+    await a.join("w1")
+    await b.join("w2")
+    assert await a.workers() == ["w1", "w2"]
+    lease = await a.acquire("feed-2", "w1")
+    assert lease is not None
+    for _ in range(3):  # renewed, it outlives its ttl
+        await asyncio.sleep(TTL / 3)
+        assert await a.renew(lease)
+        await b.join("w2")
+    assert await b.acquire("feed-2", "w2") is None
+    await asyncio.sleep(TTL * 2)  # w1 stops: its heartbeat and lease age out
+    await b.join("w2")
+    assert await b.workers() == ["w2"]
+    taken = await b.acquire("feed-2", "w2")
+    assert taken is not None and taken.token > lease.token
+    assert not await a.renew(lease)
