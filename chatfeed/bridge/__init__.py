@@ -34,6 +34,7 @@ from ._envelope import (
     partition,
     subject_token,
 )
+from ._group import Group, JetStreamCoordinator, RedisCoordinator
 from ._nats import JetStreamSink, JetStreamSource
 from ._redis import RedisStreamSink, RedisStreamSource
 
@@ -49,10 +50,13 @@ __all__ = [
     "Delivery",
     "Envelope",
     "EnvelopeError",
+    "Group",
+    "JetStreamCoordinator",
     "JetStreamSink",
     "JetStreamSource",
     "Record",
     "RecordRejectedError",
+    "RedisCoordinator",
     "RedisStreamSink",
     "RedisStreamSource",
     "Sink",

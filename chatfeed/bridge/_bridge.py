@@ -24,6 +24,7 @@ watermark, when the pool has a ``backfill`` function.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import random
@@ -41,6 +42,7 @@ from .._pool import Pool
 from ..exceptions import ChatfeedError, UsageError
 from ..models import ServerMessage
 from ._envelope import Record, encode
+from ._group import Group
 
 __all__ = ["Bridge", "BridgeStatistics", "BrokerUnavailableError", "RecordRejectedError", "Sink"]
 
@@ -171,9 +173,14 @@ class Bridge:
 
     __slots__ = (
         "_closed",
+        "_drained",
+        "_fenced",
         "_floors",
         "_flusher",
+        "_gates",
+        "_group",
         "_held_by_feed",
+        "_held_count",
         "_lanes",
         "_options",
         "_pool",
@@ -198,6 +205,7 @@ class Bridge:
         drain_timeout: float = 10.0,
         retry_initial: float = 0.05,
         retry_maximum: float = 2.0,
+        group: Group | None = None,
     ) -> None:
         if not isinstance(pool, Pool):
             raise UsageError(f"pool must be a chatfeed.Pool, not {pool!r}")
@@ -241,6 +249,18 @@ class Bridge:
         # saved watermark stays there for the rest of the run, so that a
         # bridge started again backfills that gap again.
         self._floors: dict[str, datetime] = {}
+        # Per feed: every record held (for a feed's own drain), the gate of a
+        # feed connected before its lease is held (its records wait there),
+        # and the feeds whose lease was lost (their records are not published).
+        self._held_count: collections.Counter[str] = collections.Counter()
+        self._drained: dict[str, asyncio.Future[None]] = {}
+        self._gates: dict[str, _Gate] = {}
+        self._fenced: set[str] = set()
+        self._group = group
+        if group is not None:
+            if len(pool):
+                raise UsageError("a bridge with a group adds the feeds itself: give it an empty pool")
+            group._attach(self)
         self._stats = dict.fromkeys(
             ("received", "published", "duplicates", "retries", "rejected", "unpublished", "watermarks_saved"), 0
         )
@@ -333,6 +353,12 @@ class Bridge:
                     feed._delivery.watermark = mark
         self._state = "running"
         self._flusher = loop.create_task(self._flush_every(), name="chatfeed-bridge-watermarks")
+        if self._group is not None:
+            try:
+                await self._group._start()
+            except BaseException:
+                await self.close()
+                raise
         return True
 
     async def wait_closed(self) -> None:
@@ -369,6 +395,8 @@ class Bridge:
             return
         self._state = "closing"
         try:
+            if self._group is not None:
+                await self._group._leave()  # its feeds go to the other workers, make before break
             await self._pool.close()
             left = await self._lanes.drain(self._options.drain_timeout, "bridge publish")
             self._stats["unpublished"] = left
@@ -382,6 +410,8 @@ class Bridge:
                 self._flusher.cancel()
                 await asyncio.wait([self._flusher])
             await self._save()
+            if self._group is not None:
+                await self._group._close()
         finally:
             self._state = "closed"
             try:
@@ -418,15 +448,39 @@ class Bridge:
             if held is None:
                 held = self._held_by_feed[feed] = {}
             held[record] = created
+        self._held_count[feed] += 1
+        gate = self._gates.get(feed)
+        if gate is not None and not gate.opened.is_set():
+            # Connected before its lease: held here, in order, until the lease is this worker's.
+            gate.records.append(record)
+            if len(gate.records) >= self._options.window:
+                await gate.opened.wait()
+            return
+        await self._offer(record)
+
+    async def _offer(self, record: Record) -> None:
         lanes = self._lanes
         while not lanes.offer(record):
             # Shared by every feed: one feed's cancelled wait must not cancel the others'.
             await asyncio.shield(lanes.wait_for_room())
 
+    async def _fenced_out(self, record: Record) -> bool:
+        """Wait until this worker may publish for the record's feed; True if it never will (lease lost)."""
+        group = self._group
+        while True:
+            if record.feed in self._fenced:
+                self._forget(record)  # the feed's new holder fetches it again, from the watermark
+                return True
+            if group is None or group._may_publish(record.feed):
+                return False
+            await asyncio.sleep(group.ttl / 20)  # the lease's renewal is late: publish nothing meanwhile
+
     async def _publish(self, record: Record) -> None:
         stats = self._stats
         failures = 0
         while True:
+            if (self._group is not None or self._fenced) and await self._fenced_out(record):
+                return
             try:
                 stored = await self._sink.publish(record)
             except RecordRejectedError as exc:
@@ -462,8 +516,8 @@ class Bridge:
                 stats["duplicates"] += 1
             break
         created = record.created
+        feed = record.feed
         if created is not None:  # stored, or never to be: the watermark may pass it
-            feed = record.feed
             held = self._held_by_feed[feed]
             del held[record]
             if not held:
@@ -472,6 +526,78 @@ class Bridge:
             if newest is None or created > newest:
                 self._published_max[feed] = created
             self._unsaved.add(feed)
+        self._release_count(feed)
+
+    def _release_count(self, feed: str) -> None:
+        count = self._held_count[feed] - 1
+        if count > 0:
+            self._held_count[feed] = count
+            return
+        del self._held_count[feed]
+        waiter = self._drained.pop(feed, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _forget(self, record: Record) -> None:
+        held = self._held_by_feed.get(record.feed)
+        if held is not None:
+            held.pop(record, None)
+        self._release_count(record.feed)
+
+    # One feed at a time, for a group
+
+    def _gate(self, feed: str) -> None:
+        """Hold the records of ``feed`` (about to be added) until `_open`."""
+        self._gates[feed] = _Gate()
+        self._fenced.discard(feed)
+
+    async def _open(self, feed: str) -> None:
+        """Publish what the gate of ``feed`` held, in order, then let its records through."""
+        gate = self._gates.get(feed)
+        if gate is None:
+            return
+        while gate.records:
+            await self._offer(gate.records.popleft())
+        gate.opened.set()
+        del self._gates[feed]
+
+    async def _stop_feed(self, feed: str, timeout: float) -> bool:
+        """Remove ``feed`` from the pool and wait until its records are published; save its watermark.
+
+        Returns:
+            Whether everything of the feed was published within ``timeout``.
+        """
+        if feed in self._pool:
+            await self._pool.remove(feed)
+        drained = True
+        if self._held_count.get(feed):
+            waiter = self._drained.setdefault(feed, asyncio.get_running_loop().create_future())
+            done, _ = await asyncio.wait([waiter], timeout=timeout)
+            drained = bool(done)
+        self._unsaved.add(feed)
+        await self._save()
+        self._forget_feed(feed)
+        return drained
+
+    async def _drop_feed(self, feed: str) -> None:
+        """Stop ``feed`` at once, publishing nothing more of it: its lease is another worker's now."""
+        self._fenced.add(feed)
+        gate = self._gates.pop(feed, None)
+        if gate is not None:
+            for record in gate.records:
+                self._forget(record)
+            gate.records.clear()
+            gate.opened.set()
+        if feed in self._pool:
+            await self._pool.remove(feed)
+        self._forget_feed(feed)
+
+    def _forget_feed(self, feed: str) -> None:
+        # Its watermark is its next holder's to save.
+        self._unsaved.discard(feed)
+        self._published_max.pop(feed, None)
+        self._saved.pop(feed, None)
+        self._floors.pop(feed, None)
 
     async def _report(self, exc: BaseException, record: Any) -> None:
         # _publish catches every Exception; what reaches here is a cancellation
@@ -483,6 +609,8 @@ class Bridge:
     def _watermarks(self) -> dict[str, datetime]:
         marks = {}
         for feed in self._unsaved:
+            if feed in self._fenced:
+                continue
             held = self._held_by_feed.get(feed)
             mark = min(held.values()) if held else self._published_max.get(feed)
             floor = self._floors.get(feed)
@@ -574,6 +702,16 @@ class Bridge:
 
 _EVERYTHING = datetime(1970, 1, 1, tzinfo=timezone.utc)
 """The watermark of a feed whose backfill of everything failed: its next start fetches everything again."""
+
+
+class _Gate:
+    """The records of a feed connected before its lease is held, in arrival order."""
+
+    __slots__ = ("opened", "records")
+
+    def __init__(self) -> None:
+        self.records: collections.deque[Record] = collections.deque()
+        self.opened = asyncio.Event()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,14 +22,25 @@ compare before they set (the token comes from a counter per feed).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import logging
+import os
+import secrets
+import socket
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
+from .._config import TokenSource
 from ..exceptions import UsageError
+from ._assign import owner
 from ._envelope import subject_token
 
-__all__ = ["Coordinator", "JetStreamCoordinator", "Lease", "RedisCoordinator"]
+__all__ = ["Coordinator", "Group", "JetStreamCoordinator", "Lease", "RedisCoordinator"]
+
+logger = logging.getLogger("chatfeed.bridge")
 
 
 @dataclasses.dataclass
@@ -75,6 +86,12 @@ class Coordinator(Protocol):
     async def holders(self) -> dict[str, tuple[str, int]]:
         """Every held feed: its holder and fencing token."""
 
+    async def announce_ready(self, feed: str, worker: str) -> None:
+        """Say ``worker`` has ``feed`` connected and waits for its lease (make before break)."""
+
+    async def ready_for(self, feed: str) -> str | None:
+        """The worker that announced it is ready to take ``feed``, if any (for ``ttl``)."""
+
     async def close(self) -> None: ...
 
 
@@ -107,6 +124,7 @@ class JetStreamCoordinator:
         self._nc: Any = None
         self._workers: Any = None
         self._leases: Any = None
+        self._ready: Any = None
 
     async def open(self) -> None:
         from ._nats import _connect, _nats
@@ -115,12 +133,23 @@ class JetStreamCoordinator:
         self._nc = await _connect(self.url, f"chatfeed-group-{self.group}", 2.0)
         js = self._nc.jetstream()
         buckets = []
-        for name in (f"{self.group}-workers", f"{self.group}-leases"):
+        for name in (f"{self.group}-workers", f"{self.group}-leases", f"{self.group}-ready"):
             try:
                 buckets.append(await js.key_value(name))
             except nats.js.errors.BucketNotFoundError:
                 buckets.append(await js.create_key_value(bucket=name, history=1, ttl=self.ttl))
-        self._workers, self._leases = buckets
+        self._workers, self._leases, self._ready = buckets
+
+    async def announce_ready(self, feed: str, worker: str) -> None:
+        await self._ready.put(_key(feed), worker.encode())
+
+    async def ready_for(self, feed: str) -> str | None:
+        nats = _nats_module()
+        try:
+            entry = await self._ready.get(_key(feed))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return entry.value.decode() if entry.value else None
 
     async def join(self, worker: str) -> None:
         await self._workers.put(_key(worker), worker.encode())
@@ -317,6 +346,13 @@ class RedisCoordinator:
         held = f"{lease.worker}|{lease.token}"
         await self._scripts["release"](keys=[f"{self._base}:lease:{lease.feed}"], args=[held])
 
+    async def announce_ready(self, feed: str, worker: str) -> None:
+        await self._client.set(f"{self._base}:ready:{feed}", worker, px=self._ttl_ms)
+
+    async def ready_for(self, feed: str) -> str | None:
+        value = await self._client.get(f"{self._base}:ready:{feed}")
+        return None if value is None else value.decode()
+
     async def holders(self) -> dict[str, tuple[str, int]]:
         held = {}
         prefix = f"{self._base}:lease:"
@@ -337,3 +373,183 @@ class RedisCoordinator:
 def monotonic() -> float:
     """The clock a worker measures its lease's validity with (self-fencing)."""
     return time.monotonic()
+
+
+class Group:
+    """A bridge's share of a set of feeds, coordinated with the other workers of the group.
+
+    Give it to [`Bridge`][chatfeed.bridge.Bridge] (``group=``) with an empty
+    pool: the bridge adds the feeds this worker should hold, by rendezvous
+    hashing over the live workers, and takes over those of a worker that
+    stops.
+
+    - Every ``ttl / 3`` seconds the worker heartbeats, renews its leases, and
+      computes the feeds it should hold from the live workers.
+    - A feed it should hold and nobody holds (a worker died and its lease
+      expired, or at start): it takes the lease and adds the feed, resumed
+      from the feed's watermark.
+    - A feed it should hold that another worker holds (it joined, or the
+      holder is leaving): make before break. It connects and authenticates
+      the feed, holds its records, and says it is ready; the holder then
+      stops the feed, publishes what it held, saves the watermark and lets
+      the lease go; this worker takes the lease and publishes what it held,
+      in order. The dedup ids absorb the overlap.
+    - A lease it cannot renew (expired during a partition or a long pause,
+      and taken): it stops the feed and publishes nothing more of it. It
+      also publishes nothing for a feed whose lease it has not renewed for
+      ``ttl / 2`` (self-fencing: the lease cannot have expired before then).
+    - Closing the bridge leaves the group: the other workers take its feeds,
+      make before break, within ``handoff_timeout``.
+
+    Args:
+        coordinator: Where the group lives: a
+            [`JetStreamCoordinator`][chatfeed.bridge.JetStreamCoordinator] or a
+            [`RedisCoordinator`][chatfeed.bridge.RedisCoordinator].
+        feeds: Every feed of the group, by key: its token (or token function).
+        worker: This worker's name in the group (default: host, pid and a random suffix).
+        handoff_timeout: Seconds a feed waits for its next holder to be ready
+            before it is let go anyway (at leave), and a handoff's drain.
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        feeds: Mapping[str, TokenSource],
+        *,
+        worker: str | None = None,
+        handoff_timeout: float = 30.0,
+    ) -> None:
+        if not isinstance(feeds, Mapping):
+            raise UsageError(f"feeds must be a mapping of key to token, not {feeds!r}")
+        self.coordinator = coordinator
+        self.ttl: float = getattr(coordinator, "ttl", 10.0)
+        self.feeds = dict(feeds)
+        self.worker = worker or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.handoff_timeout = handoff_timeout
+        self._bridge: Any = None
+        self._held: dict[str, Lease] = {}
+        self._valid_until: dict[str, float] = {}
+        self._waiting: dict[str, float] = {}  # connected, waiting for the lease: since when
+        self._letting_go: dict[str, float] = {}  # held, another should hold it: since when
+        self._leaving = False
+        self._others = 0  # live workers besides this one, at the last round
+        self._task: asyncio.Task[None] | None = None
+        self._settled = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<chatfeed.bridge.Group {self.worker} holds {len(self._held)} of {len(self.feeds)} feeds>"
+
+    @property
+    def held(self) -> list[str]:
+        """The feeds this worker holds now."""
+        return sorted(self._held)
+
+    def _attach(self, bridge: Any) -> None:
+        if self._bridge is not None:
+            raise UsageError("a group belongs to one bridge")
+        self._bridge = bridge
+
+    def _may_publish(self, feed: str) -> bool:
+        return monotonic() < self._valid_until.get(feed, 0.0)
+
+    async def _start(self) -> None:
+        await self.coordinator.open()
+        await self._tick()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="chatfeed-bridge-group")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                await self._tick()
+            except Exception as exc:  # the broker away: the leases age; renewals resume when it is back
+                logger.warning("the group's round failed (%s); trying again in %g s", exc, self.ttl / 3)
+
+    async def _leave(self) -> None:
+        """Hand every feed over to the others (make before break), then stop."""
+        if self._task is None:
+            return
+        self._leaving = True
+        try:
+            await self.coordinator.leave(self.worker)
+        except Exception as exc:
+            logger.warning("could not leave the group cleanly (%s)", exc)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.handoff_timeout + self.ttl
+        while self._held and self._others and loop.time() < deadline:
+            self._settled.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), self.ttl / 3)
+        self._task.cancel()
+        await asyncio.wait([self._task])
+        self._task = None
+
+    async def _close(self) -> None:
+        for lease in list(self._held.values()):
+            try:
+                await self.coordinator.release(lease)
+            except Exception as exc:
+                logger.warning("could not release the lease of feed %r (%s)", lease.feed, exc)
+        self._held.clear()
+        await self.coordinator.close()
+
+    async def _tick(self) -> None:
+        coordinator = self.coordinator
+        me = self.worker
+        bridge = self._bridge
+        now = monotonic()
+        if not self._leaving:
+            await coordinator.join(me)
+        live = [worker for worker in await coordinator.workers() if worker != me]
+        self._others = len(live)
+        if not self._leaving:
+            live.append(me)
+        for feed, lease in list(self._held.items()):
+            if await coordinator.renew(lease):
+                self._valid_until[feed] = now + self.ttl / 2
+            else:
+                logger.warning("lost the lease of feed %r: it is another worker's now", feed)
+                self._held.pop(feed)
+                self._valid_until.pop(feed, None)
+                self._letting_go.pop(feed, None)
+                await bridge._drop_feed(feed)
+        desired = {feed for feed in self.feeds if live and owner(feed, live) == me}
+        for feed in sorted(desired - self._held.keys()):
+            taken = await coordinator.acquire(feed, me)
+            if taken is not None:
+                self._held[feed] = taken
+                self._valid_until[feed] = now + self.ttl / 2
+                if feed in self._waiting:
+                    del self._waiting[feed]
+                    await bridge._open(feed)
+                else:
+                    await bridge.add(feed, token=self.feeds[feed])
+                continue
+            if feed not in self._waiting:  # make before break: connect now, publish once the lease is ours
+                self._waiting[feed] = now
+                bridge._gate(feed)
+                await bridge.add(feed, token=self.feeds[feed])
+            if _is_up(bridge.pool, feed):
+                await coordinator.announce_ready(feed, me)
+        for feed in sorted(self._waiting.keys() - desired):  # no longer ours to take
+            del self._waiting[feed]
+            await bridge._drop_feed(feed)
+        for feed in sorted(self._held.keys() - desired):
+            since = self._letting_go.setdefault(feed, now)
+            successor = owner(feed, live) if live else None
+            ready = await coordinator.ready_for(feed)
+            if successor is None or (ready != successor and now - since < self.handoff_timeout):
+                continue
+            await bridge._stop_feed(feed, self.handoff_timeout)
+            handed = self._held.pop(feed)
+            self._valid_until.pop(feed, None)
+            self._letting_go.pop(feed, None)
+            await coordinator.release(handed)
+        self._settled.set()
+
+
+def _is_up(pool: Any, feed: str) -> bool:
+    from .._client import _State
+
+    client = pool._feeds.get(feed)
+    return client is not None and client._state is _State.OPEN
