@@ -251,11 +251,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_BRIDGE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bridge.add_argument("url", help="the feed's address, ws:// or wss://")
+    bridge.add_argument("url", nargs="?", help="the feed's address, ws:// or wss://")
     bridge.add_argument(
         "--tokens",
         metavar="FILE",
-        required=True,
         help='the feeds: one {"feed": KEY, "token": JWT} per line (blank lines are ignored)',
     )
     bridge.add_argument(
@@ -271,6 +270,29 @@ def _parser() -> argparse.ArgumentParser:
             "the backend's history, http(s)://... (a ws:// or wss:// address is taken as http(s)://HOST:PORT/history): "
             "each feed is resumed from its saved watermark"
         ),
+    )
+    bridge.add_argument(
+        "--group",
+        metavar="NAME",
+        help="share the tokens file's feeds with the other bridges of this group, coordinated through "
+        "the broker: a dead bridge's feeds move to the others, without loss",
+    )
+    bridge.add_argument(
+        "--worker",
+        metavar="NAME",
+        help="this bridge's name in its group (default: host, process id and a random suffix)",
+    )
+    bridge.add_argument(
+        "--lease-ttl",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --group: how long a dead bridge's feeds stay its own (default: 10)",
+    )
+    bridge.add_argument(
+        "--status",
+        action="store_true",
+        help="with --group and --to: print the group's bridges and the feeds each holds, then exit",
     )
     bridge.add_argument(
         "--shard",
@@ -958,6 +980,9 @@ class _BridgeSummary:
             line += f", {stats.rejected} rejected by the broker"
         if stats.unpublished:
             line += f", {stats.unpublished} not published (a restart with --backfill-url fetches them)"
+        group = self._bridge._group
+        if group is not None:
+            line += f"; holding {len(group.held)} of the group's {len(group.feeds)} feeds"
         return line if stats.broker_up else line + "; the broker is away"
 
     async def run(self) -> None:
@@ -976,9 +1001,46 @@ def _quiet_start(record: logging.LogRecord) -> bool:
     return not getattr(record, "chatfeed_start_retry", False)
 
 
-async def _bridge(args: argparse.Namespace) -> int:
-    from .bridge import Bridge, BrokerUnavailableError, sink_for
+def _coordinator(args: argparse.Namespace) -> Any:
+    from .bridge import JetStreamCoordinator, RedisCoordinator
 
+    if args.to.partition("://")[0].lower() in ("nats", "tls"):
+        return JetStreamCoordinator(args.to, args.group, ttl=args.lease_ttl)
+    return RedisCoordinator(args.to, args.group, prefix=args.prefix or "chatfeed", ttl=args.lease_ttl)
+
+
+async def _group_status(args: argparse.Namespace) -> int:
+    coordinator = _coordinator(args)
+    await coordinator.open()
+    try:
+        workers = await coordinator.workers()
+        holders = await coordinator.holders()
+    finally:
+        await coordinator.close()
+    held: dict[str, list[str]] = {}
+    for feed, (worker, _) in holders.items():
+        held.setdefault(worker, []).append(feed)
+    print(f"group {args.group}: {len(workers)} bridge(s), {len(holders)} feed(s) held")
+    for worker in sorted(set(workers) | set(held)):
+        state = "" if worker in workers else " (not heartbeating: its leases expire)"
+        print(f"  {worker}: {len(held.get(worker, []))} feed(s){state}")
+        if args.verbose:
+            for feed in sorted(held.get(worker, [])):
+                print(f"    {feed} (lease {holders[feed][1]})")
+    return EXIT_OK
+
+
+async def _bridge(args: argparse.Namespace) -> int:
+    from .bridge import Bridge, BrokerUnavailableError, Group, sink_for
+
+    if args.status:
+        if args.group is None or args.to is None:
+            raise UsageError("--status needs --group and --to")
+        return await _group_status(args)
+    if args.url is None or args.tokens is None:
+        raise UsageError("the bridge needs the feed's address and --tokens")
+    if args.group is not None and args.shard is not None:
+        raise UsageError("--group and --shard are two ways to share the feeds: give one")
     feeds = _read_tokens(args.tokens, skip_bad_lines=True)
     if args.shard is not None:
         from .bridge import shard
@@ -993,15 +1055,21 @@ async def _bridge(args: argparse.Namespace) -> int:
         pool = Pool(args.url, backfill=backfill)
     else:
         pool = Pool(args.url, backfill=backfill, connect_rate=args.connect_rate)
-    for key, token in feeds.items():
-        pool.add(key, token=token)
-    bridge = Bridge(pool, sink, window=args.window, start_timeout=args.broker_wait)
+    group = None
+    if args.group is not None:
+        group = Group(_coordinator(args), feeds, worker=args.worker)
+        _say(f"group {args.group}: worker {group.worker}, {len(feeds)} feeds to share")
+    else:
+        for key, token in feeds.items():
+            pool.add(key, token=token)
+    bridge = Bridge(pool, sink, window=args.window, start_timeout=args.broker_wait, group=group)
     _log_to_stderr(args.verbose, pool=True)
     if not args.verbose:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_quiet_start)
     report = _PoolReport(len(pool), verbose=args.verbose)
-    report.watch(pool)
+    if group is None:  # a group's feeds come and go: the summary line says how many it holds
+        report.watch(pool)
     summary = _BridgeSummary(bridge, args.summary_every)
 
     async def announce() -> None:
@@ -1010,10 +1078,12 @@ async def _bridge(args: argparse.Namespace) -> int:
             "" if args.backfill_url is None else f", resumed from {redact_url(_history_url(args.backfill_url))}"
         )
         _say(f"bridging {len(pool)} feeds from {redact_url(args.url)} into {sink!r}{backfilled}")
-        await asyncio.gather(report.run(), summary.run())
+        await asyncio.gather(report.run(), summary.run()) if group is None else await summary.run()
 
     running = asyncio.ensure_future(bridge.run())
-    helpers = [asyncio.ensure_future(announce()), asyncio.ensure_future(report.all_stopped.wait())]
+    helpers: list[asyncio.Future[Any]] = [asyncio.ensure_future(announce())]
+    if group is None:
+        helpers.append(asyncio.ensure_future(report.all_stopped.wait()))
     try:
         await asyncio.wait([running, *helpers], return_when=asyncio.FIRST_COMPLETED)
     finally:
