@@ -504,10 +504,15 @@ class Group:
         self._others = len(live)
         if not self._leaving:
             live.append(me)
-        for feed, lease in list(self._held.items()):
-            if await coordinator.renew(lease):
-                self._valid_until[feed] = now + self.ttl / 2
-            else:
+        # Renewed concurrently, a batch at a time: one round trip each, overlapped.
+        leases = list(self._held.items())
+        for start in range(0, len(leases), _RENEW_BATCH):
+            batch = leases[start : start + _RENEW_BATCH]
+            renewed = await asyncio.gather(*(coordinator.renew(lease) for _, lease in batch))
+            for (feed, _), kept in zip(batch, renewed, strict=True):
+                if kept:
+                    self._valid_until[feed] = now + self.ttl / 2
+                    continue
                 logger.warning("lost the lease of feed %r: it is another worker's now", feed)
                 self._held.pop(feed)
                 self._valid_until.pop(feed, None)
@@ -546,6 +551,9 @@ class Group:
             self._letting_go.pop(feed, None)
             await coordinator.release(handed)
         self._settled.set()
+
+
+_RENEW_BATCH = 100
 
 
 def _is_up(pool: Any, feed: str) -> bool:
