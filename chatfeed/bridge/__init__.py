@@ -21,7 +21,7 @@ from typing import Any
 
 from ..exceptions import UsageError
 from ._assign import owner, shard
-from ._bridge import Bridge, BridgeStatistics, BrokerUnavailableError, RecordRejectedError, Sink
+from ._bridge import Bridge, BridgeStatistics, BrokerUnavailableError, FencedError, RecordRejectedError, Sink
 from ._consumer import Consumer, ConsumerEventStream, ConsumerStatistics, Delivery, Source
 from ._envelope import (
     ENVELOPE_SCHEMA,
@@ -50,6 +50,7 @@ __all__ = [
     "Delivery",
     "Envelope",
     "EnvelopeError",
+    "FencedError",
     "Group",
     "JetStreamCoordinator",
     "JetStreamSink",

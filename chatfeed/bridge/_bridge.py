@@ -44,13 +44,20 @@ from ..models import ServerMessage
 from ._envelope import Record, encode
 from ._group import Group
 
-__all__ = ["Bridge", "BridgeStatistics", "BrokerUnavailableError", "RecordRejectedError", "Sink"]
+__all__ = ["Bridge", "BridgeStatistics", "BrokerUnavailableError", "FencedError", "RecordRejectedError", "Sink"]
 
 logger = logging.getLogger("chatfeed.bridge")
 
 
 class BrokerUnavailableError(ChatfeedError):
     """The broker could not be reached (at start, within ``start_timeout``), or refused the bridge's set-up."""
+
+
+class FencedError(ChatfeedError):
+    """The sink refused a record because its feed's lease is another worker's (a group's fencing).
+
+    The bridge drops the record: the feed's new holder fetches it again, from the watermark.
+    """
 
 
 class RecordRejectedError(ChatfeedError):
@@ -481,8 +488,14 @@ class Bridge:
         while True:
             if (self._group is not None or self._fenced) and await self._fenced_out(record):
                 return
+            if self._group is not None:
+                record.fence = self._group._fence(record.feed)
             try:
                 stored = await self._sink.publish(record)
+            except FencedError:
+                logger.info("feed %r: a record refused, the feed's lease is another worker's", record.feed)
+                self._forget(record)
+                return
             except RecordRejectedError as exc:
                 stats["rejected"] += 1
                 logger.error(

@@ -59,9 +59,13 @@ class Record:
         dedup: Its deterministic dedup id (see `dedup_id`).
         created: Its ``created_at``, for messages and chats, else ``None``.
         data: The envelope, UTF-8 JSON.
+        fence: In a group, the feed's lease: its key and the value that says
+            this worker holds it. A sink that can (Redis) refuses the record
+            when the lease says otherwise, raising
+            [`FencedError`][chatfeed.bridge.FencedError].
     """
 
-    __slots__ = ("chat", "created", "data", "dedup", "feed", "type")
+    __slots__ = ("chat", "created", "data", "dedup", "feed", "fence", "type")
 
     def __init__(
         self, feed: str, type: str, chat: str | None, dedup: str, created: datetime | None, data: bytes
@@ -72,6 +76,10 @@ class Record:
         self.dedup = dedup
         self.created = created
         self.data = data
+        # Set by a bridge in a group, at each publish: the key of the feed's
+        # lease and the value it must hold, for a sink that can check both
+        # with its write (Redis); None outside a group.
+        self.fence: tuple[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"<Record {self.type} feed={self.feed!r} chat={self.chat!r} dedup={self.dedup}>"

@@ -342,6 +342,10 @@ class RedisCoordinator:
         renewed = await self._scripts["renew"](keys=[f"{self._base}:lease:{lease.feed}"], args=[held, self._ttl_ms])
         return bool(renewed)
 
+    def fence_of(self, lease: Lease) -> tuple[str, str]:
+        """The key of ``lease`` and the value it holds while it is the holder's: what a Redis sink checks."""
+        return f"{self._base}:lease:{lease.feed}", f"{lease.worker}|{lease.token}"
+
     async def release(self, lease: Lease) -> None:
         held = f"{lease.worker}|{lease.token}"
         await self._scripts["release"](keys=[f"{self._base}:lease:{lease.feed}"], args=[held])
@@ -451,6 +455,11 @@ class Group:
 
     def _may_publish(self, feed: str) -> bool:
         return monotonic() < self._valid_until.get(feed, 0.0)
+
+    def _fence(self, feed: str) -> tuple[str, str] | None:
+        lease = self._held.get(feed)
+        fence_of = getattr(self.coordinator, "fence_of", None)
+        return None if lease is None or fence_of is None else fence_of(lease)
 
     async def _start(self) -> None:
         await self.coordinator.open()

@@ -29,7 +29,7 @@ from datetime import datetime
 from typing import Any
 
 from ..exceptions import UsageError
-from ._bridge import BrokerUnavailableError
+from ._bridge import BrokerUnavailableError, FencedError
 from ._consumer import Delivery
 from ._envelope import ENVELOPE_VERSION, Record, partition
 
@@ -37,10 +37,15 @@ __all__ = ["RedisStreamSink", "RedisStreamSource"]
 
 logger = logging.getLogger("chatfeed.bridge")
 
-# KEYS[1]: the partition stream, KEYS[2]: the dedup key; ARGV[1]: the
-# envelope, ARGV[2]: the dedup TTL in ms, ARGV[3]: MAXLEN (0: none).
+# KEYS[1]: the partition stream, KEYS[2]: the dedup key, KEYS[3]: the feed's
+# lease in a group (else the dedup key again); ARGV[1]: the envelope,
+# ARGV[2]: the dedup TTL in ms, ARGV[3]: MAXLEN (0: none), ARGV[4]: what the
+# lease must say ("" outside a group): a worker that lost the feed writes nothing.
 # Checked first and set last: a failed XADD sets nothing, so the retry appends.
 _APPEND = """
+if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then
+    return redis.error_reply('CHATFEED_FENCED the lease of the feed is held by another worker')
+end
 if redis.call('EXISTS', KEYS[2]) == 1 then
     return false
 end
@@ -219,7 +224,9 @@ class RedisStreamSink:
                 pipe = client.pipeline(transaction=False)
                 for record, _ in batch:
                     stream = f"{prefix}:{{{partition(record.feed, record.chat, partitions)}}}"
-                    pipe.evalsha(self._sha, 2, stream, f"{stream}:dedup:{record.dedup}", record.data, ttl, maxlen)
+                    dedup = f"{stream}:dedup:{record.dedup}"
+                    lease, holder = record.fence or (dedup, "")
+                    pipe.evalsha(self._sha, 3, stream, dedup, lease, record.data, ttl, maxlen, holder)
                 results = await pipe.execute(raise_on_error=False)
                 for item, result in zip(batch, results, strict=True):
                     future = item[1]
@@ -228,7 +235,8 @@ class RedisStreamSink:
                     if isinstance(result, redis.exceptions.NoScriptError):
                         unscripted.append(item)  # a restarted server forgot the script
                     elif isinstance(result, Exception):
-                        future.set_exception(result)
+                        fenced = str(result).startswith("CHATFEED_FENCED")
+                        future.set_exception(FencedError(str(result)[16:]) if fenced else result)
                     else:
                         future.set_result(result is not None)
                 if unscripted:

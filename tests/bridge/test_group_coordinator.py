@@ -67,3 +67,35 @@ async def test_a_lease_and_a_heartbeat_expire_after_ttl(coordinators: tuple[Coor
     taken = await b.acquire("feed-2", "w2")
     assert taken is not None and taken.token > lease.token
     assert not await a.renew(lease)
+
+
+async def test_a_redis_sink_refuses_a_record_whose_lease_is_another_workers(redis_session: RedisServer) -> None:
+    import chatfeed
+    from chatfeed.bridge import FencedError, RedisStreamSink, encode
+    from chatfeed.testing import make_message
+
+    group = f"g{secrets.token_hex(4)}"
+    prefix = f"t{group}"
+    coordinator = RedisCoordinator(redis_session.url, group, prefix=prefix, ttl=5)
+    sink = RedisStreamSink(redis_session.url, prefix=prefix, partitions=2)
+    await coordinator.open()
+    await sink.open()
+    try:
+        lease = await coordinator.acquire("alice", "w1")
+        assert lease is not None
+        record = encode(chatfeed.NewMessage(type="new_message", payload=make_message(id="1")), "alice")
+        record.fence = coordinator.fence_of(lease)
+        assert await sink.publish(record) is True  # the holder writes
+        await coordinator.release(lease)
+        taken = await coordinator.acquire("alice", "w2")  # another worker holds it now
+        assert taken is not None
+        stale = encode(chatfeed.NewMessage(type="new_message", payload=make_message(id="2")), "alice")
+        stale.fence = coordinator.fence_of(lease)  # what the old holder still believes
+        with pytest.raises(FencedError, match="another worker"):
+            await sink.publish(stale)
+        fresh = encode(chatfeed.NewMessage(type="new_message", payload=make_message(id="2")), "alice")
+        fresh.fence = coordinator.fence_of(taken)
+        assert await sink.publish(fresh) is True  # refused for the stale one, not stored: the new holder's goes in
+    finally:
+        await sink.close()
+        await coordinator.close()
