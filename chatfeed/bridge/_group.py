@@ -30,6 +30,7 @@ import os
 import secrets
 import socket
 import time
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -105,6 +106,13 @@ def _check(group: str, ttl: float) -> None:
 def _key(feed: str) -> str:
     # A key-value key: letters, digits, '-', '_', '=' and '.'; '=' escapes the rest.
     return subject_token(feed).replace("%", "=")
+
+
+def _feed_of(key: str) -> str:
+    """The feed of a key-value key: `_key` undone."""
+    if key == "=":  # the empty string (a pool never has such a feed)
+        return ""
+    return urllib.parse.unquote(key.replace("=", "%"), errors="surrogatepass")
 
 
 class JetStreamCoordinator:
@@ -213,7 +221,7 @@ class JetStreamCoordinator:
                 continue
             if entry.value:
                 worker, bar, token = entry.value.decode().rpartition("|")
-                held[key] = (worker, int(token)) if bar else (token, entry.revision or 0)
+                held[_feed_of(key)] = (worker, int(token)) if bar else (token, entry.revision or 0)
         return held
 
     async def close(self) -> None:
