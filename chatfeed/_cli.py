@@ -1059,6 +1059,11 @@ async def _bridge(args: argparse.Namespace) -> int:
     if args.group is not None:
         group = Group(_coordinator(args), feeds, worker=args.worker)
         _say(f"group {args.group}: worker {group.worker}, {len(feeds)} feeds to share")
+        if args.backfill_url is None:
+            _say(
+                "warning: without --backfill-url, what a feed misses while it moves from a dead bridge "
+                "to another is lost"
+            )
     else:
         for key, token in feeds.items():
             pool.add(key, token=token)

@@ -379,6 +379,7 @@ class Bridge:
         Raises:
             UsageError: As [`Pool.add`][chatfeed.Pool.add].
         """
+        self._fenced.discard(key)  # held again (a lease lost, then taken back)
         mark = None
         if self._state == "running" and self._pool._options.backfill is not None:
             # Before the start, start() loads every feed's watermark at once.
@@ -621,9 +622,10 @@ class Bridge:
 
     def _watermarks(self) -> dict[str, datetime]:
         marks = {}
+        group = self._group
         for feed in self._unsaved:
-            if feed in self._fenced:
-                continue
+            if feed in self._fenced or (group is not None and not group._holds(feed)):
+                continue  # another worker's now: its watermark is that one's to save
             held = self._held_by_feed.get(feed)
             mark = min(held.values()) if held else self._published_max.get(feed)
             floor = self._floors.get(feed)

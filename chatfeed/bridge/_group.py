@@ -1,8 +1,5 @@
 """Worker groups: heartbeats and leases per feed, kept in the broker the bridge publishes to.
 
-WORK IN PROGRESS (issue 14): the coordinators below are complete and tested
-on their own; the bridge does not use them yet. See the branch's notes.
-
 A `Coordinator` keeps, for one group:
 
 - the live workers: each heartbeats (`join`) at least every ``ttl / 3``;
@@ -143,9 +140,17 @@ class JetStreamCoordinator:
         buckets = []
         for name in (f"{self.group}-workers", f"{self.group}-leases", f"{self.group}-ready"):
             try:
-                buckets.append(await js.key_value(name))
+                bucket = await js.key_value(name)
             except nats.js.errors.BucketNotFoundError:
-                buckets.append(await js.create_key_value(bucket=name, history=1, ttl=self.ttl))
+                bucket = await js.create_key_value(bucket=name, history=1, ttl=self.ttl)
+            ttl = (await bucket.status()).ttl
+            if ttl is not None and abs(ttl - self.ttl) > 0.001:
+                await self.close()
+                raise UsageError(
+                    f"the group {self.group} keeps its leases for {ttl:g} s, not {self.ttl:g} s: "
+                    "every worker of a group needs the same ttl"
+                )
+            buckets.append(bucket)
         self._workers, self._leases, self._ready = buckets
 
     async def announce_ready(self, feed: str, worker: str) -> None:
@@ -475,12 +480,18 @@ class Group:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="chatfeed-bridge-group")
 
     async def _run(self) -> None:
+        # Rounds at a fixed rate, every ttl/3 from the first: a slow round
+        # does not push the next renewals back.
+        period = self.ttl / 3
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            next_at = max(next_at + period, loop.time())
+            await asyncio.sleep(next_at - loop.time())
             try:
                 await self._tick()
             except Exception as exc:  # the broker away: the leases age; renewals resume when it is back
-                logger.warning("the group's round failed (%s); trying again in %g s", exc, self.ttl / 3)
+                logger.warning("the group's round failed (%s); trying again in %g s", exc, period)
 
     async def _leave(self) -> None:
         """Hand every feed over to the others (make before break), then stop."""
@@ -525,10 +536,11 @@ class Group:
         leases = list(self._held.items())
         for start in range(0, len(leases), _RENEW_BATCH):
             batch = leases[start : start + _RENEW_BATCH]
+            sent = monotonic()  # the lease runs at least ttl from here: valid for ttl/2 of it
             renewed = await asyncio.gather(*(coordinator.renew(lease) for _, lease in batch))
             for (feed, _), kept in zip(batch, renewed, strict=True):
                 if kept:
-                    self._valid_until[feed] = now + self.ttl / 2
+                    self._valid_until[feed] = sent + self.ttl / 2
                     continue
                 logger.warning("lost the lease of feed %r: it is another worker's now", feed)
                 self._held.pop(feed)
@@ -556,18 +568,27 @@ class Group:
         for feed in sorted(self._waiting.keys() - desired):  # no longer ours to take
             del self._waiting[feed]
             await bridge._drop_feed(feed)
+        going = []
         for feed in sorted(self._held.keys() - desired):
             since = self._letting_go.setdefault(feed, now)
             successor = owner(feed, live) if live else None
             ready = await coordinator.ready_for(feed)
-            if successor is None or (ready != successor and now - since < self.handoff_timeout):
-                continue
-            await bridge._stop_feed(feed, self.handoff_timeout)
-            handed = self._held.pop(feed)
-            self._valid_until.pop(feed, None)
-            self._letting_go.pop(feed, None)
-            await coordinator.release(handed)
+            if successor is not None and (ready == successor or now - since >= self.handoff_timeout):
+                going.append(feed)
+        for start in range(0, len(going), _RENEW_BATCH):  # handed over side by side, a batch at a time
+            await asyncio.gather(*(self._hand_over(feed) for feed in going[start : start + _RENEW_BATCH]))
         self._settled.set()
+
+    async def _hand_over(self, feed: str) -> None:
+        """Stop ``feed``, publish what it held, save its watermark, then let its lease go."""
+        await self._bridge._stop_feed(feed, self.handoff_timeout)
+        handed = self._held.pop(feed)
+        self._valid_until.pop(feed, None)
+        self._letting_go.pop(feed, None)
+        await self.coordinator.release(handed)
+
+    def _holds(self, feed: str) -> bool:
+        return feed in self._held
 
 
 _RENEW_BATCH = 100
