@@ -181,6 +181,7 @@ class Bridge:
     __slots__ = (
         "_closed",
         "_drained",
+        "_epochs",
         "_fenced",
         "_floors",
         "_flusher",
@@ -263,6 +264,9 @@ class Bridge:
         self._drained: dict[str, asyncio.Future[None]] = {}
         self._gates: dict[str, _Gate] = {}
         self._fenced: set[str] = set()
+        # Per feed, how many times its lease was lost: a record received under
+        # an earlier hold is never published, even once the feed is held again.
+        self._epochs: collections.Counter[str] = collections.Counter()
         self._group = group
         if group is not None:
             if len(pool):
@@ -457,6 +461,8 @@ class Bridge:
                 held = self._held_by_feed[feed] = {}
             held[record] = created
         self._held_count[feed] += 1
+        if self._group is not None:
+            record.epoch = self._epochs[feed]
         gate = self._gates.get(feed)
         if gate is not None and not gate.opened.is_set():
             # Connected before its lease: held here, in order, until the lease is this worker's.
@@ -476,7 +482,7 @@ class Bridge:
         """Wait until this worker may publish for the record's feed; True if it never will (lease lost)."""
         group = self._group
         while True:
-            if record.feed in self._fenced:
+            if record.feed in self._fenced or record.epoch != self._epochs[record.feed]:
                 self._forget(record)  # the feed's new holder fetches it again, from the watermark
                 return True
             if group is None or group._may_publish(record.feed):
@@ -596,6 +602,7 @@ class Bridge:
     async def _drop_feed(self, feed: str) -> None:
         """Stop ``feed`` at once, publishing nothing more of it: its lease is another worker's now."""
         self._fenced.add(feed)
+        self._epochs[feed] += 1  # what it still holds of the feed is never published
         gate = self._gates.pop(feed, None)
         if gate is not None:
             for record in gate.records:

@@ -65,7 +65,7 @@ class Record:
             [`FencedError`][chatfeed.bridge.FencedError].
     """
 
-    __slots__ = ("chat", "created", "data", "dedup", "feed", "fence", "type")
+    __slots__ = ("chat", "created", "data", "dedup", "epoch", "feed", "fence", "type")
 
     def __init__(
         self, feed: str, type: str, chat: str | None, dedup: str, created: datetime | None, data: bytes
@@ -80,6 +80,8 @@ class Record:
         # lease and the value it must hold, for a sink that can check both
         # with its write (Redis); None outside a group.
         self.fence: tuple[str, str] | None = None
+        # A bridge in a group: which of its holds of the feed received it.
+        self.epoch = 0
 
     def __repr__(self) -> str:
         return f"<Record {self.type} feed={self.feed!r} chat={self.chat!r} dedup={self.dedup}>"

@@ -1,0 +1,294 @@
+"""Issue 14's proof: bridge workers in a group share the feeds, and a crash, a join or a SIGTERM loses nothing.
+
+The CLI tests run ``chatfeed bridge --group`` processes against a FeedServer
+of this process (its ``/history`` is the backfill) and a broker of the
+session, under a continuous stream of messages; the log is read back at the
+end: every event pushed once, no dedup id twice, each chat in push order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatfeed.bridge import Bridge, Envelope, Group, JetStreamCoordinator, RedisCoordinator
+from chatfeed.bridge._assign import owner
+from chatfeed.bridge._envelope import Record
+from chatfeed.bridge._group import Coordinator
+from chatfeed.bridge.testing import NatsServer, RedisServer
+from chatfeed.testing import FeedServer
+
+from ._brokers import Broker, make_pool, token_of
+from ._group_helpers import Cluster, WatchedFeedServer, check_order, moved
+
+FEEDS = 600
+"""Feeds of the CLI scenarios (the issue's 3 x 600 is FEEDS = 1800)."""
+
+TTL = 2.0
+SETTLE = 30.0
+"""How long a group may take to settle (start, join, leave): make before break, one round every TTL / 3."""
+
+
+@pytest.fixture(params=["nats", "redis"])
+def broker(request: pytest.FixtureRequest) -> Broker:
+    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_session")
+    return Broker(request.param, server.url)
+
+
+@pytest.fixture
+async def server(caplog: pytest.LogCaptureFixture) -> AsyncIterator[WatchedFeedServer]:
+    # Thousands of connections and frames: the server's own debug lines would be most of the test's time.
+    caplog.set_level(logging.WARNING, logger="websockets")
+    async with WatchedFeedServer(users={}) as server:
+        yield server
+
+
+@pytest.fixture
+async def cluster(broker: Broker, server: WatchedFeedServer, tmp_path: Path) -> AsyncIterator[Cluster]:
+    cluster = Cluster(broker, server, tmp_path, FEEDS, TTL)
+    try:
+        yield cluster
+    finally:
+        await cluster.close()
+
+
+async def started(cluster: Cluster, names: list[str]) -> dict[str, str]:
+    """Start workers ``names``, settle, push every feed's chats; return the holders once every watermark is saved."""
+    for name in names:
+        await cluster.start(name)
+    holders, took = await cluster.settle(names, SETTLE)
+    print(f"{len(names)} workers x {len(cluster.users)} feeds settled in {took:.1f} s")
+    await cluster.push_chats()
+    await cluster.wait_for_watermarks(SETTLE)
+    return holders
+
+
+async def streaming(cluster: Cluster) -> asyncio.Future[None]:
+    return asyncio.ensure_future(cluster.stream(per_tick=5, tick=0.01))
+
+
+async def stop(stream: asyncio.Future[None]) -> None:
+    stream.cancel()
+    await asyncio.wait([stream])
+
+
+@pytest.mark.timeout(90)
+async def test_kill_9_a_worker_its_feeds_are_held_again_within_ttl_plus_5_s_and_nothing_is_lost(
+    cluster: Cluster,
+) -> None:
+    await started(cluster, ["w1", "w2", "w3"])
+    stream = await streaming(cluster)
+    try:
+        await asyncio.sleep(1.5)  # mid-stream: the workers publish and save watermarks
+        killed = time.monotonic()
+        await cluster.workers["w1"].kill()
+        _, took = await cluster.settle(["w2", "w3"], TTL + 5)
+        print(f"kill -9: the dead worker's feeds held again {took:.2f} s after (TTL {TTL:g} s)")
+        assert time.monotonic() - killed <= TTL + 5
+        await asyncio.sleep(1.5)  # and the stream goes on
+    finally:
+        await stop(stream)
+    log = await cluster.complete_log(SETTLE)
+    cluster.check_log(log)
+    print(f"log: {len(log)} events, {len(cluster.pushed)} pushed")
+    assert any(envelope.source == "backfill" for envelope in log)  # what nobody was connected for
+
+
+@pytest.mark.timeout(90)
+async def test_a_fourth_worker_takes_about_a_quarter_and_the_handoff_loses_nothing_and_keeps_order(
+    cluster: Cluster,
+) -> None:
+    before = await started(cluster, ["w1", "w2", "w3"])
+    stream = await streaming(cluster)
+    try:
+        await asyncio.sleep(1.0)
+        await cluster.start("w4")
+        after, took = await cluster.settle(["w1", "w2", "w3", "w4"], SETTLE)
+        await asyncio.sleep(1.0)
+    finally:
+        await stop(stream)
+    fraction = moved(before, after) / len(after)
+    print(f"join: {fraction:.1%} of the feeds moved, settled in {took:.1f} s")
+    assert fraction <= 1 / 4 + 0.05
+    assert all(before[feed] == worker for feed, worker in after.items() if worker != "w4")  # only to the new one
+    log = await cluster.complete_log(SETTLE)
+    cluster.check_log(log)
+
+
+@pytest.mark.timeout(90)
+async def test_sigterm_hands_the_feeds_over_make_before_break_and_exits_0(
+    cluster: Cluster, server: WatchedFeedServer
+) -> None:
+    before = await started(cluster, ["w1", "w2", "w3"])
+    leaving = {cluster.users[feed] for feed, worker in before.items() if worker == "w3"}
+    stream = await streaming(cluster)
+    try:
+        await asyncio.sleep(1.0)
+        terminated = time.monotonic()
+        status = await cluster.workers["w3"].finish(signal.SIGTERM, SETTLE)
+        _, took = await cluster.settle(["w1", "w2"], SETTLE)
+        gap = server.longest_gap(leaving, terminated)
+        await asyncio.sleep(1.0)
+    finally:
+        await stop(stream)
+    print(f"SIGTERM: exit {status}, {len(leaving)} feeds moved in {took:.1f} s; longest gap {gap * 1000:.0f} ms")
+    assert status == 0, cluster.workers["w3"].err
+    assert gap < 0.2, "a feed had no connection for longer than a reconnect"
+    log = await cluster.complete_log(SETTLE)
+    cluster.check_log(log)
+
+
+# Fencing, in one process
+
+
+class RecordingSink:
+    """A sink that notes when each publish starts, by feed."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+        self.calls: list[tuple[float, str, str]] = []  # (time.monotonic(), feed, dedup)
+
+    async def open(self) -> None:
+        await self.sink.open()
+
+    async def publish(self, record: Record) -> bool:
+        self.calls.append((time.monotonic(), record.feed, record.dedup))
+        stored: bool = await self.sink.publish(record)
+        return stored
+
+    async def load_watermarks(self, feeds: Any) -> Any:
+        return await self.sink.load_watermarks(feeds)
+
+    async def save_watermarks(self, marks: Any) -> None:
+        await self.sink.save_watermarks(marks)
+
+    async def close(self) -> None:
+        await self.sink.close()
+
+
+FENCE_TTL = 1.0
+
+
+def coordinator_for(broker: Broker, group: str) -> Coordinator:
+    if broker.kind == "nats":
+        return JetStreamCoordinator(broker.url, group, ttl=FENCE_TTL)
+    return RedisCoordinator(broker.url, group, prefix=broker.prefix, ttl=FENCE_TTL)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("w2_stays", [True, False], ids=["then-shares", "then-takes-back"])
+async def test_a_worker_whose_renewals_stop_publishes_nothing_after_ttl_2_and_the_next_holder_loses_nothing(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, w2_stays: bool
+) -> None:
+    users = {f"feed-{number}": f"user-{number}" for number in range(4)}
+    group = f"fence{time.monotonic_ns()}"
+    async with FeedServer(users={token_of(user): user for user in users.values()}) as server:
+
+        def backfill(gap: Any) -> Any:
+            return server.history(gap.since, user_id=users[gap.feed])
+
+        def bridge(name: str) -> tuple[Bridge, Group, RecordingSink]:
+            coordinator = coordinator_for(broker, group)
+            member = Group(coordinator, {feed: token_of(user) for feed, user in users.items()}, worker=name)
+            sink = RecordingSink(broker.sink())
+            made = Bridge(make_pool(server.url, backfill=backfill), sink, group=member, watermark_interval=0.1)
+            return made, member, sink
+
+        pushed: list[tuple[str, str]] = []
+        numbers = iter(range(1, 1_000_000))
+
+        async def push(rounds: int) -> None:
+            for _ in range(rounds):
+                for feed, user in users.items():
+                    number = str(next(numbers))
+                    await server.push_message(id=number, chat_id=f"{user}-chat", user_id=user)
+                    pushed.append((feed, number))
+                await asyncio.sleep(0.01)
+
+        async def log_has_everything() -> list[Envelope]:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:
+                log = [Envelope.decode(data) for data in await broker.read_log()]
+                if {(envelope.feed, envelope.id) for envelope in log} >= set(pushed):
+                    return log
+                assert loop.time() < deadline, f"{len(set(pushed))} pushed, {len(log)} in the log"
+                await asyncio.sleep(0.05)
+
+        first, first_group, first_sink = bridge("w1")
+        async with first:
+            while len(server._by_user) < len(users):  # noqa: ASYNC110  # every feed connected
+                await asyncio.sleep(0.01)
+            for feed, user in users.items():
+                await server.push_chat(id=f"{user}-chat", user_id=user)
+                pushed.append((feed, f"{user}-chat"))
+            await push(5)
+            await log_has_everything()
+            assert first_group.held == sorted(users)
+
+            # w1's renewals hang (a long pause, a partition): its group's round stops at the first one.
+            thaw = asyncio.Event()
+            frozen_at: list[float] = []
+            renew = first_group.coordinator.renew
+
+            async def frozen(lease: Any) -> bool:
+                if not frozen_at:
+                    frozen_at.append(time.monotonic())
+                await thaw.wait()
+                return await renew(lease)
+
+            monkeypatch.setattr(first_group.coordinator, "renew", frozen)
+            while not frozen_at:  # noqa: ASYNC110  # the next round
+                await asyncio.sleep(0.01)
+            fence = max(first_group._valid_until.values())
+            assert fence - frozen_at[0] <= FENCE_TTL / 2
+
+            second, second_group, second_sink = bridge("w2")
+            async with second:
+                pusher = asyncio.ensure_future(push(1_000_000))
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10
+                while second_group.held != sorted(users):
+                    assert loop.time() < deadline, f"w2 holds {second_group.held}"
+                    await asyncio.sleep(0.02)
+                taken = time.monotonic()
+                await asyncio.sleep(0.5)  # w1 still has the feeds connected, and receives this
+                pusher.cancel()
+                await asyncio.wait([pusher])
+                await log_has_everything()
+                late = [call for call in first_sink.calls if call[0] > fence + 0.01]
+                print(
+                    f"fence: w1 froze at 0, could publish until {fence - frozen_at[0]:.2f} s, "
+                    f"w2 took every feed at {taken - frozen_at[0]:.2f} s; w1 published {len(late)} after its fence"
+                )
+                assert late == [], "the stale worker published after its lease's validity"
+                assert first.statistics().received > first.statistics().published  # it had records, held back
+
+                # w1 thaws: its renewals fail and it drops the feeds; then it takes back its share (w2 stays,
+                # make before break) or every feed (w2 has left: their leases are free), and publishes for them.
+                if not w2_stays:
+                    await second.close()
+                thaw.set()
+                share = sorted(feed for feed in users if not w2_stays or owner(feed, ["w1", "w2"]) == "w1")
+                deadline = loop.time() + 10
+                while first_group.held != share:
+                    assert loop.time() < deadline, f"w1 holds {first_group.held}"
+                    await asyncio.sleep(0.02)
+                await push(5)
+                log = await log_has_everything()
+                # What w1 held of its first hold was dropped, not kept for its second: nothing stays held.
+                deadline = loop.time() + 5
+                while first.statistics().held:
+                    assert loop.time() < deadline, f"w1 still holds {first.statistics().held} records"
+                    await asyncio.sleep(0.02)
+                assert sorted((envelope.feed, envelope.id) for envelope in log) == sorted(pushed)
+                assert len({envelope.dedup for envelope in log}) == len(log)
+                check_order(log)
+                assert second_sink.calls
