@@ -1010,8 +1010,14 @@ def _coordinator(args: argparse.Namespace) -> Any:
 
 
 async def _group_status(args: argparse.Namespace) -> int:
+    from .bridge import BrokerUnavailableError
+
     coordinator = _coordinator(args)
-    await coordinator.open()
+    try:
+        await coordinator.open(create=False)
+    except BrokerUnavailableError as exc:
+        _say(f"the broker is unavailable: {exc}")
+        return EXIT_BROKER
     try:
         workers = await coordinator.workers()
         holders = await coordinator.holders()

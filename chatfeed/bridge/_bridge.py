@@ -285,7 +285,10 @@ class Bridge:
         dispatcher.add_error_hook(self._backfill_failed)
 
     def __repr__(self) -> str:
-        return f"<chatfeed.bridge.Bridge {self._sink!r} feeds={len(self._pool)} {self._state}>"
+        state = getattr(self, "_state", "unopened")  # also for an __init__ that raised
+        return (
+            f"<chatfeed.bridge.Bridge {getattr(self, '_sink', None)!r} feeds={len(getattr(self, '_pool', ()))} {state}>"
+        )
 
     @property
     def pool(self) -> Pool:
@@ -391,6 +394,20 @@ class Bridge:
         if mark is not None:
             self._saved[key] = mark
         self._pool.add(key, token=token, backfill_since=mark)
+
+    async def _add_many(self, feeds: Mapping[str, TokenSource]) -> None:
+        """Add feeds to the running pool, each resumed from its saved watermark: one load for all of them."""
+        if not feeds:
+            return
+        marks: dict[str, datetime] = {}
+        if self._pool._options.backfill is not None:
+            marks = await self._sink.load_watermarks(list(feeds))
+        for key, token in feeds.items():
+            self._fenced.discard(key)
+            mark = marks.get(key)
+            if mark is not None:
+                self._saved[key] = mark
+            self._pool.add(key, token=token, backfill_since=mark)
 
     async def close(self) -> None:
         """Stop the feeds, publish what is held (for ``drain_timeout``), save the watermarks, and close the sink.

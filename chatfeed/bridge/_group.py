@@ -61,7 +61,8 @@ class Lease:
 class Coordinator(Protocol):
     """Heartbeats and per-feed leases of one group of bridge workers."""
 
-    async def open(self) -> None: ...
+    async def open(self, *, create: bool = True) -> None:
+        """Connect; with ``create``, set the group up if it is new."""
 
     async def join(self, worker: str) -> None:
         """Say ``worker`` is alive, for ``ttl`` more seconds."""
@@ -131,8 +132,14 @@ class JetStreamCoordinator:
         self._leases: Any = None
         self._ready: Any = None
 
-    async def open(self) -> None:
-        from ._nats import _connect, _nats
+    async def open(self, *, create: bool = True) -> None:
+        """Connect; with ``create``, make the group's buckets if missing and check their ttl.
+
+        Raises:
+            UsageError: The group keeps its leases for another ttl; or, without
+                ``create``, the group does not exist.
+        """
+        from ._nats import _connect, _nats, _redact
 
         nats = _nats()
         self._nc = await _connect(self.url, f"chatfeed-group-{self.group}", 2.0)
@@ -142,7 +149,13 @@ class JetStreamCoordinator:
             try:
                 bucket = await js.key_value(name)
             except nats.js.errors.BucketNotFoundError:
+                if not create:
+                    await self.close()
+                    raise UsageError(f"there is no group {self.group} at {_redact(self.url)}") from None
                 bucket = await js.create_key_value(bucket=name, history=1, ttl=self.ttl)
+            if not create:
+                buckets.append(bucket)
+                continue
             ttl = (await bucket.status()).ttl
             if ttl is not None and abs(ttl - self.ttl) > 0.001:
                 await self.close()
@@ -315,7 +328,7 @@ class RedisCoordinator:
         self._client: Any = None
         self._scripts: dict[str, Any] = {}
 
-    async def open(self) -> None:
+    async def open(self, *, create: bool = True) -> None:
         from ._redis import _connect
 
         self._client = await _connect(self.url, 2.0, 10.0)
@@ -451,6 +464,7 @@ class Group:
         self._leaving = False
         self._others = 0  # live workers besides this one, at the last round
         self._task: asyncio.Task[None] | None = None
+        self._handoffs: dict[str, asyncio.Task[None]] = {}  # feeds being handed over, off the rounds
         self._settled = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -508,11 +522,16 @@ class Group:
             self._settled.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._settled.wait(), self.ttl / 3)
-        self._task.cancel()
-        await asyncio.wait([self._task])
-        self._task = None
+        # The rounds go on (renewing what is left) while the bridge publishes
+        # what it holds; _close stops them, then lets the leases go.
 
     async def _close(self) -> None:
+        tasks = [task for task in (self._task, *self._handoffs.values()) if task is not None]
+        self._task = None
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
         for lease in list(self._held.values()):
             try:
                 await self.coordinator.release(lease)
@@ -548,44 +567,85 @@ class Group:
                 self._letting_go.pop(feed, None)
                 await bridge._drop_feed(feed)
         desired = {feed for feed in self.feeds if live and owner(feed, live) == me}
-        for feed in sorted(desired - self._held.keys()):
-            taken = await coordinator.acquire(feed, me)
-            if taken is not None:
-                self._held[feed] = taken
-                self._valid_until[feed] = now + self.ttl / 2
-                if feed in self._waiting:
-                    del self._waiting[feed]
-                    await bridge._open(feed)
-                else:
-                    await bridge.add(feed, token=self.feeds[feed])
-                continue
-            if feed not in self._waiting:  # make before break: connect now, publish once the lease is ours
-                self._waiting[feed] = now
-                bridge._gate(feed)
-                await bridge.add(feed, token=self.feeds[feed])
-            if _is_up(bridge.pool, feed):
-                await coordinator.announce_ready(feed, me)
+        wanted = sorted(desired - self._held.keys())
+        to_add: list[str] = []  # taken now, not connected yet
+        to_gate: list[str] = []  # another's still: connected now, published once the lease is ours
+        announce: list[str] = []
+        for start in range(0, len(wanted), _RENEW_BATCH):  # a batch of acquisitions at a time, overlapped
+            names = wanted[start : start + _RENEW_BATCH]
+            sent = monotonic()
+            taken = await asyncio.gather(*(coordinator.acquire(feed, me) for feed in names))
+            for feed, lease in zip(names, taken, strict=True):
+                if lease is not None:
+                    self._held[feed] = lease
+                    self._valid_until[feed] = sent + self.ttl / 2
+                    if feed in self._waiting:
+                        del self._waiting[feed]
+                        await bridge._open(feed)
+                    else:
+                        to_add.append(feed)
+                elif feed not in self._waiting:
+                    self._waiting[feed] = now
+                    to_gate.append(feed)
+                elif _is_up(bridge.pool, feed):
+                    announce.append(feed)
+        for feed in to_gate:
+            bridge._gate(feed)
+        await bridge._add_many({feed: self.feeds[feed] for feed in to_add + to_gate})
+        for start in range(0, len(announce), _RENEW_BATCH):
+            names = announce[start : start + _RENEW_BATCH]
+            await asyncio.gather(*(coordinator.announce_ready(feed, me) for feed in names))
         for feed in sorted(self._waiting.keys() - desired):  # no longer ours to take
             del self._waiting[feed]
             await bridge._drop_feed(feed)
         going = []
-        for feed in sorted(self._held.keys() - desired):
+        for feed in sorted(self._held.keys() - desired - self._handoffs.keys()):
             since = self._letting_go.setdefault(feed, now)
             successor = owner(feed, live) if live else None
             ready = await coordinator.ready_for(feed)
             if successor is not None and (ready == successor or now - since >= self.handoff_timeout):
                 going.append(feed)
-        for start in range(0, len(going), _RENEW_BATCH):  # handed over side by side, a batch at a time
-            await asyncio.gather(*(self._hand_over(feed) for feed in going[start : start + _RENEW_BATCH]))
+        loop = asyncio.get_running_loop()
+        for feed in going:
+            # Off the rounds: they go on renewing (this feed's lease too, while it drains).
+            task = loop.create_task(self._hand_over(feed), name="chatfeed-bridge-handoff")
+            self._handoffs[feed] = task
+        # A feed held or waited for that the pool does not have (its add failed): added again.
+        missing = [
+            feed
+            for feed in (*self._held, *self._waiting)
+            if feed not in bridge.pool and feed not in self._handoffs and feed in desired
+        ]
+        for feed in missing:
+            if feed in self._waiting and feed not in bridge._gates:
+                bridge._gate(feed)
+        if missing:
+            await bridge._add_many({feed: self.feeds[feed] for feed in missing})
         self._settled.set()
 
     async def _hand_over(self, feed: str) -> None:
         """Stop ``feed``, publish what it held, save its watermark, then let its lease go."""
-        await self._bridge._stop_feed(feed, self.handoff_timeout)
-        handed = self._held.pop(feed)
-        self._valid_until.pop(feed, None)
-        self._letting_go.pop(feed, None)
-        await self.coordinator.release(handed)
+        bridge = self._bridge
+        try:
+            drained = await bridge._stop_feed(feed, self.handoff_timeout)
+            if not drained:
+                # What is left is never published: the next holder fetches it from the watermark,
+                # and a record of this hold published after its records would break their order.
+                bridge._epochs[feed] += 1
+                bridge._fenced.add(feed)
+            handed = self._held.get(feed)
+            if handed is not None:
+                await self.coordinator.release(handed)
+                self._held.pop(feed, None)
+                self._valid_until.pop(feed, None)
+        except Exception as exc:
+            logger.warning("handing feed %r over failed (%s); its lease expires by itself", feed, exc)
+            self._held.pop(feed, None)
+            self._valid_until.pop(feed, None)
+        finally:
+            self._letting_go.pop(feed, None)
+            self._handoffs.pop(feed, None)
+            self._settled.set()
 
     def _holds(self, feed: str) -> bool:
         return feed in self._held

@@ -99,3 +99,34 @@ async def test_a_redis_sink_refuses_a_record_whose_lease_is_another_workers(redi
     finally:
         await sink.close()
         await coordinator.close()
+
+
+async def test_a_lone_group_worker_closing_publishes_what_it_held(redis_session: RedisServer) -> None:
+    import chatfeed
+    from chatfeed.bridge import Bridge, Group
+    from chatfeed.testing import FeedServer
+
+    from .test_bridge_semantics import USERS, FlakySink, push
+
+    sink = FlakySink()
+    sink.gate = asyncio.Event()  # the broker holds every publish
+    group = f"g{secrets.token_hex(4)}"
+    coordinator = RedisCoordinator(redis_session.url, group, prefix=f"t{group}", ttl=TTL)
+    async with FeedServer(users=USERS) as server:
+        tokens = dict(zip(USERS.values(), USERS, strict=True))
+        member = Group(coordinator, tokens, worker="w1")
+        # Two publishes in flight: the rest wait their turn, and need a valid lease when it comes.
+        bridge = Bridge(chatfeed.Pool(server.url), sink, group=member, concurrency=2, drain_timeout=3)
+        async with bridge:
+            assert len(bridge.pool) == len(USERS)  # it holds every feed: it is alone
+            while any(feed._state.value != "open" for feed in bridge.pool._feeds.values()):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            held = await push(server, 2)
+            while bridge.statistics().held < len(held):  # noqa: ASYNC110  # no event to wait on
+                await asyncio.sleep(0.01)
+            closing = asyncio.ensure_future(bridge.close())
+            await asyncio.sleep(TTL)  # longer than ttl/2: the rounds must go on renewing while it drains
+            sink.gate.set()
+            await asyncio.wait_for(closing, 10)
+    assert bridge.statistics().unpublished == 0
+    assert len(sink.log) == len(held)
