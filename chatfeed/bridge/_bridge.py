@@ -399,9 +399,16 @@ class Bridge:
         """Add feeds to the running pool, each resumed from its saved watermark: one load for all of them."""
         if not feeds:
             return
-        marks: dict[str, datetime] = {}
-        if self._pool._options.backfill is not None:
-            marks = await self._sink.load_watermarks(list(feeds))
+        marks: dict[str, datetime] = await self._sink.load_watermarks(list(feeds))
+        new = [key for key in feeds if key not in marks]
+        if new:
+            # A feed the group has never bridged: from now on. Saved at once, so
+            # that a next holder, after a crash, backfills what this one held.
+            now = datetime.now(timezone.utc)
+            await self._sink.save_watermarks(dict.fromkeys(new, now))
+            self._saved.update(dict.fromkeys(new, now))
+        if self._pool._options.backfill is None:
+            marks = {}
         for key, token in feeds.items():
             self._fenced.discard(key)
             mark = marks.get(key)
