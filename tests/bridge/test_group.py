@@ -9,8 +9,8 @@ end: every event pushed once, no dedup id twice, each chat in push order.
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
