@@ -1021,6 +1021,7 @@ async def _group_status(args: argparse.Namespace) -> int:
     try:
         workers = await coordinator.workers()
         holders = await coordinator.holders()
+        ages = await coordinator.ages()
     finally:
         await coordinator.close()
     held: dict[str, list[str]] = {}
@@ -1029,10 +1030,12 @@ async def _group_status(args: argparse.Namespace) -> int:
     print(f"group {args.group}: {len(workers)} bridge(s), {len(holders)} feed(s) held")
     for worker in sorted(set(workers) | set(held)):
         state = "" if worker in workers else " (not heartbeating: its leases expire)"
-        print(f"  {worker}: {len(held.get(worker, []))} feed(s){state}")
+        feeds = held.get(worker, [])
+        oldest = max((ages.get(feed, 0.0) for feed in feeds), default=0.0)
+        print(f"  {worker}: {len(feeds)} feed(s), oldest renewal {oldest:.1f} s ago{state}")
         if args.verbose:
-            for feed in sorted(held.get(worker, [])):
-                print(f"    {feed} (lease {holders[feed][1]})")
+            for feed in sorted(feeds):
+                print(f"    {feed} (lease {holders[feed][1]}, renewed {ages.get(feed, 0.0):.1f} s ago)")
     return EXIT_OK
 
 

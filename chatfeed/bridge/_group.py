@@ -29,6 +29,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from .._config import TokenSource
@@ -84,6 +85,9 @@ class Coordinator(Protocol):
 
     async def holders(self) -> dict[str, tuple[str, int]]:
         """Every held feed: its holder and fencing token."""
+
+    async def ages(self) -> dict[str, float]:
+        """Every held feed: seconds since its lease was taken or last renewed."""
 
     async def announce_ready(self, feed: str, worker: str) -> None:
         """Say ``worker`` has ``feed`` connected and waits for its lease (make before break)."""
@@ -224,6 +228,24 @@ class JetStreamCoordinator:
         except nats.js.errors.BadRequestError as exc:  # nats-py does not map delete's error to its own
             if exc.err_code != _WRONG_LAST_SEQUENCE:
                 raise  # anything but "no longer ours"
+
+    async def ages(self) -> dict[str, float]:
+        nats = _nats_module()
+        try:
+            keys = await self._leases.keys()
+        except nats.js.errors.NoKeysError:
+            return {}
+        js = self._nc.jetstream()
+        now = datetime.now(timezone.utc)
+        ages = {}
+        for key in keys:
+            try:
+                message = await js.get_last_msg(f"KV_{self.group}-leases", f"$KV.{self.group}-leases.{key}")
+            except nats.js.errors.NotFoundError:
+                continue
+            if message.time is not None:
+                ages[_feed_of(key)] = max(0.0, (now - message.time).total_seconds())
+        return ages
 
     async def holders(self) -> dict[str, tuple[str, int]]:
         nats = _nats_module()
@@ -382,6 +404,16 @@ class RedisCoordinator:
     async def ready_for(self, feed: str) -> str | None:
         value = await self._client.get(f"{self._base}:ready:{feed}")
         return None if value is None else value.decode()
+
+    async def ages(self) -> dict[str, float]:
+        ages = {}
+        prefix = f"{self._base}:lease:"
+        async for key in self._client.scan_iter(match=f"{prefix}*", count=1000):
+            text = key.decode() if isinstance(key, bytes) else key
+            left = await self._client.pttl(key)
+            if left >= 0:
+                ages[text[len(prefix) :]] = max(0.0, self.ttl - left / 1000)
+        return ages
 
     async def holders(self) -> dict[str, tuple[str, int]]:
         held = {}

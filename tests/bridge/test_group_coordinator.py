@@ -130,3 +130,36 @@ async def test_a_lone_group_worker_closing_publishes_what_it_held(redis_session:
             await asyncio.wait_for(closing, 10)
     assert bridge.statistics().unpublished == 0
     assert len(sink.log) == len(held)
+
+
+async def test_ages_and_status_show_each_workers_feeds_and_how_old_their_leases_are(
+    coordinators: tuple[Coordinator, Coordinator],
+) -> None:
+    import subprocess
+    import sys
+
+    a, _ = coordinators
+    await a.join("w1")
+    lease = await a.acquire("alice", "w1")
+    assert lease is not None
+    await asyncio.sleep(0.2)
+    ages = await a.ages()
+    assert set(ages) == {"alice"} and 0.1 <= ages["alice"] < TTL
+    if isinstance(a, JetStreamCoordinator):
+        args = ["--to", a.url, "--lease-ttl", str(TTL)]
+    else:
+        assert isinstance(a, RedisCoordinator)
+        args = ["--to", a.url, "--prefix", a._base.split(":group:")[0]]
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "chatfeed", "bridge", "--status", "--group", a.group, "-v", *args],
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"group {a.group}: 1 bridge(s), 1 feed(s) held"
+    assert lines[1].startswith("  w1: 1 feed(s), oldest renewal ")
+    assert lines[2].startswith(f"    alice (lease {lease.token}, renewed ")
