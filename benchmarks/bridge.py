@@ -203,6 +203,14 @@ async def _open_feeds(run: _Run) -> list[Any]:
     return list(await asyncio.gather(*(open_one(index) for index in range(run.feeds))))
 
 
+def _progress(tasks: list[asyncio.Task[Any]], published: int) -> int:
+    """Return ``published``, or raise what a hand loop's task died of (rather than wait for the timeout)."""
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            task.result()
+    return published
+
+
 def _keep_frame(event: Any, frame: str | bytes) -> Any:
     # As the bridge's pool does, so that encode() writes the frame as the wire
     # carried it, and both consumers publish the same bytes.
@@ -244,7 +252,7 @@ async def _hand_jetstream(run: _Run) -> tuple[float, float]:
     feeds = await _open_feeds(run)
     readers = [asyncio.create_task(consume(index, ws)) for index, ws in enumerate(feeds)]
     try:
-        result = await run.timed(run.go, lambda: published)
+        result = await run.timed(run.go, lambda: _progress(readers, published))
     finally:
         await asyncio.gather(*(ws.close() for ws in feeds))
         for reader in readers:
@@ -285,7 +293,7 @@ async def _hand_redis(run: _Run) -> tuple[float, float]:
                 batch.append(queue.get_nowait())
             pipe = client.pipeline(transaction=False)
             for stream, dedup_key, data in batch:
-                pipe.evalsha(sha, 2, stream, dedup_key, data, _DEDUP_TTL_MS, "0")
+                pipe.evalsha(sha, 3, stream, dedup_key, dedup_key, data, _DEDUP_TTL_MS, "0", "")  # no group: no fence
             results = await pipe.execute()
             published += sum(result is not None for result in results)
 
@@ -293,7 +301,7 @@ async def _hand_redis(run: _Run) -> tuple[float, float]:
     tasks = [asyncio.create_task(consume(index, ws)) for index, ws in enumerate(feeds)]
     tasks.append(asyncio.create_task(write()))
     try:
-        result = await run.timed(run.go, lambda: published)
+        result = await run.timed(run.go, lambda: _progress(tasks, published))
     finally:
         await asyncio.gather(*(ws.close() for ws in feeds))
         for task in tasks:

@@ -43,7 +43,7 @@ logger = logging.getLogger("chatfeed.bridge")
 # lease must say ("" outside a group): a worker that lost the feed writes nothing.
 # Checked first and set last: a failed XADD sets nothing, so the retry appends.
 _APPEND = """
-if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then
+if ARGV[4] and ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then
     return redis.error_reply('CHATFEED_FENCED the lease of the feed is held by another worker')
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then
