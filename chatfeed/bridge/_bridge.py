@@ -545,7 +545,7 @@ class Bridge:
                     logger.warning(
                         "the broker refused or did not acknowledge a publish (%s); the bridge retries, "
                         "and the feeds stop being read once %d event(s) are held",
-                        _describe(exc),
+                        describe_error(exc),
                         self._options.window,
                     )
                 options = self._options
@@ -697,7 +697,7 @@ class Bridge:
             self._unsaved |= unsaved  # saved next time (close() saves once more after the flusher's end)
             if not isinstance(exc, Exception):
                 raise
-            logger.warning("could not save %d watermark(s) (%s); trying again later", len(marks), _describe(exc))
+            logger.warning("could not save %d watermark(s) (%s); trying again later", len(marks), describe_error(exc))
             return
         self._saved.update(marks)
         self._stats["watermarks_saved"] += 1
@@ -771,6 +771,7 @@ class _Options:
     retry_maximum: float
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """An exception as one line for a log: its type, and its text if it has one."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

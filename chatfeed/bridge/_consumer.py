@@ -31,6 +31,7 @@ from typing_extensions import Self
 from .._lanes import Lanes
 from ..exceptions import UsageError
 from ..models import Chat, ErrorMessage, FeedEvent, Message, NewChat, NewMessage, UnknownMessage
+from ._bridge import describe_error as _describe
 from ._envelope import Envelope, EnvelopeError
 
 __all__ = ["Consumer", "ConsumerEventStream", "ConsumerStatistics", "Delivery", "Source", "by_feed_and_chat"]
@@ -757,8 +758,3 @@ def source_for(url: str, durable: str, **options: Any) -> Source:
 
         return RedisStreamSource(url, durable, **options)
     raise UsageError(f"the broker's URL must start with nats:// or redis://, not {url[:40]!r}")
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from .._config import TokenSource
+from .._logging import redact_url
 from ..exceptions import UsageError
 from ._assign import owner
 from ._envelope import subject_token
@@ -143,7 +144,7 @@ class JetStreamCoordinator:
             UsageError: The group keeps its leases for another ttl; or, without
                 ``create``, the group does not exist.
         """
-        from ._nats import _connect, _nats, _redact
+        from ._nats import _connect, _nats
 
         nats = _nats()
         self._nc = await _connect(self.url, f"chatfeed-group-{self.group}", 2.0)
@@ -155,7 +156,7 @@ class JetStreamCoordinator:
             except nats.js.errors.BucketNotFoundError:
                 if not create:
                     await self.close()
-                    raise UsageError(f"there is no group {self.group} at {_redact(self.url)}") from None
+                    raise UsageError(f"there is no group {self.group} at {redact_url(self.url)}") from None
                 bucket = await js.create_key_value(bucket=name, history=1, ttl=self.ttl)
             if not create:
                 buckets.append(bucket)

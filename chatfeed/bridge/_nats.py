@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from .._logging import redact_url
 from ..exceptions import UsageError
 from ._bridge import BrokerUnavailableError, RecordRejectedError
 from ._consumer import Delivery
@@ -54,11 +55,11 @@ async def _connect(url: str, name: str, connect_timeout: float) -> Any:
     async def on_disconnected() -> None:
         if not state["down"] and not client.is_closed:
             state["down"] = True
-            logger.warning("lost the connection to NATS at %s; reconnecting", _redact(url))
+            logger.warning("lost the connection to NATS at %s; reconnecting", redact_url(url))
 
     async def on_reconnected() -> None:
         state["down"] = False
-        logger.warning("reconnected to NATS at %s", _redact(url))
+        logger.warning("reconnected to NATS at %s", redact_url(url))
 
     try:
         client = await nats.connect(
@@ -78,16 +79,11 @@ async def _connect(url: str, name: str, connect_timeout: float) -> Any:
             reconnected_cb=on_reconnected,
         )
     except ValueError as exc:  # a URL nats-py cannot read
-        raise UsageError(f"not a NATS URL: {_redact(url)} ({exc})") from None
+        raise UsageError(f"not a NATS URL: {redact_url(url)} ({exc})") from None
     except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
-        raise BrokerUnavailableError(f"cannot reach NATS at {_redact(url)} ({type(exc).__name__})") from None
+        raise BrokerUnavailableError(f"cannot reach NATS at {redact_url(url)} ({type(exc).__name__})") from None
     client.options["max_reconnect_attempts"] = -1  # read at each reconnection: never give up from now on
     return client
-
-
-def _redact(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
 
 
 def _kv_key(feed: str) -> str:
@@ -139,7 +135,7 @@ class JetStreamSink:
         self._kv: Any = None
 
     def __repr__(self) -> str:
-        return f"<JetStreamSink {_redact(self.url)} stream={self.stream}>"
+        return f"<JetStreamSink {redact_url(self.url)} stream={self.stream}>"
 
     def subject(self, record: Record) -> str:
         """Return the subject of ``record``: ``<prefix>.<feed>.<chat>``."""
@@ -336,7 +332,7 @@ class JetStreamSource:
         self._subscription: Any = None
 
     def __repr__(self) -> str:
-        return f"<JetStreamSource {_redact(self.url)} stream={self.stream} durable={self.durable}>"
+        return f"<JetStreamSource {redact_url(self.url)} stream={self.stream} durable={self.durable}>"
 
     async def open(self) -> None:
         nats = _nats()

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from .._logging import redact_url
 from ..exceptions import UsageError
 from ._bridge import BrokerUnavailableError, FencedError
 from ._consumer import Delivery
@@ -89,11 +90,6 @@ def _redis() -> Any:
     return redis
 
 
-def _redact(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
-
-
 async def _connect(url: str, connect_timeout: float, command_timeout: float) -> Any:
     redis = _redis()
     # A server that stops answering (frozen, partitioned) fails the command
@@ -101,17 +97,17 @@ async def _connect(url: str, connect_timeout: float, command_timeout: float) -> 
     try:
         client = redis.asyncio.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=command_timeout)
     except ValueError as exc:
-        raise UsageError(f"not a Redis URL: {_redact(url)} ({exc})") from None
+        raise UsageError(f"not a Redis URL: {redact_url(url)} ({exc})") from None
     refused: str | None = None
     try:
         await client.ping()
     except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError, ValueError) as exc:
         # A wrong password, a database that does not exist, a port out of
         # range: trying again would not help.
-        refused = f"Redis at {_redact(url)} refused the connection: {type(exc).__name__}: {exc}"
+        refused = f"Redis at {redact_url(url)} refused the connection: {type(exc).__name__}: {exc}"
     except (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         await client.aclose()
-        raise BrokerUnavailableError(f"cannot reach Redis at {_redact(url)} ({type(exc).__name__})") from None
+        raise BrokerUnavailableError(f"cannot reach Redis at {redact_url(url)} ({type(exc).__name__})") from None
     if refused is not None:
         await client.aclose()
         raise UsageError(refused)
@@ -184,7 +180,7 @@ class RedisStreamSink:
         self._flusher: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"<RedisStreamSink {_redact(self.url)} prefix={self.prefix} partitions={self.partitions}>"
+        return f"<RedisStreamSink {redact_url(self.url)} prefix={self.prefix} partitions={self.partitions}>"
 
     def stream(self, record: Record) -> str:
         """Return the partition stream of ``record``."""
@@ -383,7 +379,7 @@ class RedisStreamSource:
         self._reclaim: Any = None
 
     def __repr__(self) -> str:
-        return f"<RedisStreamSource {_redact(self.url)} prefix={self.prefix} group={self.group}>"
+        return f"<RedisStreamSource {redact_url(self.url)} prefix={self.prefix} group={self.group}>"
 
     async def open(self) -> None:
         redis = _redis()
