@@ -35,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from typing_extensions import Self
 
-from .._config import TokenSource
+from .._config import TokenSource, _positive
 from .._delivery import Gap
 from .._lanes import Lanes
 from .._pool import Pool
@@ -231,8 +231,7 @@ class Bridge:
             ("retry_maximum", retry_maximum),
             ("start_timeout", 1.0 if start_timeout is None else start_timeout),
         ):
-            if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number < float("inf"):
-                raise UsageError(f"{name} must be a positive number of seconds, not {number!r}")
+            _positive(name, number)
         self._pool = pool
         self._sink = sink
         self._options = _Options(
