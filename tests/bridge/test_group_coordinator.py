@@ -150,14 +150,26 @@ async def test_ages_and_status_show_each_workers_feeds_and_how_old_their_leases_
     else:
         assert isinstance(a, RedisCoordinator)
         args = ["--to", a.url, "--prefix", a._base.split(":group:")[0]]
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "chatfeed", "bridge", "--status", "--group", a.group, "-v", *args],
-        capture_output=True,
-        text=True,
-        timeout=15,
-        check=False,
-    )
+
+    async def keep_alive() -> None:  # the worker goes on while the status command starts (slowly, on a busy machine)
+        while True:
+            await asyncio.sleep(TTL / 6)
+            await a.join("w1")
+            assert await a.renew(lease)
+
+    alive = asyncio.ensure_future(keep_alive())
+    try:
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "chatfeed", "bridge", "--status", "--group", a.group, "-v", *args],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
+    finally:
+        alive.cancel()
+        await asyncio.wait([alive])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"group {a.group}: 1 bridge(s), 1 feed(s) held"
