@@ -32,7 +32,7 @@ from ._group_helpers import Cluster, WatchedFeedServer, check_order, moved
 FEEDS = int(os.environ.get("CHATFEED_GROUP_FEEDS", "600"))
 """Feeds of the CLI scenarios: 600 in the suite; .ci/run also runs the issue's 3 x 600 (1,800), about 80 s."""
 
-TTL = 3.0  # rounds every second: a busy machine (CI) does not miss them
+TTL = 2.0
 SETTLE = 30.0
 """How long a group may take to settle (start, join, leave): make before break, one round every TTL / 3."""
 
