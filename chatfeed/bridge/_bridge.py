@@ -399,13 +399,15 @@ class Bridge:
         if not feeds:
             return
         marks: dict[str, datetime] = await self._sink.load_watermarks(list(feeds))
-        new = [key for key in feeds if key not in marks]
+        new = dict.fromkeys([key for key in feeds if key not in marks], datetime.now(timezone.utc))
         if new:
-            # A feed the group has never bridged: from now on. Saved at once, so
-            # that a next holder, after a crash, backfills what this one held.
-            now = datetime.now(timezone.utc)
-            await self._sink.save_watermarks(dict.fromkeys(new, now))
-            self._saved.update(dict.fromkeys(new, now))
+            # A feed the group has never bridged: from now, the moment its lease
+            # was taken. Saved at once, so that a next holder, after a crash,
+            # backfills what this one held; and backfilled from by this one, as
+            # its first connection may come after events pushed meanwhile.
+            await self._sink.save_watermarks(new)
+            self._saved.update(new)
+            marks.update(new)
         if self._pool._options.backfill is None:
             marks = {}
         for key, token in feeds.items():

@@ -293,3 +293,47 @@ async def test_a_worker_whose_renewals_stop_publishes_nothing_after_ttl_2_and_th
                 assert len({envelope.dedup for envelope in log}) == len(log)
                 check_order(log)
                 assert second_sink.calls
+
+
+@pytest.mark.timeout(30)
+async def test_an_event_pushed_after_the_lease_is_taken_but_before_the_feed_is_connected_is_backfilled(
+    broker: Broker,
+) -> None:
+    # A feed the group has never bridged is bridged from the moment its lease is taken: what the
+    # chat server pushed before the first connection was authenticated comes from the history.
+    user = "late-user"
+    group = f"late{time.monotonic_ns()}"
+    async with FeedServer(users={token_of(user): user}) as server:
+        taken = asyncio.Event()
+        connect = asyncio.Event()
+
+        async def token() -> str:
+            taken.set()  # the lease is held: the pool asks for the token
+            await connect.wait()
+            return token_of(user)
+
+        def backfill(gap: Any) -> Any:
+            return server.history(gap.since, user_id=user)
+
+        member = Group(coordinator_for(broker, group), {"late-feed": token}, worker="w1")
+        bridge = Bridge(make_pool(server.url, backfill=backfill), broker.sink(), group=member)
+        starting = asyncio.ensure_future(bridge.start())  # returns once the feed has authenticated
+        try:
+            await asyncio.wait_for(taken.wait(), 10)
+            assert member.held == ["late-feed"]
+            await server.push_chat(id="early-chat", user_id=user)
+            connect.set()
+            await asyncio.wait_for(starting, 10)
+            await server.push_chat(id="live-chat", user_id=user)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:
+                ids = sorted(envelope.id or "" for envelope in map(Envelope.decode, await broker.read_log()))
+                if ids == ["early-chat", "live-chat"] or loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            assert ids == ["early-chat", "live-chat"]
+        finally:
+            connect.set()
+            await asyncio.wait([starting])
+            await bridge.close()
