@@ -19,6 +19,7 @@ from ._config import Compression
 from ._delivery import Backfill, BackfillItem, Dedupe, Gap
 from ._dispatch import EventName, EventStream, Expectation
 from ._lanes import by_chat
+from ._observe import Observer
 from ._policy import Backoff
 from ._pool import Pool, PoolEventName, PoolEventStream, PoolHandler, PoolStatistics
 from ._protocol import parse_server_message
@@ -90,6 +91,7 @@ __all__ = [
     "MessageStatus",
     "NewChat",
     "NewMessage",
+    "Observer",
     "Pool",
     "PoolEventName",
     "PoolEventStream",

@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 import signal
 import ssl as ssl_module
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeAlias, TypeVar
 
@@ -45,6 +46,7 @@ from ._dispatch import (
 from ._keepalive import Keepalive
 from ._lanes import by_chat
 from ._logging import redact_url
+from ._observe import Hooks, Observer, hooks_of
 from ._policy import Backoff, RetryState
 from ._session import Counters, Session
 from .exceptions import ChatfeedError, ConnectionLostError, UsageError
@@ -236,6 +238,9 @@ class Client:
         drain_timeout: Seconds [`close`][chatfeed.Client.close] lets the calls
             of handlers registered with ``concurrency`` (queued and running)
             finish before it cancels them.
+        observer: An [`Observer`][chatfeed.Observer], or a list of them,
+            told of each moment of the client's work (connections, frames,
+            events, handler calls): metrics, traces, recordings.
 
     Raises:
         UsageError: An argument is invalid.
@@ -265,6 +270,7 @@ class Client:
         "_feed",
         "_first_session",
         "_halted",
+        "_hooks",
         "_host",
         "_in_block",
         "_keepalive",
@@ -300,6 +306,7 @@ class Client:
         backfill_timeout: float = 30.0,
         dedupe: Dedupe | bool | None = None,
         drain_timeout: float = 5.0,
+        observer: Observer | Sequence[Observer] | None = None,
     ) -> None:
         self._options = Options.check(
             url,
@@ -321,7 +328,12 @@ class Client:
             dedupe=dedupe,
             drain_timeout=drain_timeout,
         )
-        self._setup(Dispatcher(), token=token)
+        hooks = hooks_of(observer)
+        dispatcher = Dispatcher()
+        dispatcher.hooks = hooks
+        self._setup(dispatcher, token=token, hooks=hooks)
+        if hooks is not None:
+            hooks.attach(self)
 
     def _setup(
         self,
@@ -333,6 +345,7 @@ class Client:
         ramp: Ramp | None = None,
         on_state: Callable[[Client], None] | None = None,
         backfill_since: datetime | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         # A pool's feed (``feed`` is its key) shares the pool's dispatcher,
         # keepalive and ramp; see chatfeed._pool.
@@ -343,20 +356,32 @@ class Client:
         self._keepalive = keepalive
         self._ramp = ramp
         self._on_state = on_state
+        self._hooks = hooks
         # Where the first backfill starts: a pool's feed may have its own.
         self._since = options.backfill_since if backfill_since is None else backfill_since
         # What the receive loop delivers an event with: the dispatcher's own
         # dispatch, unless duplicates are dropped or events are marked with
         # their feed; then something in front of it, which only such clients pay for.
-        base = dispatcher.dispatch if feed is None else self._dispatch_of_feed
+        # An observer of events gets each one there, after the duplicates are dropped.
+        base: Callable[[Any], Awaitable[None] | None] | None = (
+            self._dispatch_observed
+            if hooks is not None and hooks.event_received is not None
+            else None
+            if feed is None
+            else self._dispatch_of_feed
+        )
+        duplicate = None if hooks is None else hooks.duplicate_dropped
         self._delivery = (
-            Delivery(base, options.dedupe, self._since)
+            Delivery(
+                base or dispatcher.dispatch,
+                options.dedupe,
+                self._since,
+                None if duplicate is None else functools.partial(duplicate, feed),
+            )
             if options.dedupe is not None or options.backfill is not None
             else None
         )
-        self._dispatch = (
-            self._delivery.dispatch if self._delivery is not None else None if feed is None else self._dispatch_of_feed
-        )
+        self._dispatch = self._delivery.dispatch if self._delivery is not None else base
         self._backfill_errors = 0
         self._counters = Counters()
         self._state = _State.UNOPENED
@@ -375,6 +400,22 @@ class Client:
 
     def _dispatch_of_feed(self, event: Any) -> Any:
         object.__setattr__(event, "feed", self._feed)  # not a field: never on the wire
+        return self._dispatcher.dispatch(event)
+
+    @property
+    def _observe_frame(self) -> Callable[[str | bytes], None] | None:
+        hooks = self._hooks
+        if hooks is None or hooks.frame_received is None:
+            return None
+        return functools.partial(hooks.frame_received, self._feed)
+
+    def _dispatch_observed(self, event: Any) -> Any:
+        feed = self._feed
+        if feed is not None:
+            object.__setattr__(event, "feed", feed)
+        hooks = self._hooks
+        assert hooks is not None and hooks.event_received is not None  # as _setup chose this
+        hooks.event_received(feed, event)
         return self._dispatcher.dispatch(event)
 
     def __repr__(self) -> str:
@@ -868,10 +909,13 @@ class Client:
 
     def _set_state(self, state: _State) -> None:
         if state is not self._state and self._state is not _State.CLOSED:
-            logger.debug("client state: %s -> %s", self._state.value, state.value)
+            logger.debug("client state: %s -> %s", self._state.value, state.value, extra=self._extra)
             self._state = state
             if self._on_state is not None:
                 self._on_state(self)
+            hooks = self._hooks
+            if hooks is not None and hooks.state_changed is not None:
+                hooks.state_changed(self._feed, state.value)
 
     def _stop(self, error: BaseException | None) -> None:
         """The client is done: closed for good, its streams ended (with ``error``).
@@ -898,6 +942,9 @@ class Client:
             try:
                 if self._ramp is not None:
                     await self._ramp.wait()
+                hooks = self._hooks
+                if hooks is not None and hooks.connecting is not None:
+                    hooks.connecting(self._feed, attempt=retry.failures + 1)
                 session = await Session.open(
                     options,
                     self._counters,
@@ -974,7 +1021,7 @@ class Client:
                     return
                 if not await self._backfill(session):
                     return
-                ended = await session.deliver(dispatcher, self._counters, self._closing, dispatch)
+                ended = await session.deliver(dispatcher, self._counters, self._closing, dispatch, self._observe_frame)
                 if ended is None:
                     return
                 lost_at = asyncio.get_running_loop().time()
@@ -1033,6 +1080,9 @@ class Client:
             events, error = await fetch_backfill(
                 backfill, gap, options.backfill_timeout, receivers=self._dispatcher.receivers
             )
+            hooks = self._hooks
+            if hooks is not None and hooks.backfilled is not None:
+                hooks.backfilled(self._feed, gap=gap, events=len(events), error=error)
             if error is not None:
                 self._backfill_errors += 1
                 logger.warning(
@@ -1086,6 +1136,9 @@ class Client:
             )
         else:
             logger.info("%sconnected to %s", self._of_feed(), url, extra=self._extra)
+        hooks = self._hooks
+        if hooks is not None and hooks.connected is not None:
+            hooks.connected(self._feed, is_reconnect=is_reconnect, downtime=downtime)
         try:
             await self._dispatcher.call_handlers(
                 Connected(is_reconnect=is_reconnect, downtime=downtime, feed=self._feed)
@@ -1106,6 +1159,15 @@ class Client:
             "%sconnection to %s lost: %s", self._of_feed(), redact_url(self._options.url), error, extra=self._extra
         )
         lost = error if isinstance(error, ConnectionLostError) else None
+        hooks = self._hooks
+        if hooks is not None and hooks.disconnected is not None:
+            hooks.disconnected(
+                self._feed,
+                code=lost.code if lost else None,
+                reason=lost.reason if lost else "",
+                error=error,
+                retry_in=delay,
+            )
         # Not open any more while its handlers run; closed already when nothing follows.
         self._set_state(_State.BACKING_OFF if delay is not None else _State.CLOSED)
         await self._dispatcher.call_handlers(

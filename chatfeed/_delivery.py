@@ -160,15 +160,17 @@ class Delivery:
     others pay nothing for either.
     """
 
-    __slots__ = ("_dispatch", "_seen", "backfilled", "duplicates", "watermark")
+    __slots__ = ("_dispatch", "_dropped", "_seen", "backfilled", "duplicates", "watermark")
 
     def __init__(
         self,
         dispatch: Callable[[Any], Awaitable[None] | None],
         dedupe: Dedupe | None,
         since: datetime | None,
+        dropped: Callable[[Any], None] | None = None,
     ) -> None:
         self._dispatch = dispatch
+        self._dropped = dropped  # an observer's duplicate_dropped
         self._seen = None if dedupe is None else _Seen(dedupe)
         self.watermark = since
         self.duplicates = 0
@@ -183,6 +185,8 @@ class Delivery:
         seen = self._seen
         if seen is not None and seen.repeat(event):
             self.duplicates += 1
+            if self._dropped is not None:
+                self._dropped(event)
             return None
         cls = event.__class__
         if cls is NewMessage or cls is NewChat:

@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar
 from typing_extensions import Self
 
 from ._lanes import Lanes, _wake, by_chat
+from ._observe import Hooks
 from .exceptions import ClientClosedError, UsageError
 from .models import (
     EVENTS_BY_NAME,
@@ -193,6 +194,7 @@ class Dispatcher:
         "concurrent",
         "error_raised_to",
         "handler_errors",
+        "hooks",
         "keep_frames",
         "lone",
         "receivers",
@@ -226,6 +228,9 @@ class Dispatcher:
         self.keep_frames = False
         # The tasks to which a stream has raised the client's fatal error.
         self.error_raised_to: tuple[asyncio.Task[Any] | None, ...] = ()
+        # The observers' hooks, set before any handler is registered: their
+        # ``handler`` wraps each handler's call as it is registered.
+        self.hooks: Hooks | None = None
 
     def add_handler(
         self,
@@ -250,6 +255,8 @@ class Dispatcher:
             raise UsageError(f"a handler must be callable, not {func!r}")
         entry = _Entry(func, cls, with_feed=with_feed)
         check_concurrency(concurrency, key, max_pending)
+        if self.hooks is not None and self.hooks.handler is not None:
+            entry.call = self.hooks.handler(entry.call, entry.is_async, entry.name)
         if concurrency > 1:
             if issubclass(cls, _LIFECYCLE):
                 raise UsageError(f"{cls.__name__} handlers always run inline; concurrency applies to server events")
@@ -460,7 +467,7 @@ class Dispatcher:
         for entry in entries:
             try:
                 if entry.lanes is not None:
-                    await _hand_over(entry.lanes, event, entry.name)
+                    await _hand_over(entry.lanes, event, entry.name, self.hooks)
                 elif entry.is_async:
                     await entry.call(event)
                 else:
@@ -475,7 +482,7 @@ class Dispatcher:
                 waiter = stream.wait_for_space()
                 # The wait must not keep alive a stream whose reader is gone.
                 stream = None
-                await _wait_for_room(waiter)
+                await _wait_for_room(waiter, self.hooks, event, "events")
                 stream = ref()
 
     async def _handle_failure(self, exc: BaseException, entry: _Entry, event: Any) -> None:
@@ -802,17 +809,38 @@ class Expectation(Generic[E_co]):
         _wake(self._waiter)
 
 
-async def _hand_over(lanes: Lanes, event: Any, name: str) -> None:
+async def _hand_over(lanes: Lanes, event: Any, name: str, hooks: Hooks | None) -> None:
     # Waits until the handler's lanes take the event: they hold max_pending.
     while not lanes.offer(event):
         await _wait_for_room(
             lanes.wait_for_room(),
+            hooks,
+            event,
+            name,
             "handler %s has held its max_pending events for %.0f s; the feed is not read until one finishes",
             name,
         )
 
 
-async def _wait_for_room(waiter: asyncio.Future[None], message: str | None = None, *args: object) -> None:
+async def _wait_for_room(
+    waiter: asyncio.Future[None],
+    hooks: Hooks | None,
+    event: Any,
+    where: str,
+    message: str | None = None,
+    *args: object,
+) -> None:
+    backpressure = None if hooks is None else hooks.backpressure
+    if backpressure is not None:
+        backpressure(getattr(event, "feed", None), engaged=True, where=where)
+    try:
+        await _wait_for_waiter(waiter, message, *args)
+    finally:
+        if backpressure is not None:
+            backpressure(getattr(event, "feed", None), engaged=False, where=where)
+
+
+async def _wait_for_waiter(waiter: asyncio.Future[None], message: str | None, *args: object) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     timer: asyncio.TimerHandle

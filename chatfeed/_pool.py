@@ -21,7 +21,7 @@ import collections
 import dataclasses
 import logging
 import ssl as ssl_module
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -45,6 +45,7 @@ from ._dispatch import (
 from ._keepalive import Keepalive
 from ._lanes import by_chat
 from ._logging import redact_url
+from ._observe import Observer, hooks_of
 from ._policy import Backoff
 from .exceptions import ChatfeedError, ClientClosedError, UsageError
 from .models import (
@@ -201,6 +202,7 @@ class Pool:
         dedupe: As for a client; each feed has its own window.
         drain_timeout: As for a client: [`close`][chatfeed.Pool.close] lets the
             concurrent handlers' calls finish for that long.
+        observer: As for a client; told of every feed's moments, with its key.
 
     Raises:
         UsageError: An argument is invalid.
@@ -223,6 +225,7 @@ class Pool:
         "_dispatcher",
         "_errors",
         "_feeds",
+        "_hooks",
         "_keepalive",
         "_leaving",
         "_options",
@@ -255,6 +258,7 @@ class Pool:
         backfill_timeout: float = 30.0,
         dedupe: Dedupe | bool | None = None,
         drain_timeout: float = 5.0,
+        observer: Observer | Sequence[Observer] | None = None,
     ) -> None:
         self._options = Options.check(
             url,
@@ -283,7 +287,9 @@ class Pool:
         ):
             raise UsageError(f"connect_rate must be a positive number of attempts per second, not {connect_rate!r}")
         options = self._options
+        self._hooks = hooks_of(observer)
         self._dispatcher = Dispatcher()
+        self._dispatcher.hooks = self._hooks
         self._keepalive = (
             None if options.ping_interval is None else Keepalive(options.ping_interval, options.ping_timeout)
         )
@@ -297,6 +303,8 @@ class Pool:
         self._stopped: asyncio.Future[None] | None = None  # what run() waits for
         self._closing: asyncio.Future[None] | None = None  # done once close() has finished
         self._leaving: set[asyncio.Task[Any]] = set()  # feeds that removed themselves, still ending
+        if self._hooks is not None:
+            self._hooks.attach(self)
 
     def __repr__(self) -> str:
         return f"<chatfeed.Pool url={redact_url(self._options.url)!r} feeds={len(self._feeds)} {self._state}>"
@@ -349,6 +357,7 @@ class Pool:
             ramp=self._ramp,
             on_state=self._state_changed,
             backfill_since=backfill_since,
+            hooks=self._hooks,
         )
         self._feeds[key] = feed
         if self._state == "running":

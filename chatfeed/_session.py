@@ -20,6 +20,7 @@ from ._config import Options, TokenSource
 from ._connection import Connection
 from ._dispatch import Dispatcher
 from ._keepalive import Keepalive
+from ._logging import Scrubber
 from ._protocol import FRAME_ATTRIBUTE, FeedProtocol, HandshakeState
 from .exceptions import AuthTimeoutError, ChatfeedError, ProtocolError, TokenProviderError, UsageError
 from .models import FeedEvent, NewChat, NewMessage
@@ -96,6 +97,7 @@ class Session:
         counters: Counters,
         stopping: Callable[[], bool],
         dispatch: Callable[[Any], Awaitable[None] | None] | None = None,
+        observe: Callable[[str | bytes], None] | None = None,
     ) -> ChatfeedError | None:
         """Deliver every event of the connection, in order, then close it.
 
@@ -105,6 +107,8 @@ class Session:
             stopping: Whether the client was closed (from a handler).
             dispatch: What delivers an event, when not ``dispatcher.dispatch``
                 itself (a client that drops duplicates).
+            observe: What each frame is shown to first, token scrubbed (an
+                observer's ``frame_received``).
 
         Returns:
             What ended the connection, or ``None`` when ``stopping()`` turned
@@ -113,6 +117,8 @@ class Session:
         parse: Callable[[str | bytes], FeedEvent | None] = self._protocol.receive
         if dispatcher.keep_frames:
             parse = _keeping_frames(parse)
+        if observe is not None:
+            parse = _observing(parse, observe, self.connection.scrub)
         if dispatch is None:
             dispatch = dispatcher.dispatch
         try:
@@ -217,6 +223,22 @@ def _keeping_frames(parse: Callable[[str | bytes], FeedEvent | None]) -> Callabl
         return event
 
     return parse_and_keep
+
+
+def _observing(
+    parse: Callable[[str | bytes], FeedEvent | None], observe: Callable[[str | bytes], None], scrub: Scrubber
+) -> Callable[[str | bytes], FeedEvent | None]:
+    """Return ``parse``, which first shows each frame to ``observe``, token scrubbed."""
+
+    def observe_and_parse(frame: str | bytes) -> FeedEvent | None:
+        if isinstance(frame, str):
+            observe(scrub(frame))
+        else:
+            text = frame.decode("utf-8", "replace")
+            observe(frame if not scrub.leaks(text) else scrub(text).encode())
+        return parse(frame)
+
+    return observe_and_parse
 
 
 def _detached(error: ChatfeedError) -> ChatfeedError:

@@ -50,7 +50,7 @@ import ssl as ssl_module
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from types import TracebackType
@@ -66,6 +66,7 @@ from ._delivery import Backfill, Dedupe
 from ._dispatch import EventName, check_timeout, resolve_event
 from ._dispatch import EventStream as AsyncEventStream
 from ._dispatch import Expectation as AsyncExpectation
+from ._observe import Observer
 from ._policy import Backoff
 from ._pool import Pool as AsyncPool
 from ._pool import PoolEventName, PoolStatistics
@@ -829,6 +830,7 @@ class Client(_Blocking):
         dedupe: As for a client.
         drain_timeout: As for a client; no handler of this client runs
             concurrently, so close() has none to drain.
+        observer: As for a client; its methods are called in the client's thread.
 
     Raises:
         UsageError: An argument is invalid.
@@ -870,6 +872,7 @@ class Client(_Blocking):
         backfill_timeout: float = 30.0,
         dedupe: Dedupe | bool | None = None,
         drain_timeout: float = 5.0,
+        observer: Observer | Sequence[Observer] | None = None,
     ) -> None:
         self._client = AsyncClient(
             url,
@@ -890,6 +893,7 @@ class Client(_Blocking):
             backfill_timeout=backfill_timeout,
             dedupe=dedupe,
             drain_timeout=drain_timeout,
+            observer=observer,
         )
         self._init_blocking("chatfeed.sync.Client")
 
@@ -1291,6 +1295,7 @@ class Pool(_Blocking):
         dedupe: As for a pool.
         drain_timeout: As for a pool; no handler of this pool runs
             concurrently, so close() has none to drain.
+        observer: As for a pool; its methods are called in the pool's thread.
 
     Raises:
         UsageError: An argument is invalid.
@@ -1337,6 +1342,7 @@ class Pool(_Blocking):
         backfill_timeout: float = 30.0,
         dedupe: Dedupe | bool | None = None,
         drain_timeout: float = 5.0,
+        observer: Observer | Sequence[Observer] | None = None,
     ) -> None:
         self._pool = AsyncPool(
             url,
@@ -1357,6 +1363,7 @@ class Pool(_Blocking):
             backfill_timeout=backfill_timeout,
             dedupe=dedupe,
             drain_timeout=drain_timeout,
+            observer=observer,
         )
         self._init_blocking("chatfeed.sync.Pool")
 
