@@ -21,6 +21,7 @@ from .exceptions import UsageError
 if TYPE_CHECKING:
     from ._client import ClientState
     from ._delivery import Gap
+    from .bridge._envelope import Record
     from .exceptions import ChatfeedError
     from .models import FeedEvent
 
@@ -151,11 +152,16 @@ class Observer:
 
     # The bridge and the consumer
 
-    def published(self, feed: str, event: FeedEvent, *, stored: bool, duration: float) -> None:
-        """The bridge's broker acknowledged ``event`` (``stored`` False: it had it already)."""
+    def published(self, record: Record, *, stored: bool, duration: float) -> None:
+        """The bridge's broker acknowledged ``record`` (``stored`` False: it had it already).
 
-    def publish_failed(self, feed: str, event: FeedEvent, *, error: BaseException, attempt: int) -> None:
-        """Publishing ``event`` failed; the bridge tries again (same dedup id)."""
+        ``duration`` is the seconds from the first attempt to the
+        acknowledgement, retries included; ``record.feed``, ``record.type``,
+        ``record.chat`` and ``record.created`` say what it was.
+        """
+
+    def publish_failed(self, record: Record, *, error: BaseException, attempt: int) -> None:
+        """Publishing ``record`` failed (``attempt`` times so far); the bridge tries again, same dedup id."""
 
     def acknowledged(self, feed: str, event: FeedEvent) -> None:
         """A consumer acknowledged ``event``: its handlers succeeded, or the next one was asked for."""
@@ -163,8 +169,11 @@ class Observer:
     def redelivery(self, feed: str, event: FeedEvent, *, attempt: int, delay: float) -> None:
         """A consumer's handler failed on ``event``: it comes back after ``delay`` seconds."""
 
-    def dead_lettered(self, feed: str, event: FeedEvent, *, attempts: int) -> None:
-        """A consumer gave ``event`` up after ``attempts`` failed deliveries: it went to the dead letters."""
+    def dead_lettered(self, feed: str | None, event: FeedEvent | None, *, attempts: int) -> None:
+        """A consumer stored ``event`` aside, after ``attempts`` deliveries.
+
+        ``event`` and ``feed`` are ``None`` for an entry of the log that could not be read.
+        """
 
 
 HOOKS = (

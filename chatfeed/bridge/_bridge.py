@@ -28,6 +28,7 @@ import collections
 import dataclasses
 import logging
 import random
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from types import TracebackType
@@ -38,6 +39,7 @@ from typing_extensions import Self
 from .._config import TokenSource, _positive
 from .._delivery import Gap
 from .._lanes import Lanes
+from .._observe import Observer, hooks_of
 from .._pool import Pool
 from ..exceptions import ChatfeedError, UsageError
 from ..models import ServerMessage
@@ -164,6 +166,12 @@ class Bridge:
             watermark is older than they are, and a restart backfills them.
         retry_initial: The first retry's delay bound, in seconds (full jitter, doubling).
         retry_maximum: The retry delay's cap, in seconds.
+        group: The worker group this bridge is a member of; see
+            [`Group`][chatfeed.bridge.Group].
+        observer: An [`Observer`][chatfeed.Observer], or a list of them, told
+            of each record published or refused, and of the window filling
+            up (``backpressure`` with ``where="bridge"``). The feeds' own
+            moments are the pool's: give the pool the same observer.
 
     Raises:
         UsageError: An argument is invalid, or the pool has started.
@@ -189,6 +197,7 @@ class Bridge:
         "_group",
         "_held_by_feed",
         "_held_count",
+        "_hooks",
         "_lanes",
         "_options",
         "_pool",
@@ -214,6 +223,7 @@ class Bridge:
         retry_initial: float = 0.05,
         retry_maximum: float = 2.0,
         group: Group | None = None,
+        observer: Observer | Sequence[Observer] | None = None,
     ) -> None:
         if not isinstance(pool, Pool):
             raise UsageError(f"pool must be a chatfeed.Pool, not {pool!r}")
@@ -278,6 +288,9 @@ class Bridge:
         self._state = "unopened"
         self._flusher: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] | None = None
+        self._hooks = hooks_of(observer)
+        if self._hooks is not None:
+            self._hooks.attach(self)
         dispatcher = pool._dispatcher
         dispatcher.keep_frames = True
         dispatcher.add_handler(ServerMessage, self._take, with_feed=True)
@@ -499,9 +512,19 @@ class Bridge:
 
     async def _offer(self, record: Record) -> None:
         lanes = self._lanes
-        while not lanes.offer(record):
-            # Shared by every feed: one feed's cancelled wait must not cancel the others'.
-            await asyncio.shield(lanes.wait_for_room())
+        if lanes.offer(record):
+            return
+        hooks = self._hooks
+        backpressure = None if hooks is None else hooks.backpressure
+        if backpressure is not None:
+            backpressure(None, engaged=True, where="bridge")
+        try:
+            while not lanes.offer(record):
+                # Shared by every feed: one feed's cancelled wait must not cancel the others'.
+                await asyncio.shield(lanes.wait_for_room())
+        finally:
+            if backpressure is not None:
+                backpressure(None, engaged=False, where="bridge")
 
     async def _fenced_out(self, record: Record) -> bool:
         """Wait until this worker may publish for the record's feed; True if it never will (lease lost)."""
@@ -516,6 +539,8 @@ class Bridge:
 
     async def _publish(self, record: Record) -> None:
         stats = self._stats
+        hooks = self._hooks
+        began = time.perf_counter() if hooks is not None and hooks.published is not None else 0.0
         failures = 0
         while True:
             if (self._group is not None or self._fenced) and await self._fenced_out(record):
@@ -541,6 +566,8 @@ class Bridge:
             except Exception as exc:
                 failures += 1
                 stats["retries"] += 1
+                if hooks is not None and hooks.publish_failed is not None:
+                    hooks.publish_failed(record, error=exc, attempt=failures)
                 if self._up:
                     self._up = False
                     logger.warning(
@@ -559,6 +586,8 @@ class Bridge:
             stats["published"] += 1
             if not stored:
                 stats["duplicates"] += 1
+            if hooks is not None and hooks.published is not None:
+                hooks.published(record, stored=stored, duration=time.perf_counter() - began)
             break
         created = record.created
         feed = record.feed

@@ -22,13 +22,14 @@ import collections
 import dataclasses
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from types import TracebackType
 from typing import Any, Literal, Protocol, TypeVar, overload
 
 from typing_extensions import Self
 
 from .._lanes import Lanes
+from .._observe import Observer, hooks_of
 from ..exceptions import UsageError
 from ..models import Chat, ErrorMessage, FeedEvent, Message, NewChat, NewMessage, UnknownMessage
 from ._bridge import describe_error as _describe
@@ -122,6 +123,8 @@ class ConsumerStatistics:
         dead_lettered: Deliveries stored aside (``max_deliver`` failures, or unreadable).
         in_flight: Deliveries fetched and not yet settled.
         handler_errors: Handler calls that raised.
+        state: ``"unopened"``, ``"running"``, ``"closing"`` or ``"closed"``.
+        broker_up: False from a failed fetch until the next one succeeds.
     """
 
     received: int
@@ -130,6 +133,8 @@ class ConsumerStatistics:
     dead_lettered: int
     in_flight: int
     handler_errors: int
+    state: Literal["unopened", "running", "closing", "closed"] = "unopened"
+    broker_up: bool = True
 
 
 class _Pending:
@@ -256,6 +261,9 @@ class Consumer:
             (see [`JetStreamSource`][chatfeed.bridge.JetStreamSource]); for
             Redis ``prefix``, ``partitions``, ``name``, ``claim_after``,
             ``connect_timeout`` (see [`RedisStreamSource`][chatfeed.bridge.RedisStreamSource]).
+        observer: An [`Observer`][chatfeed.Observer], or a list of them: told
+            of each event fetched, each handler call, and each event's fate
+            (acknowledged, delivered again, dead-lettered).
 
     Raises:
         UsageError: The URL's scheme is neither, or an option is invalid.
@@ -267,6 +275,7 @@ class Consumer:
         "_entries",
         "_extender",
         "_fetcher",
+        "_hooks",
         "_in_flight",
         "_options",
         "_room",
@@ -276,6 +285,7 @@ class Consumer:
         "_state",
         "_streams",
         "_unsettled",
+        "_up",
         "_waiting",
     )
 
@@ -291,6 +301,7 @@ class Consumer:
         batch: int = 128,
         drain_timeout: float = 10.0,
         heartbeat: float = 10.0,
+        observer: Observer | Sequence[Observer] | None = None,
         **source: Any,
     ) -> None:
         if not isinstance(durable, str) or not durable:
@@ -325,6 +336,10 @@ class Consumer:
         self._settler: asyncio.Task[None] | None = None
         self._room: asyncio.Event | None = None
         self._ended: asyncio.Future[None] | None = None  # done once closed; made in the loop that uses it
+        self._up = True
+        self._hooks = hooks_of(observer)
+        if self._hooks is not None:
+            self._hooks.attach(self)
 
     def __repr__(self) -> str:
         return f"<chatfeed.bridge.Consumer {self._source!r} {self._state}>"
@@ -408,6 +423,10 @@ class Consumer:
             if not inspect.iscoroutinefunction(func):
                 raise UsageError(f"a consumer's handler must be an async function of (event, feed), not {func!r}")
             name = getattr(func, "__qualname__", repr(func))
+            hooks = self._hooks
+            if hooks is not None and hooks.handler is not None:
+                timed = hooks.handler(lambda event: handler(event, event.feed), True, name)
+                func = lambda event, feed: timed(event)  # noqa: E731
             entry = _Entry(func, name, None)
             if concurrency > 1:
                 lanes = Lanes(
@@ -533,6 +552,8 @@ class Consumer:
             dead_lettered=counts["dead_lettered"],
             in_flight=self._in_flight,
             handler_errors=counts["handler_errors"],
+            state=self._state,
+            broker_up=self._up,
         )
 
     def _ending(self) -> asyncio.Future[None]:
@@ -559,11 +580,13 @@ class Consumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._up = False
                 if not failing:
                     failing = True
                     logger.warning("fetching from the broker failed (%s); trying again every second", _describe(exc))
                 await asyncio.sleep(1.0)
                 continue
+            self._up = True
             if failing:
                 failing = False
                 logger.warning("fetching from the broker works again")
@@ -586,6 +609,9 @@ class Consumer:
             logger.error("dead-lettered the entry at %s of the log: %s", delivery.position, reason)
             self._settle(_Pending(delivery, None, "", 0), f"unreadable: {reason}", dead=True)
             return
+        hooks = self._hooks
+        if hooks is not None and hooks.event_received is not None:
+            hooks.event_received(envelope.feed, event)
         entries = self._entries.get(event.__class__, ())
         streams = tuple(self._streams)
         pending = _Pending(delivery, event, envelope.feed, len(entries) + len(streams))
@@ -680,9 +706,12 @@ class Consumer:
             delivery = pending.delivery
             error = pending.error
             try:
+                hooks = self._hooks
                 if error is None:
                     await delivery.ack()
                     self._counts["acked"] += 1
+                    if hooks is not None and hooks.acknowledged is not None and pending.event is not None:
+                        hooks.acknowledged(pending.feed, pending.event)
                 elif error.startswith(_NOT_COUNTED):
                     # Running (an events() stream closed early): back to this
                     # consumer at once. Closing: back to any consumer of the durable.
@@ -690,6 +719,8 @@ class Consumer:
                 elif pending.left == -1 or delivery.attempt >= options.max_deliver:
                     await delivery.dead_letter(error)
                     self._counts["dead_lettered"] += 1
+                    if hooks is not None and hooks.dead_lettered is not None:
+                        hooks.dead_lettered(pending.feed or None, pending.event, attempts=delivery.attempt)
                     if pending.left != -1:
                         logger.warning(
                             "dead-lettered the event at %s after %d failed deliveries: %s",
@@ -701,6 +732,8 @@ class Consumer:
                     delay = min(options.retry_maximum, options.retry_delay * 2 ** (delivery.attempt - 1))
                     await delivery.retry(delay)
                     self._counts["retried"] += 1
+                    if hooks is not None and hooks.redelivery is not None and pending.event is not None:
+                        hooks.redelivery(pending.feed, pending.event, attempt=delivery.attempt, delay=delay)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
