@@ -5,7 +5,8 @@ The consumers, each reading frames from the firehose server (another process):
 - ``hand``: a websockets receive loop, ``json.loads`` and an ``if`` on ``type``;
 - ``bare``: ``await ws.recv()`` and nothing else, the ceiling for any client built on websockets;
 - ``handler``: chatfeed with one async handler;
-- ``events``: chatfeed's ``events()`` iterator.
+- ``events``: chatfeed's ``events()`` iterator;
+- ``metered``: ``handler``, with an observer that counts every event and times every handler call.
 """
 
 from __future__ import annotations
@@ -97,6 +98,41 @@ async def handler(url: str, token: str, count: int, on_frame: Callable[[Any], No
         await done.wait()
 
 
+class Meter(chatfeed.Observer):
+    """What a metrics exporter does per event: count it, and time each handler call."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.calls = 0
+        self.handling = 0.0
+
+    def event_received(self, feed: str | None, event: chatfeed.FeedEvent) -> None:
+        self.events += 1
+
+    def handler_finished(
+        self, feed: str | None, event: Any, *, handler: str, duration: float, error: Any, started: object
+    ) -> None:
+        self.calls += 1
+        self.handling += duration
+
+
+async def metered(url: str, token: str, count: int) -> None:
+    """``handler``, observed by a `Meter`: the cost of observing every event and handler call."""
+    client = chatfeed.Client(url, token=token, reconnect=False, observer=Meter())
+    done = asyncio.Event()
+    received = 0
+
+    @client.on("new_message")
+    async def count_it(event: chatfeed.NewMessage) -> None:
+        nonlocal received
+        received += 1
+        if received == count:
+            done.set()
+
+    async with client:
+        await done.wait()
+
+
 async def events(url: str, token: str, count: int) -> None:
     client = chatfeed.Client(url, token=token, reconnect=False)
     async with client:
@@ -112,6 +148,7 @@ CONSUMERS: dict[str, Callable[[str, str, int], Coroutine[Any, Any, None]]] = {
     "bare": bare,
     "handler": handler,
     "events": events,
+    "metered": metered,
 }
 
 

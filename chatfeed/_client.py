@@ -45,8 +45,8 @@ from ._dispatch import (
 )
 from ._keepalive import Keepalive
 from ._lanes import by_chat
-from ._logging import redact_url
-from ._observe import Hooks, Observer, hooks_of
+from ._logging import log_fields, redact_url
+from ._observe import Hooks, Observer, hooks_of, observer_failed
 from ._policy import Backoff, RetryState
 from ._session import Counters, Session
 from .exceptions import ChatfeedError, ConnectionLostError, UsageError
@@ -415,7 +415,10 @@ class Client:
             object.__setattr__(event, "feed", feed)
         hooks = self._hooks
         assert hooks is not None and hooks.event_received is not None  # as _setup chose this
-        hooks.event_received(feed, event)
+        try:
+            hooks.event_received(feed, event)
+        except Exception:
+            observer_failed(hooks.event_received, "event_received")
         return self._dispatcher.dispatch(event)
 
     def __repr__(self) -> str:
@@ -909,7 +912,13 @@ class Client:
 
     def _set_state(self, state: _State) -> None:
         if state is not self._state and self._state is not _State.CLOSED:
-            logger.debug("client state: %s -> %s", self._state.value, state.value, extra=self._extra)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "client state: %s -> %s",
+                    self._state.value,
+                    state.value,
+                    extra=log_fields(self._feed, state=state.value, previous_state=self._state.value),
+                )
             self._state = state
             if self._on_state is not None:
                 self._on_state(self)
@@ -976,14 +985,9 @@ class Client:
             delay,
             retry.failures,
             error,
-            extra=self._extra,
+            extra=log_fields(self._feed, error=error, attempt=retry.failures, delay=delay),
         )
         await asyncio.sleep(delay)
-
-    @property
-    def _extra(self) -> dict[str, Any] | None:
-        """The structured fields of a log record about this client: its feed, for a pool's."""
-        return None if self._feed is None else {"chatfeed_feed": self._feed}
 
     def _of_feed(self) -> str:
         """A log message's prefix naming the feed, for a pool's."""
@@ -993,15 +997,21 @@ class Client:
         url = redact_url(self._options.url)
         if self._feed is not None:
             url = f"{url} (feed {self._feed!r})"
-        # Marked, so that a program that reports the error itself (the
-        # command line) can leave this record out.
-        marker = {"chatfeed_gave_up": True, **(self._extra or {})}
+        # Marked (gave_up), so that a program that reports the error itself
+        # (the command line) can leave this record out.
+        fields = log_fields(
+            self._feed,
+            error=error,
+            failed_attempts=retry.failed_attempts,
+            url=self._options.url,
+            gave_up=True,
+        )
         if retry.failed_attempts:
             logger.warning(
-                "giving up on %s after %d failed attempt(s): %s", url, retry.failed_attempts, error, extra=marker
+                "giving up on %s after %d failed attempt(s): %s", url, retry.failed_attempts, error, extra=fields
             )
         else:
-            logger.warning("giving up on %s: %s", url, error, extra=marker)
+            logger.warning("giving up on %s: %s", url, error, extra=fields)
         raise error
 
     async def _supervise(self, retry: RetryState, session: Session | None) -> None:
@@ -1089,7 +1099,7 @@ class Client:
                     "%sthe backfill failed, the feed goes on without what it missed: %r",
                     self._of_feed(),
                     error,
-                    extra=self._extra,
+                    extra=log_fields(self._feed, error=error, downtime=gap.downtime),
                 )
                 await self._dispatcher.call_error_hooks(error, gap)
             dispatcher = self._dispatcher
@@ -1114,6 +1124,7 @@ class Client:
                     delivery.backfilled - delivered,
                     gap.since,
                     len(events) - (delivery.backfilled - delivered),
+                    extra=log_fields(self._feed, events=delivery.backfilled - delivered, downtime=gap.downtime),
                 )
         except BaseException:
             await session.close()
@@ -1132,10 +1143,14 @@ class Client:
         url = redact_url(self._options.url)
         if is_reconnect:
             logger.info(
-                "%sreconnected to %s after %.2f s away", self._of_feed(), url, downtime or 0.0, extra=self._extra
+                "%sreconnected to %s after %.2f s away",
+                self._of_feed(),
+                url,
+                downtime or 0.0,
+                extra=log_fields(self._feed, url=url, downtime=downtime or 0.0),
             )
         else:
-            logger.info("%sconnected to %s", self._of_feed(), url, extra=self._extra)
+            logger.info("%sconnected to %s", self._of_feed(), url, extra=log_fields(self._feed, url=url))
         hooks = self._hooks
         if hooks is not None and hooks.connected is not None:
             hooks.connected(self._feed, is_reconnect=is_reconnect, downtime=downtime)
@@ -1155,8 +1170,9 @@ class Client:
         return self._state is _State.CLOSED
 
     async def _announce_lost(self, error: ChatfeedError, delay: float | None) -> None:
+        url = redact_url(self._options.url)
         logger.info(
-            "%sconnection to %s lost: %s", self._of_feed(), redact_url(self._options.url), error, extra=self._extra
+            "%sconnection to %s lost: %s", self._of_feed(), url, error, extra=log_fields(self._feed, url=url, error=error)
         )
         lost = error if isinstance(error, ConnectionLostError) else None
         hooks = self._hooks

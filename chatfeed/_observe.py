@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .exceptions import ChatfeedError
     from .models import FeedEvent
 
-__all__ = ["Hooks", "Observer", "hooks_of"]
+__all__ = ["Hooks", "Observer", "hooks_of", "observer_failed"]
 
 logger = logging.getLogger("chatfeed")
 
@@ -194,10 +194,15 @@ HOOKS = (
 )
 """The moments called as they are; the handler's two are combined into ``Hooks.handler``."""
 
+UNGUARDED = frozenset({"frame_received", "event_received"})
+"""The moments of every frame: their callers catch what they raise (a try costs nothing), not a wrapper."""
+
 
 class Hooks:
     """The methods some observers override, each combined into one function; ``None`` when nobody does.
 
+    Each is guarded (what it raises is logged, see `observer_failed`) but
+    those of `UNGUARDED`, whose callers catch exceptions themselves.
     ``handler`` wraps a handler's call when an observer overrides
     `Observer.handler_started` or `Observer.handler_finished`.
     """
@@ -222,7 +227,8 @@ class Hooks:
     def __init__(self, observers: tuple[Observer, ...]) -> None:
         self.observers = observers
         for name in HOOKS:
-            setattr(self, name, _combined(name, [_bound(observer, name) for observer in observers]))
+            methods = [getattr(observer, name) for observer in observers if _overrides(observer, name)]
+            setattr(self, name, _combined(name, methods, guard=name not in UNGUARDED))
         timed = [
             observer
             for observer in observers
@@ -256,23 +262,38 @@ def hooks_of(observer: Observer | Sequence[Observer] | None) -> Hooks | None:
     return Hooks(tuple(observers)) if observers else None
 
 
+_FAILED: set[tuple[str, str]] = set()
+"""The (observer class, method) pairs that raised once already: logged at DEBUG from then on."""
+
+
+def observer_failed(method: Callable[..., Any], name: str) -> None:
+    """Log the exception being handled, which ``method`` (an observer's ``name``) raised.
+
+    The first of each observer class and method at ERROR, with its traceback;
+    the next ones at DEBUG: an observer failing on every frame must not
+    flood the log.
+    """
+    method = getattr(method, "func", method)  # a functools.partial of it
+    owner = type(getattr(method, "__self__", method)).__qualname__
+    key = (owner, name)
+    level = logging.DEBUG if key in _FAILED else logging.ERROR
+    _FAILED.add(key)
+    logger.log(level, "observer %s.%s raised; chatfeed goes on without it", owner, name, exc_info=True)
+
+
 def _overrides(observer: Observer, name: str) -> bool:
     return getattr(type(observer), name) is not getattr(Observer, name)
 
 
-def _bound(observer: Observer, name: str) -> Callable[..., None] | None:
-    return _guarded(getattr(observer, name), name) if _overrides(observer, name) else None
-
-
-def _combined(name: str, calls: list[Callable[..., None] | None]) -> Callable[..., None] | None:
-    present = [call for call in calls if call is not None]
-    if not present:
+def _combined(name: str, methods: list[Callable[..., Any]], *, guard: bool) -> Callable[..., Any] | None:
+    if not methods:
         return None
-    if len(present) == 1:
-        return present[0]
+    if len(methods) == 1:
+        return _guarded(methods[0], name) if guard else methods[0]
+    guarded = [_guarded(method, name) for method in methods]
 
     def every(*args: Any, **kwargs: Any) -> None:
-        for call in present:
+        for call in guarded:
             call(*args, **kwargs)
 
     return every
@@ -280,78 +301,114 @@ def _combined(name: str, calls: list[Callable[..., None] | None]) -> Callable[..
 
 def _guarded(method: Callable[..., Any], name: str) -> Callable[..., Any]:
     """``method``, with what it raises logged instead: an observer never breaks what it observes."""
-    failed = False
 
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        nonlocal failed
         try:
             return method(*args, **kwargs)
         except Exception:
-            owner = type(getattr(method, "__self__", method)).__qualname__
-            logger.log(
-                logging.DEBUG if failed else logging.ERROR,
-                "observer %s.%s raised; chatfeed goes on without it",
-                owner,
-                name,
-                exc_info=True,
-            )
-            failed = True
+            observer_failed(method, name)
             return None
 
     return guarded
 
 
 def _timed(call: Callable[[Any], Any], is_async: bool, name: str, observers: list[Observer]) -> Callable[[Any], Any]:
-    """Return ``call`` (a handler's), reporting each of its calls to ``observers``."""
-    starts = [_guarded(observer.handler_started, "handler_started") for observer in observers]
-    finishes = [_guarded(observer.handler_finished, "handler_finished") for observer in observers]
+    """Return ``call`` (a handler's), reporting each of its calls to ``observers``.
+
+    One observer's methods are called as they are, within a try (a
+    handler's call is on the path of every event); several observers', each
+    guarded, ``handler_finished`` in the reverse order of ``handler_started``.
+    """
+    start: Callable[..., object] | None
+    finish: Callable[..., None] | None
+    if len(observers) == 1:
+        (observer,) = observers
+        start = observer.handler_started if _overrides(observer, "handler_started") else None
+        finish = observer.handler_finished if _overrides(observer, "handler_finished") else None
+    else:
+        starts = [_guarded(observer.handler_started, "handler_started") for observer in observers]
+        finishes = [_guarded(observer.handler_finished, "handler_finished") for observer in observers][::-1]
+
+        def start(feed: str | None, event: Any, *, handler: str) -> object:
+            return [each(feed, event, handler=handler) for each in starts][::-1]
+
+        def finish(feed: str | None, event: Any, *, started: Any, **details: Any) -> None:
+            for each, token in zip(finishes, started, strict=True):
+                each(feed, event, started=token, **details)
+
     clock = time.perf_counter
 
-    def started(event: Any) -> list[object]:
-        feed = getattr(event, "feed", None)
-        return [start(feed, event, handler=name) for start in starts]
+    def begin(event: Any) -> object:
+        if start is None:
+            return None
+        try:
+            return start(getattr(event, "feed", None), event, handler=name)
+        except Exception:
+            observer_failed(start, "handler_started")
+            return None
 
-    def finished(event: Any, begun: float, tokens: list[object], error: BaseException | None) -> None:
+    def end(event: Any, begun: float, token: object, error: BaseException | None) -> None:
+        if finish is None:
+            return
         duration = clock() - begun
-        feed = getattr(event, "feed", None)
-        for finish, token in zip(reversed(finishes), reversed(tokens), strict=True):
-            finish(feed, event, handler=name, duration=duration, error=error, started=token)
+        try:
+            finish(getattr(event, "feed", None), event, handler=name, duration=duration, error=error, started=token)
+        except Exception:
+            observer_failed(finish, "handler_finished")
 
     if is_async:
 
         async def timed_async(event: Any) -> Any:
-            tokens = started(event)
+            # begin() and end(), written out: this runs for every event.
+            token = None
+            if start is not None:
+                try:
+                    token = start(getattr(event, "feed", None), event, handler=name)
+                except Exception:
+                    observer_failed(start, "handler_started")
             begun = clock()
             try:
                 result = await call(event)
             except BaseException as exc:
-                finished(event, begun, tokens, exc)
+                end(event, begun, token, exc)
                 raise
-            finished(event, begun, tokens, None)
+            if finish is not None:
+                duration = clock() - begun
+                try:
+                    finish(
+                        getattr(event, "feed", None),
+                        event,
+                        handler=name,
+                        duration=duration,
+                        error=None,
+                        started=token,
+                    )
+                except Exception:
+                    observer_failed(finish, "handler_finished")
             return result
 
         return timed_async
 
-    async def rest(event: Any, awaitable: Awaitable[Any], begun: float, tokens: list[object]) -> Any:
+    async def rest(event: Any, awaitable: Awaitable[Any], begun: float, token: object) -> Any:
         try:
             result = await awaitable
         except BaseException as exc:
-            finished(event, begun, tokens, exc)
+            end(event, begun, token, exc)
             raise
-        finished(event, begun, tokens, None)
+        end(event, begun, token, None)
         return result
 
     def timed(event: Any) -> Any:
-        tokens = started(event)
+        token = begin(event)
         begun = clock()
         try:
             result = call(event)
         except BaseException as exc:
-            finished(event, begun, tokens, exc)
+            end(event, begun, token, exc)
             raise
         if result is not None and inspect.isawaitable(result):  # a sync function returning a coroutine
-            return rest(event, result, begun, tokens)
-        finished(event, begun, tokens, None)
+            return rest(event, result, begun, token)
+        end(event, begun, token, None)
         return result
 
     return timed

@@ -21,6 +21,7 @@ from ._connection import Connection
 from ._dispatch import Dispatcher
 from ._keepalive import Keepalive
 from ._logging import Scrubber
+from ._observe import observer_failed
 from ._protocol import FRAME_ATTRIBUTE, FeedProtocol, HandshakeState
 from .exceptions import AuthTimeoutError, ChatfeedError, ProtocolError, TokenProviderError, UsageError
 from .models import FeedEvent, NewChat, NewMessage
@@ -231,11 +232,14 @@ def _observing(
     """Return ``parse``, which first shows each frame to ``observe``, token scrubbed."""
 
     def observe_and_parse(frame: str | bytes) -> FeedEvent | None:
-        if isinstance(frame, str):
-            observe(scrub(frame))
-        else:
-            text = frame.decode("utf-8", "replace")
-            observe(frame if not scrub.leaks(text) else scrub(text).encode())
+        try:
+            if isinstance(frame, str):
+                observe(scrub(frame))
+            else:
+                text = frame.decode("utf-8", "replace")
+                observe(frame if not scrub.leaks(text) else scrub(text).encode())
+        except Exception:
+            observer_failed(observe, "frame_received")
         return parse(frame)
 
     return observe_and_parse

@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol, TypeVar, overload
 from typing_extensions import Self
 
 from .._lanes import Lanes
-from .._observe import Observer, hooks_of
+from .._observe import Observer, hooks_of, observer_failed
 from ..exceptions import UsageError
 from ..models import Chat, ErrorMessage, FeedEvent, Message, NewChat, NewMessage, UnknownMessage
 from ._bridge import describe_error as _describe
@@ -611,7 +611,10 @@ class Consumer:
             return
         hooks = self._hooks
         if hooks is not None and hooks.event_received is not None:
-            hooks.event_received(envelope.feed, event)
+            try:
+                hooks.event_received(envelope.feed, event)
+            except Exception:
+                observer_failed(hooks.event_received, "event_received")
         entries = self._entries.get(event.__class__, ())
         streams = tuple(self._streams)
         pending = _Pending(delivery, event, envelope.feed, len(entries) + len(streams))
