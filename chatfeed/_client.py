@@ -953,13 +953,14 @@ class Client:
                     await self._ramp.wait()
                 hooks = self._hooks
                 if hooks is not None and hooks.connecting is not None:
-                    hooks.connecting(self._feed, attempt=retry.failures + 1)
+                    hooks.connecting(self._feed, attempt=retry.failed_attempts + 1)
                 session = await Session.open(
                     options,
                     self._counters,
                     token=self._token,
                     authenticating=lambda: self._set_state(_State.AUTHENTICATING),
                     keepalive=self._keepalive,
+                    feed=self._feed,
                 )
             except ChatfeedError as exc:
                 if self._closing():
@@ -1172,7 +1173,11 @@ class Client:
     async def _announce_lost(self, error: ChatfeedError, delay: float | None) -> None:
         url = redact_url(self._options.url)
         logger.info(
-            "%sconnection to %s lost: %s", self._of_feed(), url, error, extra=log_fields(self._feed, url=url, error=error)
+            "%sconnection to %s lost: %s",
+            self._of_feed(),
+            url,
+            error,
+            extra=log_fields(self._feed, url=url, error=error),
         )
         lost = error if isinstance(error, ConnectionLostError) else None
         hooks = self._hooks

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Literal, TypeAlias
 
 from ._delivery import Backfill, Dedupe
-from ._logging import redact_url
+from ._logging import log_fields, redact_url
 from ._policy import Backoff
 from .exceptions import UsageError
 
@@ -172,6 +172,7 @@ def _check_url(url: str, ssl: ssl_module.SSLContext | None) -> str:
             logger.warning(
                 "%s is not encrypted: the token and every message cross the network in clear; use wss://",
                 redact_url(url),
+                extra=log_fields(url=url),
             )
     return url
 

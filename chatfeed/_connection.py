@@ -35,7 +35,7 @@ from websockets.uri import parse_uri
 from websockets.version import version as websockets_version
 
 from ._frames import FrameSplitter
-from ._logging import Scrubber, redact_url, redacting_logger
+from ._logging import Scrubber, log_fields, redact_url, redacting_logger
 from ._policy import parse_retry_after
 from ._version import __version__
 from .exceptions import ChatfeedError, ConnectError, ConnectionLostError, HandshakeError, UsageError
@@ -152,7 +152,7 @@ class Connection:
     of its closing handshake, or the cause given to `fail`.
     """
 
-    __slots__ = ("_cause", "_keepalive", "_ws", "scrub")
+    __slots__ = ("_cause", "_keepalive", "_ws", "log_extra", "scrub")
 
     def __init__(
         self,
@@ -162,9 +162,13 @@ class Connection:
         ping_interval: float | None,
         ping_timeout: float | None,
         keepalive: Keepalive | None = None,
+        feed: str | None = None,
     ) -> None:
         self._ws = ws
         self.scrub = scrub
+        # The fields of the records about this connection (its pool feed),
+        # made once: a record about a frame must not cost a dict per frame.
+        self.log_extra = log_fields(feed)
         self._cause: ChatfeedError | None = None
         self._keepalive: asyncio.Task[None] | Keepalive | None = keepalive
         if keepalive is not None:
@@ -192,7 +196,9 @@ class Connection:
         return await self._ws.ping()
 
     @classmethod
-    async def open(cls, options: Options, *, secret: str, keepalive: Keepalive | None = None) -> Connection:
+    async def open(
+        cls, options: Options, *, secret: str, keepalive: Keepalive | None = None, feed: str | None = None
+    ) -> Connection:
         """Open the TCP connection and complete the WebSocket handshake.
 
         Args:
@@ -200,6 +206,8 @@ class Connection:
             secret: The token this connection will send. It is scrubbed from
                 everything the server says (close reasons, redirect targets)
                 before that reaches an exception or a log record.
+            keepalive: The keepalive it joins, instead of running its own.
+            feed: The pool's key of its feed, for its log records.
 
         Raises:
             ConnectError: The server could not be reached (or its TLS certificate
@@ -238,7 +246,12 @@ class Connection:
             raise error from (None if leaks else failure)
         assert isinstance(ws, _ClientConnection)
         return cls(
-            ws, scrub, ping_interval=options.ping_interval, ping_timeout=options.ping_timeout, keepalive=keepalive
+            ws,
+            scrub,
+            ping_interval=options.ping_interval,
+            ping_timeout=options.ping_timeout,
+            keepalive=keepalive,
+            feed=feed,
         )
 
     async def send(self, text: str) -> None:
@@ -336,7 +349,7 @@ class Connection:
             if transport.is_reading():
                 await self._ws.close()  # bounded by close_timeout inside websockets
         except Exception:
-            logger.debug("error while closing the connection", exc_info=True)
+            logger.debug("error while closing the connection", exc_info=True, extra=self.log_extra)
         finally:
             transport.abort()
 
@@ -382,7 +395,11 @@ class Connection:
                     # ping() raises ConnectionClosed and ends the loop.
                     break
                 if ws.arrivals == arrivals and ws.transport.is_reading():
-                    logger.warning("no pong within %g s: dropping the connection", timeout)
+                    logger.warning(
+                        "no pong within %g s: dropping the connection",
+                        timeout,
+                        extra={**self.log_extra, "chatfeed_timeout": timeout},
+                    )
                     self.fail(ConnectionLostError(1006, "no pong within ping_timeout", local=True))
                     return
                 # Data is still arriving, or the client stopped reading because

@@ -26,6 +26,7 @@ from typing import Any, TypeAlias
 from pydantic import BaseModel
 
 from ._lanes import CANCEL_GRACE
+from ._logging import log_fields
 from .exceptions import UsageError
 from .models import Chat, Message, NewChat, NewMessage
 
@@ -221,7 +222,9 @@ async def fetch_backfill(
             await asyncio.wait([task], timeout=CANCEL_GRACE)  # a cancellation of ours goes on after
             if not task.done():
                 logger.warning(
-                    "the backfill function did not end within %g s of being cancelled; left running", CANCEL_GRACE
+                    "the backfill function did not end within %g s of being cancelled; left running",
+                    CANCEL_GRACE,
+                    extra=log_fields(gap.feed, timeout=CANCEL_GRACE),
                 )
     if not done:
         error = TimeoutError(f"the backfill did not finish within {timeout:g} s")
@@ -249,7 +252,7 @@ async def fetch_backfill(
         if error is None:
             error = stray_error
         else:  # what stopped the backfill is what its owner needs to see first
-            logger.warning("%s", stray_error)
+            logger.warning("%s", stray_error, extra=log_fields(gap.feed, error=stray_error))
     events.sort(key=_created_at)  # stable: items created at the same time keep their order
     for event in events:
         object.__setattr__(event, "source", "backfill")  # not a field: never on the wire, never validated

@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar
 from typing_extensions import Self
 
 from ._lanes import Lanes, _wake, by_chat
+from ._logging import log_fields
 from ._observe import Hooks
 from .exceptions import ClientClosedError, UsageError
 from .models import (
@@ -492,6 +493,7 @@ class Dispatcher:
                     "handler %s raised CancelledError: on Python 3.10 chatfeed cannot tell it from a cancellation "
                     "of the client, which therefore stops; catch the CancelledError of what you awaited",
                     entry.name,
+                    extra=log_fields(event=event, handler=entry.name, error=exc),
                 )
             raise exc
         # An exception, or a CancelledError of something the handler awaited, not ours.
@@ -523,7 +525,13 @@ class Dispatcher:
 
     async def _report(self, exc: BaseException, event: Any, entry: _Entry) -> None:
         self.handler_errors += 1
-        logger.error("handler %s raised on a %s event", entry.name, event.type, exc_info=exc)
+        logger.error(
+            "handler %s raised on a %s event",
+            entry.name,
+            event.type,
+            exc_info=exc,
+            extra=log_fields(event=event, handler=entry.name, error=exc),
+        )
         if not isinstance(exc, Exception):
             return  # a stray CancelledError: logged and counted, not a hook's business
         await self.call_error_hooks(exc, event)
@@ -535,8 +543,11 @@ class Dispatcher:
                 result = hook(exc, subject)
                 if result is not None and inspect.isawaitable(result):
                     await result
-            except Exception:
-                logger.exception("error hook %s raised", getattr(hook, "__qualname__", hook))
+            except Exception as hook_error:
+                name = getattr(hook, "__qualname__", repr(hook))
+                event = subject if hasattr(subject, "type") else None  # an event, or the Gap of a backfill
+                fields = log_fields(getattr(subject, "feed", None), event=event, handler=name, error=hook_error)
+                logger.exception("error hook %s raised", name, extra=fields)
 
 
 class EventStream(Generic[E]):
@@ -834,28 +845,38 @@ async def _wait_for_room(
     if backpressure is not None:
         backpressure(getattr(event, "feed", None), engaged=True, where=where)
     try:
-        await _wait_for_waiter(waiter, message, *args)
+        handler = None if message is None else where
+        await _wait_for_waiter(waiter, message, *args, feed=getattr(event, "feed", None), handler=handler)
     finally:
         if backpressure is not None:
             backpressure(getattr(event, "feed", None), engaged=False, where=where)
 
 
-async def _wait_for_waiter(waiter: asyncio.Future[None], message: str | None, *args: object) -> None:
+async def _wait_for_waiter(
+    waiter: asyncio.Future[None],
+    message: str | None,
+    *args: object,
+    feed: str | None = None,
+    handler: str | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     timer: asyncio.TimerHandle
 
     def warn() -> None:
         nonlocal timer
+        waited = loop.time() - started
+        fields = log_fields(feed, handler=handler, waited=waited)
         if message is None:
             logger.warning(
                 "an events() stream has not been read for %.0f s; the feed is not read until it is. A stream "
                 "left with `break` but still referenced stays subscribed: use `async with client.events() as "
                 "stream:`",
-                loop.time() - started,
+                waited,
+                extra=fields,
             )
         else:
-            logger.warning(message, *args, loop.time() - started)
+            logger.warning(message, *args, waited, extra=fields)
         timer = loop.call_later(STALL_WARNING_AFTER, warn)
 
     # A timer rather than a timeout on the wait: this runs whenever a buffer

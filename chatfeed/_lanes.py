@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
+from ._logging import log_fields
 from .models import Chat, Message
 
 __all__ = ["Lanes", "LanesSnapshot", "by_chat"]
@@ -197,6 +198,7 @@ class Lanes:
                     left,
                     name,
                     timeout,
+                    extra=log_fields(handler=name, timeout=timeout),
                 )
             await self.cancel(name)
         return left
@@ -221,6 +223,7 @@ class Lanes:
                     len(stuck),
                     name,
                     CANCEL_GRACE,
+                    extra=log_fields(handler=name, timeout=CANCEL_GRACE),
                 )
         self.held = self.running = 0
         _wake(self._room)

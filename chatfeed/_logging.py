@@ -10,7 +10,10 @@ from typing import Any, cast
 
 from websockets.frames import Frame
 
-__all__ = ["FrameRedactingLogger", "Scrubber", "redact_url", "redacting_logger"]
+from .exceptions import ConnectionLostError, HandshakeError
+from .models import Chat, Message
+
+__all__ = ["FrameRedactingLogger", "Scrubber", "log_fields", "redact_url", "redacting_logger"]
 
 
 REDACTED = "***"
@@ -238,3 +241,111 @@ def redact_url(url: str) -> str:
         keys = [key for key, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)]
         query = "&".join(f"{key}=***" for key in keys) if keys else REDACTED
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def log_fields(
+    feed: str | None = None,
+    *,
+    event: object = None,
+    chat: str | None = None,
+    event_type: str | None = None,
+    handler: str | None = None,
+    error: BaseException | None = None,
+    attempt: int | None = None,
+    failed_attempts: int | None = None,
+    delay: float | None = None,
+    waited: float | None = None,
+    timeout: float | None = None,
+    downtime: float | None = None,
+    url: str | None = None,
+    state: str | None = None,
+    previous_state: str | None = None,
+    events: int | None = None,
+    position: str | None = None,
+    observer: str | None = None,
+    gave_up: bool | None = None,
+) -> dict[str, object]:
+    """Return the ``extra`` of a log record: each field given, named ``chatfeed_<name>``.
+
+    A field whose value is ``None`` is left out: a lone client's records have
+    no ``chatfeed_feed``, a record about an error other than a lost
+    connection no ``chatfeed_close_code``. Built on the paths where a record
+    is logged (a connection, a retry, an error), never per frame.
+
+    Args:
+        feed: The pool's key of the feed the record is about.
+        event: The event the record is about: gives ``chatfeed_event_type``,
+            ``chatfeed_chat`` (the chat of a message or of a new chat) and,
+            unless ``feed`` is given, ``chatfeed_feed``.
+        chat: The chat, when there is no event to take it from (a bridge's record).
+        event_type: The event's type, when there is no event to take it from.
+        handler: The name of the handler (or ``on_error`` hook) concerned.
+        error: What failed: gives ``chatfeed_error_type`` (its class name),
+            ``chatfeed_close_code`` and ``chatfeed_close_reason`` for a
+            `ConnectionLostError` (whose reason is scrubbed of the token when
+            it is made), ``chatfeed_status_code`` for a `HandshakeError`.
+        attempt: The number of the retry that follows a wait (1 for the first),
+            or of a consumer's delivery.
+        failed_attempts: The attempts in a row that failed, when giving up.
+        delay: Seconds waited before the next attempt.
+        waited: Seconds something has been waited for so far (a full buffer).
+        timeout: The seconds that elapsed, for a record about a time limit.
+        downtime: Seconds without a connection, on a reconnection.
+        url: The feed's address; its credentials and query values are redacted here.
+        state: The state entered, on a state change.
+        previous_state: The state left, on a state change.
+        events: How many events the record is about (backfilled, unpublished).
+        position: Where an entry is in a bridge's log (a stream sequence, an entry id).
+        observer: ``Class.method`` of an observer that raised.
+        gave_up: True on the record of a client (or pool feed) giving up.
+
+    Example:
+        >>> log_fields("user-17", attempt=2, delay=0.5)
+        {'chatfeed_feed': 'user-17', 'chatfeed_attempt': 2, 'chatfeed_delay': 0.5}
+    """
+    fields: dict[str, object] = {}
+    if event is not None:
+        if feed is None:
+            feed = getattr(event, "feed", None)
+        if event_type is None:
+            event_type = getattr(event, "type", type(event).__name__)
+        if chat is None:
+            payload = getattr(event, "payload", None)
+            if isinstance(payload, Message):
+                chat = payload.chat_id
+            elif isinstance(payload, Chat):
+                chat = payload.id
+    if event_type is not None:
+        fields["chatfeed_event_type"] = event_type
+    if chat is not None:
+        fields["chatfeed_chat"] = chat
+    if feed is not None:
+        fields["chatfeed_feed"] = feed
+    if handler is not None:
+        fields["chatfeed_handler"] = handler
+    if error is not None:
+        fields["chatfeed_error_type"] = type(error).__name__
+        if isinstance(error, ConnectionLostError):
+            fields["chatfeed_close_code"] = error.code
+            fields["chatfeed_close_reason"] = error.reason
+        elif isinstance(error, HandshakeError) and error.status_code is not None:
+            fields["chatfeed_status_code"] = error.status_code
+    if url is not None:
+        fields["chatfeed_url"] = redact_url(url)
+    for name, value in (
+        ("attempt", attempt),
+        ("failed_attempts", failed_attempts),
+        ("delay", delay),
+        ("waited", waited),
+        ("timeout", timeout),
+        ("downtime", downtime),
+        ("state", state),
+        ("previous_state", previous_state),
+        ("events", events),
+        ("position", position),
+        ("observer", observer),
+        ("gave_up", gave_up),
+    ):
+        if value is not None:
+            fields[f"chatfeed_{name}"] = value
+    return fields

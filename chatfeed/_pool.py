@@ -44,7 +44,7 @@ from ._dispatch import (
 )
 from ._keepalive import Keepalive
 from ._lanes import by_chat
-from ._logging import redact_url
+from ._logging import log_fields, redact_url
 from ._observe import Observer, hooks_of
 from ._policy import Backoff
 from .exceptions import ChatfeedError, ClientClosedError, UsageError
@@ -773,7 +773,9 @@ class Pool:
             if isinstance(exc, ChatfeedError):
                 error = exc
             else:  # a stray cancellation (a handler's, on Python 3.10), or a bug of ours
-                logger.error("feed %r stopped on an unexpected error", key, exc_info=exc)
+                logger.error(
+                    "feed %r stopped on an unexpected error", key, exc_info=exc, extra=log_fields(key, error=exc)
+                )
                 error = ChatfeedError(f"unexpected error: {type(exc).__name__}")
             self._errors[key] = error
             self._settle(key)

@@ -13,7 +13,7 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NoReturn, get_args
 
 from pydantic import TypeAdapter, ValidationError
@@ -180,10 +180,12 @@ class FeedProtocol:
         <HandshakeState.OPEN: 'open'>
     """
 
-    __slots__ = ("_scrub", "_validate_json", "state")
+    __slots__ = ("_scrub", "_validate_json", "log_extra", "state")
 
     def __init__(self) -> None:
         self.state: HandshakeState = HandshakeState.AWAITING_AUTH
+        # The fields of this connection's log records (its pool feed), given by its owner.
+        self.log_extra: Mapping[str, object] = {}
         self._scrub = _NO_SECRET
         self._validate_json: Callable[[str | bytes], AnyServerMessage] = _validator().validate_json
 
@@ -242,7 +244,12 @@ class FeedProtocol:
             self.state = HandshakeState.OPEN
             return None
         if self.state is not HandshakeState.OPEN:
-            logger.warning("ignored a %r frame received before auth_success", self._scrub(message.type[:40]))
+            kind = self._scrub(message.type[:40])
+            logger.warning(
+                "ignored a %r frame received before auth_success",
+                kind,
+                extra={**self.log_extra, "chatfeed_event_type": kind},
+            )
             return None
         return message
 

@@ -64,6 +64,7 @@ class Session:
         token: TokenSource,
         authenticating: Callable[[], None] = lambda: None,
         keepalive: Keepalive | None = None,
+        feed: str | None = None,
     ) -> Session:
         """Fetch a token, connect and authenticate.
 
@@ -75,13 +76,16 @@ class Session:
                 auth frame is sent.
             keepalive: The keepalive the connection joins, instead of running
                 its own (a pool's feeds share one).
+            feed: The pool's key of the feed, for the log records.
 
         Raises:
             ChatfeedError: The attempt failed (its subclass says how).
         """
         protocol = FeedProtocol()  # the first builds the frames' validator, before the network waits
         secret = await fetch_token(token)
-        session = cls(await Connection.open(options, secret=secret, keepalive=keepalive), protocol)
+        connection = await Connection.open(options, secret=secret, keepalive=keepalive, feed=feed)
+        protocol.log_extra = connection.log_extra
+        session = cls(connection, protocol)
         try:
             authenticating()
             await _authenticate(session.connection, protocol, session._frames, secret, options.auth_timeout, counters)
@@ -129,7 +133,9 @@ class Session:
                     event = parse(frame)
                 except ProtocolError as exc:
                     counters.protocol_errors += 1
-                    logger.warning("dropped a frame that does not fit the protocol: %s", exc)
+                    logger.warning(
+                        "dropped a frame that does not fit the protocol: %s", exc, extra=self.connection.log_extra
+                    )
                     continue
                 if event is None:
                     continue
@@ -205,7 +211,7 @@ async def _authenticate(
                 protocol.receive(frame)
             except ProtocolError as exc:
                 counters.protocol_errors += 1
-                logger.warning("ignored a frame during authentication: %s", exc)
+                logger.warning("ignored a frame during authentication: %s", exc, extra=connection.log_extra)
             if protocol.state is HandshakeState.OPEN:
                 return
     finally:

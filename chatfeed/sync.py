@@ -66,6 +66,7 @@ from ._delivery import Backfill, Dedupe
 from ._dispatch import EventName, check_timeout, resolve_event
 from ._dispatch import EventStream as AsyncEventStream
 from ._dispatch import Expectation as AsyncExpectation
+from ._logging import log_fields
 from ._observe import Observer
 from ._policy import Backoff
 from ._pool import Pool as AsyncPool
@@ -419,6 +420,27 @@ class _Call:
 def _resolve(future: asyncio.Future[Exception | None], error: Exception | None) -> None:
     if not future.done():
         future.set_result(error)
+
+
+def _finalize_in_loop(owner: object, portal: _Portal, method: Callable[[], object]) -> weakref.finalize[Any, Any]:
+    """Have ``method``, a bound method, called in the loop's thread once ``owner`` is collected, if its object lives.
+
+    ``weakref.finalize`` keeps what it is given for as long as ``owner``
+    lives. The async object must not be among it: what it keeps reaches back
+    into the caller's code (the error it raised, whose traceback holds the
+    caller's frames; a ``where`` with its closure), and so, often, to
+    ``owner``, which would then never be collected, nor the client with it.
+    """
+    weak = weakref.WeakMethod(method)
+
+    def call() -> None:
+        function = weak()
+        if function is not None:
+            portal.call_soon(function)
+
+    finalizer = weakref.finalize(owner, call)
+    finalizer.atexit = False
+    return finalizer
 
 
 def _name_of(func: Callable[..., object]) -> str:
@@ -1168,7 +1190,8 @@ class Client(_Blocking):
         if outstanding is None:
             await self._client.close()
         else:
-            logger.debug("closing the client once handler %s returns", _name_of(outstanding.func))
+            name = _name_of(outstanding.func)
+            logger.debug("closing the client once handler %s returns", name, extra=log_fields(handler=name))
 
     def __enter__(self) -> Self:
         """Connect; return once the first connection is authenticated.
@@ -1683,7 +1706,8 @@ class Pool(_Blocking):
                 break
             if not logged:
                 logged = True
-                logger.debug("closing the pool once handler %s returns", _name_of(pending[0].func))
+                name = _name_of(pending[0].func)
+                logger.debug("closing the pool once handler %s returns", name, extra=log_fields(handler=name))
             await asyncio.wait([call.done for call in pending], timeout=_SIGNAL_POLL)
         await self._pool.close()
 
@@ -1835,8 +1859,7 @@ class EventStream(Iterator[E_co], Generic[E_co]):
         self._pending: _Reply[E_co] | None = None  # a read that timed out, still waiting
         self._reading = threading.Lock()
         # Unsubscribed in the loop's thread, which owns the stream.
-        self._finalizer = weakref.finalize(self, client._portal.call_soon, stream._unsubscribe)
-        self._finalizer.atexit = False
+        self._finalizer = _finalize_in_loop(self, client._portal, stream._unsubscribe)
 
     @property
     def timeout(self) -> float | None:
@@ -1974,7 +1997,7 @@ class Expectation(Generic[E_co]):
         self._client = client
         self._expectation = expectation
         # One dropped without being waited for is forgotten, in the loop's thread.
-        weakref.finalize(self, client._portal.call_soon, expectation.cancel).atexit = False
+        _finalize_in_loop(self, client._portal, expectation.cancel)
 
     def __repr__(self) -> str:
         return repr(self._expectation).replace("<chatfeed.", "<chatfeed.sync.", 1)

@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from .._config import TokenSource
-from .._logging import redact_url
+from .._logging import log_fields, redact_url
 from ..exceptions import UsageError
 from ._assign import owner
 from ._envelope import subject_token
@@ -538,7 +538,12 @@ class Group:
             try:
                 await self._tick()
             except Exception as exc:  # the broker away: the leases age; renewals resume when it is back
-                logger.warning("the group's round failed (%s); trying again in %g s", exc, period)
+                logger.warning(
+                    "the group's round failed (%s); trying again in %g s",
+                    exc,
+                    period,
+                    extra=log_fields(error=exc, delay=period),
+                )
 
     async def _leave(self) -> None:
         """Hand every feed over to the others (make before break), then stop."""
@@ -548,7 +553,7 @@ class Group:
         try:
             await self.coordinator.leave(self.worker)
         except Exception as exc:
-            logger.warning("could not leave the group cleanly (%s)", exc)
+            logger.warning("could not leave the group cleanly (%s)", exc, extra=log_fields(error=exc))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.handoff_timeout + self.ttl
         while self._held and self._others and loop.time() < deadline:
@@ -569,7 +574,12 @@ class Group:
             try:
                 await self.coordinator.release(lease)
             except Exception as exc:
-                logger.warning("could not release the lease of feed %r (%s)", lease.feed, exc)
+                logger.warning(
+                    "could not release the lease of feed %r (%s)",
+                    lease.feed,
+                    exc,
+                    extra=log_fields(lease.feed, error=exc),
+                )
         self._held.clear()
         await self.coordinator.close()
 
@@ -594,7 +604,7 @@ class Group:
                 if kept:
                     self._valid_until[feed] = sent + self.ttl / 2
                     continue
-                logger.warning("lost the lease of feed %r: it is another worker's now", feed)
+                logger.warning("lost the lease of feed %r: it is another worker's now", feed, extra=log_fields(feed))
                 self._held.pop(feed)
                 self._valid_until.pop(feed, None)
                 self._letting_go.pop(feed, None)
@@ -672,7 +682,12 @@ class Group:
                 self._held.pop(feed, None)
                 self._valid_until.pop(feed, None)
         except Exception as exc:
-            logger.warning("handing feed %r over failed (%s); its lease expires by itself", feed, exc)
+            logger.warning(
+                "handing feed %r over failed (%s); its lease expires by itself",
+                feed,
+                exc,
+                extra=log_fields(feed, error=exc),
+            )
             self._held.pop(feed, None)
             self._valid_until.pop(feed, None)
         finally:

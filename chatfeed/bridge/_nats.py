@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from .._logging import redact_url
+from .._logging import log_fields, redact_url
 from ..exceptions import UsageError
 from ._bridge import BrokerUnavailableError, RecordRejectedError
 from ._consumer import Delivery
@@ -50,16 +50,18 @@ async def _connect(url: str, name: str, connect_timeout: float) -> Any:
 
     async def on_error(exc: Exception) -> None:
         if not state["down"]:
-            logger.debug("NATS: %r", exc)
+            logger.debug("NATS: %r", exc, extra=log_fields(error=exc, url=url))
 
     async def on_disconnected() -> None:
         if not state["down"] and not client.is_closed:
             state["down"] = True
-            logger.warning("lost the connection to NATS at %s; reconnecting", redact_url(url))
+            logger.warning(
+                "lost the connection to NATS at %s; reconnecting", redact_url(url), extra=log_fields(url=url)
+            )
 
     async def on_reconnected() -> None:
         state["down"] = False
-        logger.warning("reconnected to NATS at %s", redact_url(url))
+        logger.warning("reconnected to NATS at %s", redact_url(url), extra=log_fields(url=url))
 
     try:
         client = await nats.connect(
@@ -188,7 +190,7 @@ class JetStreamSink:
                 try:
                     marks[feed] = datetime.fromisoformat(entry.value.decode())
                 except ValueError:
-                    logger.warning("ignored the unreadable watermark of feed %r", feed)
+                    logger.warning("ignored the unreadable watermark of feed %r", feed, extra=log_fields(feed))
 
         await asyncio.gather(*(load(feed) for feed in feeds))
         return marks

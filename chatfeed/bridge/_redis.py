@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from .._logging import redact_url
+from .._logging import log_fields, redact_url
 from ..exceptions import UsageError
 from ._bridge import BrokerUnavailableError, FencedError
 from ._consumer import Delivery
@@ -253,7 +253,7 @@ class RedisStreamSink:
                 try:
                     marks[feed] = datetime.fromisoformat(value.decode())
                 except ValueError:
-                    logger.warning("ignored the unreadable watermark of feed %r", feed)
+                    logger.warning("ignored the unreadable watermark of feed %r", feed, extra=log_fields(feed))
         return marks
 
     async def save_watermarks(self, marks: Mapping[str, datetime]) -> None:
