@@ -9,7 +9,10 @@ can test how your application copes. It keeps a history of the messages and
 chats it pushed, as a backend's database would, for a client to backfill from
 after a gap: in the process ([`history`][chatfeed.testing.FeedServer.history]),
 or over HTTP on the same port (``GET /history``), as a backend's REST API
-serves it.
+serves it. And it replays recordings of real feeds
+([`replay`][chatfeed.testing.FeedServer.replay]), made with
+[`Recorder`][chatfeed.Recorder] or ``chatfeed listen --record``, to turn what
+production sent into a test.
 
 Example:
     ```python
@@ -34,6 +37,7 @@ import itertools
 import json
 import logging
 import operator
+import os
 import random
 import ssl as ssl_module
 import urllib.parse
@@ -50,7 +54,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ._logging import redacting_logger
-from .exceptions import UsageError
+from ._protocol import parse_server_message
+from ._recording import Recording, read_recording
+from .exceptions import ProtocolError, UsageError
 from .models import Chat, Message, NewChat, NewMessage, ServerMessage
 
 __all__ = ["FeedServer", "make_chat", "make_message", "synthetic_conversation"]
@@ -496,6 +502,94 @@ class FeedServer:
             next_at += 1 / rate
             await asyncio.sleep(max(next_at - loop.time(), 0))
 
+    async def replay(self, path: str | os.PathLike[str], *, speed: float = 1.0, user_id: str | None = None) -> int:
+        """Play a recording back to the authenticated clients, at its pace divided by ``speed``.
+
+        The recording is a file written by [`Recorder`][chatfeed.Recorder] or
+        ``chatfeed listen --record``, from production say: replayed to a
+        client under test, it reproduces what that feed sent, byte for byte.
+        Its frames are sent verbatim and in order, malformed and unknown ones
+        too, binary ones as binary frames; only the handshake's frames
+        (``auth_success``, ``auth_error``) are left out, since the server
+        makes its own handshake. The first frame is sent at once, and each
+        next one when its recorded time since the first, divided by
+        ``speed``, has passed: ``speed=10`` plays a 1 s gap in 0.1 s,
+        ``speed=float("inf")`` plays everything as fast as the clients read.
+
+        As with [`play`][chatfeed.testing.FeedServer.play], frames are sent
+        whether or not anyone is connected (call
+        [`wait_for_clients`][chatfeed.testing.FeedServer.wait_for_clients]
+        first), and the ``new_message`` and ``new_chat`` frames that parse
+        are recorded in the [`history`][chatfeed.testing.FeedServer.history],
+        for a client's backfill.
+
+        Where each frame goes: a frame of a lone client's recording goes to
+        every authenticated client. A frame of a pool's recording, which
+        names its feed, goes to the connections of the user whose id is that
+        feed's key (``users={token: key}``), and to those of ``tokens``, which
+        get every frame: one client of ``tokens`` sees every feed, in the
+        order they were recorded. With ``user_id``, every frame goes to that
+        user's connections (and to those of ``tokens``), whatever its feed.
+
+        Args:
+            path: The recording.
+            speed: How many times faster than recorded; a positive number,
+                ``float("inf")`` for no waiting at all.
+            user_id: Send every frame to this user's connections only.
+
+        Returns:
+            How many frames were replayed.
+
+        Raises:
+            UsageError: ``speed`` is not a positive number, or the file cannot
+                be read or is not a recording (the message gives the line).
+
+        Example:
+            A bug seen in production, turned into a regression test:
+
+            ```python
+            async def test_survives_the_feed_of_incident_42() -> None:
+                async with FeedServer(tokens=["t"]) as server:
+                    async with chatfeed.Client(server.url, token="t") as client:
+                        stream = client.events()
+                        await server.wait_for_clients()
+                        await server.replay("tests/recordings/incident-42.jsonl", speed=float("inf"))
+                        ...
+            ```
+        """
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not speed > 0:
+            raise UsageError(f"speed must be a positive number (float('inf'): as fast as possible), not {speed!r}")
+        return await self._replay(read_recording(path), speed=speed, user_id=user_id)
+
+    async def _replay(self, recording: Recording, *, speed: float, user_id: str | None = None) -> int:
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        first: float | None = None
+        sent = 0
+        for recorded in recording.frames:
+            frame = recorded.frame
+            if _is_handshake(frame):
+                continue
+            if first is None:
+                first = recorded.t
+            # Due from the start, so that slow sends do not make it drift.
+            delay = begun + (recorded.t - first) / speed - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._remember(frame)
+            await self.send_raw(frame, user_id=recorded.feed if user_id is None else user_id)
+            sent += 1
+        return sent
+
+    def _remember(self, frame: str | bytes) -> None:
+        """Record in the history the message or chat ``frame`` carries, as a backend would have stored it."""
+        try:
+            message = parse_server_message(frame)
+        except ProtocolError:
+            return
+        if isinstance(message, (NewMessage, NewChat)):
+            self._history.append(message.payload)
+
     async def _publish(self, event: ServerMessage, user_id: str | None = None) -> None:
         # Stored before it is sent, and whether or not anyone is connected, as
         # a backend writes to its database before it pushes.
@@ -698,6 +792,20 @@ class FeedServer:
             self._notify()
         async for _ in ws:  # clients send nothing after auth; keep the connection read
             pass
+
+
+_HANDSHAKE_TYPES = frozenset({"auth_success", "auth_error"})
+
+
+def _is_handshake(frame: str | bytes) -> bool:
+    """Whether ``frame`` is the server's side of a handshake, which a replay leaves to the server."""
+    if not ("auth_" in frame if isinstance(frame, str) else b"auth_" in frame):
+        return False
+    try:
+        data = json.loads(frame)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("type") in _HANDSHAKE_TYPES
 
 
 def _parse_since(text: str) -> datetime | None:
