@@ -162,6 +162,50 @@ def test_the_pool_example_isolates_a_bad_token_shares_its_lanes_and_brings_every
     ]
 
 
+def json_documents(text: str) -> list[Any]:
+    """The JSON documents printed one after the other in ``text``, as OpenTelemetry's console exporters print them."""
+    decoder = json.JSONDecoder()
+    documents: list[Any] = []
+    position = 0
+    while (position := len(text) - len(text[position:].lstrip())) < len(text):
+        document, position = decoder.raw_decode(text, position)
+        documents.append(document)
+    return documents
+
+
+def test_the_otel_example_prints_each_handler_calls_span_with_its_child_and_the_metrics() -> None:
+    *spans, exported = json_documents(run_example(str(EXAMPLES / "otel_console.py")).stdout)
+    processes = [span for span in spans if span["name"] == "process new_message"]
+    children = [span for span in spans if span["name"] == "summarise"]
+    assert len(processes) == len(children) == 3
+    for process in processes:
+        assert process["kind"] == "SpanKind.CONSUMER" and process["parent_id"] is None
+        assert process["attributes"]["messaging.system"] == "chatfeed"
+        assert process["attributes"]["messaging.message.conversation_id"] == "1"
+    assert {child["parent_id"] for child in children} == {process["context"]["span_id"] for process in processes}
+
+    [resource] = exported["resource_metrics"]
+    assert resource["resource"]["attributes"]["service.name"] == "otel-console-example"
+    [scope] = resource["scope_metrics"]
+    assert scope["scope"]["name"] == "chatfeed"
+    points = {metric["name"]: metric["data"]["data_points"] for metric in scope["metrics"]}
+    consumed = {
+        point["attributes"]["chatfeed.event.type"]: point["value"]
+        for point in points["messaging.client.consumed.messages"]
+    }
+    assert consumed == {"new_chat": 1, "new_message": 3}
+    [duration] = points["messaging.process.duration"]
+    assert duration["count"] == 3 and duration["min"] > 0.005  # the handler sleeps 10 ms
+    assert sum(point["count"] for point in points["chatfeed.event.lag"]) == 4
+    states = {point["attributes"]["chatfeed.feed.state"]: point["value"] for point in points["chatfeed.feed.count"]}
+    assert states["open"] == 1 and sum(states.values()) == 1
+    [age] = points["chatfeed.feed.last_event.age"]
+    assert 0 <= age["value"] < WAIT
+    assert {point["attributes"]["chatfeed.buffer"]: point["value"] for point in points["chatfeed.buffer.depth"]} == {
+        "events": 0
+    }
+
+
 def recommended_ini() -> str:
     """The pytest configuration the testing guide recommends, as it shows it."""
     match = re.search(r"```ini\n(.*?)```", TESTING_GUIDE.read_text(), re.DOTALL)
