@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -38,8 +39,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 from ._client import Client
 from ._http_backfill import http_backfill
 from ._logging import redact_url
+from ._observe import Observer
 from ._policy import Backoff
 from ._pool import Pool
+from ._recording import Recorder, read_recording
 from ._version import __version__
 from .exceptions import AuthenticationError, ChatfeedError, ConnectionFailedError, HandshakeError, UsageError
 from .models import Connected, Disconnected, FeedEvent, FeedStopped, NewChat, NewMessage, UnknownMessage
@@ -47,6 +50,7 @@ from .testing import FeedServer, synthetic_conversation
 
 if TYPE_CHECKING:
     from .bridge import Bridge, Record, Sink
+    from .prometheus import MetricsServer
 
 __all__ = ["main"]
 
@@ -75,6 +79,10 @@ output goes away (| head), 2 on bad usage, 3 when the server rejects the
 token, 4 when the server cannot be reached and reconnection is off or exhausted
 (or the server refuses the client for good). With --tokens, 3 or 4 only once
 every feed has stopped: 3 if every token was rejected, 4 otherwise.
+
+With --record FILE, every frame received is also written to FILE (JSON lines,
+token scrubbed, with its arrival time and, with --tokens, its feed), for
+`chatfeed serve --replay FILE` or FeedServer.replay to play back.
 """
 
 _SERVE_EPILOG = """\
@@ -82,6 +90,13 @@ With --users N, each user has a token and a conversation of its own, pushed to
 that user's connections only; the tokens are generated at each start and
 written to the --tokens-file (mode 0600, never printed), one
 {"feed": "user-1", "token": "..."} per line, for `chatfeed listen URL --tokens FILE`.
+
+With --replay FILE (a `listen --record` file), the recording is played instead,
+its gaps divided by --speed, once a client has authenticated; then the server
+goes on serving (--exit-when-done: it exits; --loop: it plays it again). With
+--tokens-file, a recording of many feeds gets a user per feed, named after the
+feed, whose token is written there: `listen --tokens FILE` gets each feed's
+frames on the same feed, and the replay starts once every feed is connected.
 """
 
 _BRIDGE_EPILOG = """\
@@ -196,11 +211,18 @@ def _parser() -> argparse.ArgumentParser:
         help="with --tokens: at most N connection attempts per second, over all feeds (default: 500)",
     )
     listen.add_argument(
+        "--record",
+        metavar="FILE",
+        help="also write every frame received to FILE, with its arrival time (token scrubbed), "
+        "for `serve --replay` or FeedServer.replay",
+    )
+    listen.add_argument(
         "-v",
         "--verbose",
         action="store_true",
         help="log connection details (never the token); with --tokens, a line per feed and connection",
     )
+    _add_metrics_options(listen, keepalive=True)
     listen.set_defaults(run=_listen)
 
     serve = commands.add_parser(
@@ -239,6 +261,23 @@ def _parser() -> argparse.ArgumentParser:
         "--rate", type=_positive_float, default=1.0, help="events per second, of each user with --users (default: 1)"
     )
     serve.add_argument("--seed", type=int, help="seed of the synthetic conversation, for a repeatable feed")
+    serve.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="play a recording (`listen --record FILE`) instead of a synthetic conversation, once a client has "
+        "authenticated",
+    )
+    serve.add_argument(
+        "--speed",
+        type=_speed,
+        metavar="X",
+        help="with --replay: play X times as fast as recorded; max for no waiting (default: 1)",
+    )
+    replayed = serve.add_mutually_exclusive_group()
+    replayed.add_argument("--loop", action="store_true", help="with --replay: play the recording again and again")
+    replayed.add_argument(
+        "--exit-when-done", action="store_true", help="with --replay: stop serving, and exit, once it is played"
+    )
     serve.set_defaults(run=_serve)
 
     bridge = commands.add_parser(
@@ -332,6 +371,7 @@ def _parser() -> argparse.ArgumentParser:
     bridge.add_argument(
         "-v", "--verbose", action="store_true", help="log connection details (never a token), a line per feed"
     )
+    _add_metrics_options(bridge, keepalive=True)
     bridge.set_defaults(run=_bridge)
 
     consume = commands.add_parser(
@@ -361,6 +401,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_broker_options(consume)
     _add_output_options(consume)
     consume.add_argument("-v", "--verbose", action="store_true", help="log the broker's connection details")
+    _add_metrics_options(consume, keepalive=False)
     consume.set_defaults(run=_consume)
 
     demo = commands.add_parser(
@@ -442,6 +483,12 @@ def _positive_float(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
     return value
+
+
+def _speed(text: str) -> float:
+    if text.lower() in ("max", "inf"):
+        return float("inf")
+    return _positive_float(text)
 
 
 def _port(text: str) -> int:
@@ -601,6 +648,117 @@ def _say(text: str) -> None:
     print(f"chatfeed: {text}", file=sys.stderr, flush=True)
 
 
+# --metrics: Prometheus and health checks (chatfeed.prometheus)
+
+
+def _add_metrics_options(parser: argparse.ArgumentParser, *, keepalive: bool) -> None:
+    parser.add_argument(
+        "--metrics",
+        type=_metrics_address,
+        metavar="HOST:PORT",
+        help=(
+            "serve Prometheus metrics on http://HOST:PORT/metrics, and /healthz and /readyz for probes "
+            "(a port alone binds 127.0.0.1; port 0 picks a free one); needs pip install 'chatfeed[prometheus]'"
+        ),
+    )
+    parser.add_argument(
+        "--ready-fraction",
+        type=_fraction,
+        default=_READY_FRACTION,
+        metavar="F",
+        help=f"with --metrics: /readyz answers 200 while this share of the feeds is up (default: {_READY_FRACTION:g})",
+    )
+    if keepalive:
+        parser.add_argument(
+            "--ping-interval",
+            type=_positive_float,
+            metavar="SECONDS",
+            help="seconds between keepalive pings (default: 20)",
+        )
+        parser.add_argument(
+            "--ping-timeout",
+            type=_positive_float,
+            metavar="SECONDS",
+            help="seconds without a pong before a connection is dropped as dead (default: 20)",
+        )
+
+
+_READY_FRACTION = 0.9
+"""The share of a pool's feeds that must be up for ``/readyz`` to answer 200, by default."""
+
+
+def _metrics_address(text: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        host, port = "", text
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:9464
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT, :PORT or PORT: {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {number}")
+    # Metrics say much about a deployment: only what the operator names is exposed.
+    return host or "127.0.0.1", number
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, not {text}")
+    return value
+
+
+def _keepalive(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the keepalive options given on the command line (the library's defaults otherwise)."""
+    options = {"ping_interval": args.ping_interval, "ping_timeout": args.ping_timeout}
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _observers(args: argparse.Namespace) -> list[Observer]:
+    """Return the observers the options ask for: a `PrometheusObserver` with ``--metrics``.
+
+    Raises:
+        UsageError: ``--metrics`` without prometheus-client installed.
+    """
+    observers: list[Observer] = []
+    if getattr(args, "metrics", None) is not None:
+        try:
+            from .prometheus import PrometheusObserver
+        except ImportError:
+            raise UsageError("--metrics needs prometheus-client: pip install 'chatfeed[prometheus]'") from None
+        # A series per feed only for listen: a bridge's or a consumer's
+        # feeds may be thousands, and a group's come and go.
+        observers.append(PrometheusObserver(per_feed=args.run is _listen))
+    return observers
+
+
+async def _start_metrics(args: argparse.Namespace, observers: list[Observer], subject: object) -> MetricsServer | None:
+    """With ``--metrics``, start serving the metrics of ``observers`` and the readiness of ``subject``; say where.
+
+    Raises:
+        UsageError: The address cannot be listened on.
+    """
+    if getattr(args, "metrics", None) is None:
+        return None
+    from .prometheus import MetricsServer, PrometheusObserver, readiness
+
+    registry = next(observer.registry for observer in observers if isinstance(observer, PrometheusObserver))
+    host, port = args.metrics
+    server = MetricsServer(
+        host, port, registry=registry, ready=functools.partial(readiness, subject, fraction=args.ready_fraction)
+    )
+    try:
+        await server.start()
+    except OSError as exc:
+        raise UsageError(f"--metrics: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    _say(f"metrics on {server.url}, health on /healthz and /readyz")
+    return server
+
+
 # listen
 
 
@@ -645,7 +803,20 @@ async def _listen(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get(_TOKEN_VARIABLE)
     if not token:
         raise UsageError(f"no token: set ${_TOKEN_VARIABLE} (or pass --token, or --tokens FILE for many feeds)")
-    client = Client(args.url, token=token, reconnect=_reconnect(args))
+    observers = _observers(args)
+    recorder = _recorder(args)
+    try:
+        client = Client(
+            args.url,
+            token=token,
+            reconnect=_reconnect(args),
+            observer=observers if recorder is None else [*observers, recorder],
+            **_keepalive(args),
+        )
+        metrics = await _start_metrics(args, observers, client)
+    except BaseException:
+        _close_recorder(recorder)
+        raise
     _log_to_stderr(args.verbose)
     printer = _Printer(args.format, no_color=args.no_color)
     show = _Selection(printer, args)
@@ -664,9 +835,36 @@ async def _listen(args: argparse.Namespace) -> int:
             waiter.cancel()
         await client.close()
         await asyncio.wait([running, *finished])
+        _close_recorder(recorder)
+        if metrics is not None:
+            await metrics.close()
     if running.cancelled() or running.exception() is None:
         return EXIT_OK
     return _explain(running.exception(), args.url)
+
+
+def _recorder(args: argparse.Namespace) -> Recorder | None:
+    """Return the recorder of ``--record``, its file created, or ``None`` without it."""
+    if args.record is None:
+        return None
+    try:
+        recorder = Recorder(args.record)
+    except OSError as exc:
+        raise UsageError(f"cannot write the recording to {args.record}: {exc.strerror or type(exc).__name__}") from None
+    _say(f"recording every frame to {args.record}")
+    return recorder
+
+
+def _close_recorder(recorder: Recorder | None) -> None:
+    """Write what ``recorder`` holds and close its file; say how many frames it has."""
+    if recorder is None:
+        return
+    try:
+        recorder.close()
+    except OSError as exc:
+        _say(f"could not finish the recording {recorder.path}: {exc.strerror or type(exc).__name__}")
+        return
+    _say(f"recorded {recorder.frames} frame(s) to {recorder.path}")
 
 
 def _reconnect(args: argparse.Namespace) -> Backoff | bool:
@@ -848,12 +1046,24 @@ class _PoolReport:
 async def _listen_to_pool(args: argparse.Namespace) -> int:
     feeds = _read_tokens(args.tokens)
     reconnect = _reconnect(args)
-    if args.connect_rate is None:
-        pool = Pool(args.url, reconnect=reconnect)
-    else:
-        pool = Pool(args.url, reconnect=reconnect, connect_rate=args.connect_rate)
-    for key, token in feeds.items():
-        pool.add(key, token=token)
+    observers = _observers(args)
+    recorder = _recorder(args)
+    options: dict[str, Any] = _keepalive(args)
+    if args.connect_rate is not None:
+        options["connect_rate"] = args.connect_rate
+    try:
+        pool = Pool(
+            args.url,
+            reconnect=reconnect,
+            observer=observers if recorder is None else [*observers, recorder],
+            **options,
+        )
+        for key, token in feeds.items():
+            pool.add(key, token=token)
+        metrics = await _start_metrics(args, observers, pool)
+    except BaseException:
+        _close_recorder(recorder)
+        raise
     _log_to_stderr(args.verbose, pool=True)
     printer = _Printer(args.format, no_color=args.no_color, feed_width=max(map(len, pool.feeds())))
     show = _Selection(printer, args)
@@ -880,6 +1090,9 @@ async def _listen_to_pool(args: argparse.Namespace) -> int:
             waiter.cancel()
         await pool.close()
         await asyncio.wait([running, reporting, *finished])
+        _close_recorder(recorder)
+        if metrics is not None:
+            await metrics.close()
     error = None if running.cancelled() else running.exception()
     if error is not None:
         raise error
@@ -1058,12 +1271,13 @@ async def _bridge(args: argparse.Namespace) -> int:
         every = len(feeds)
         feeds = {key: token for key, token in feeds.items() if shard(key, shards) == number}
         _say(f"shard {number}/{shards}: {len(feeds)} of the {every} feeds")
+    observers = _observers(args)
     sink = _OpenedSink(sink_for(args.to, **_broker_options(args.to, args)))
     backfill = None if args.backfill_url is None else http_backfill(_history_url(args.backfill_url), feeds)
-    if args.connect_rate is None:
-        pool = Pool(args.url, backfill=backfill)
-    else:
-        pool = Pool(args.url, backfill=backfill, connect_rate=args.connect_rate)
+    options: dict[str, Any] = _keepalive(args)
+    if args.connect_rate is not None:
+        options["connect_rate"] = args.connect_rate
+    pool = Pool(args.url, backfill=backfill, observer=observers, **options)
     group = None
     if args.group is not None:
         group = Group(_coordinator(args), feeds, worker=args.worker)
@@ -1076,7 +1290,8 @@ async def _bridge(args: argparse.Namespace) -> int:
     else:
         for key, token in feeds.items():
             pool.add(key, token=token)
-    bridge = Bridge(pool, sink, window=args.window, start_timeout=args.broker_wait, group=group)
+    bridge = Bridge(pool, sink, window=args.window, start_timeout=args.broker_wait, group=group, observer=observers)
+    metrics = await _start_metrics(args, observers, bridge)
     _log_to_stderr(args.verbose, pool=True)
     if not args.verbose:
         for handler in logging.getLogger().handlers:
@@ -1108,6 +1323,8 @@ async def _bridge(args: argparse.Namespace) -> int:
         await asyncio.wait([running, *helpers])
         if sink.opened.is_set():
             _say(summary.line())
+        if metrics is not None:
+            await metrics.close()
     error = None if running.cancelled() else running.exception()
     if isinstance(error, BrokerUnavailableError):
         _say(f"the broker is unavailable: {error} (tried for {args.broker_wait:g} s, --broker-wait)")
@@ -1123,8 +1340,13 @@ async def _bridge(args: argparse.Namespace) -> int:
 async def _consume(args: argparse.Namespace) -> int:
     from .bridge import Consumer
 
+    observers = _observers(args)
     consumer = Consumer(
-        args.broker, durable=args.durable, max_deliver=args.max_deliver, **_broker_options(args.broker, args)
+        args.broker,
+        durable=args.durable,
+        max_deliver=args.max_deliver,
+        observer=observers,
+        **_broker_options(args.broker, args),
     )
     printer = _Printer(args.format, no_color=args.no_color)
 
@@ -1139,18 +1361,24 @@ async def _consume(args: argparse.Namespace) -> int:
     for name in ("new_message", "new_chat", "error", "unknown"):
         consumer.on(name)(show)
     _log_to_stderr(args.verbose)
+    # Up while the consumer reaches the broker: /readyz says it is not ready yet.
+    metrics = await _start_metrics(args, observers, consumer)
     try:
-        await consumer.start()
-    except UsageError:
-        raise  # a mismatch with what the bridge set up (its partitions, say): exit 2
-    except ChatfeedError as exc:
-        _say(f"the broker is unavailable: {exc}")
-        return EXIT_BROKER
-    try:
-        _say(f"consuming {redact_url(args.broker)} as {args.durable!r}")
-        await printer.closed.wait()  # or Ctrl-C, or SIGTERM
+        try:
+            await consumer.start()
+        except UsageError:
+            raise  # a mismatch with what the bridge set up (its partitions, say): exit 2
+        except ChatfeedError as exc:
+            _say(f"the broker is unavailable: {exc}")
+            return EXIT_BROKER
+        try:
+            _say(f"consuming {redact_url(args.broker)} as {args.durable!r}")
+            await printer.closed.wait()  # or Ctrl-C, or SIGTERM
+        finally:
+            await consumer.close()
     finally:
-        await consumer.close()
+        if metrics is not None:
+            await metrics.close()
     return EXIT_OK
 
 
@@ -1158,6 +1386,10 @@ async def _consume(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    if args.replay is not None:
+        return await _serve_replay(args)
+    if args.speed is not None or args.loop or args.exit_when_done:
+        raise UsageError("--speed, --loop and --exit-when-done go with --replay FILE")
     if args.users is not None:
         return await _serve_users(args)
     if args.tokens_file is not None:
@@ -1206,6 +1438,74 @@ async def _serve_users(args: argparse.Namespace) -> int:
             f"`chatfeed listen {server.url} --tokens {args.tokens_file}`"
         )
         await _play_to_users(server, list(users.values()), rate=args.rate, seed=args.seed)
+    finally:
+        await server.stop()
+    return EXIT_OK
+
+
+async def _serve_replay(args: argparse.Namespace) -> int:
+    """Serve a recording: play it, once a client (or every recorded feed) has authenticated."""
+    if args.users is not None:
+        raise UsageError(
+            "--users plays a synthetic conversation to each user; a replay's users are its recording's feeds "
+            "(give --tokens-file alone)"
+        )
+    if args.seed is not None:
+        raise UsageError("--seed is the synthetic conversation's: not with --replay")
+    recording = read_recording(args.replay)  # a bad file is a usage error, before anything listens
+    feeds = recording.feeds
+    if args.tokens_file is not None and not feeds:
+        raise UsageError(
+            f"--tokens-file goes with a recording of many feeds (`listen --tokens FILE --record`); {args.replay} "
+            "has none"
+        )
+    if args.loop and not recording.frames:
+        raise UsageError(f"--loop needs frames to play: {args.replay} has none")
+    speed = 1.0 if args.speed is None else args.speed
+    users = {} if args.tokens_file is None else {secrets.token_urlsafe(16): feed for feed in feeds}
+    generated = secrets.token_urlsafe(16) if not args.tokens and not users else None
+    tokens = [*(args.tokens or ()), *([generated] if generated else [])]
+    server = FeedServer(tokens=tokens, users=users, host=args.host, port=args.port, backlog=max(100, len(users)))
+    try:
+        await server.start()
+    except OSError as exc:
+        _say(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+        return EXIT_USAGE
+    try:
+        if users:
+            try:
+                _write_tokens(args.tokens_file, users)
+            except OSError as exc:
+                _say(f"cannot write the tokens to {args.tokens_file}: {exc.strerror or exc}")
+                return EXIT_USAGE
+        frames = recording.frames
+        span = frames[-1].t - frames[0].t if frames else 0.0
+        of_feeds = f", of {len(feeds)} feed(s)" if feeds else ""
+        _say(
+            f"serving the recording {args.replay} on {server.url}: {len(frames)} frame(s){of_feeds} over {span:.3f} s, "
+            f"at speed {speed:g}; Ctrl-C stops it"
+        )
+        if generated is not None:
+            _say(f"token: {generated}")
+        if users:
+            _say(
+                f"a user per feed, their tokens in {args.tokens_file}; try "
+                f"`chatfeed listen {server.url} --tokens {args.tokens_file}`"
+            )
+        # Every recorded feed connected, so that none misses the start.
+        clients = len(users) or 1
+        _say(f"the replay starts once {'every feed' if users else 'a client'} has authenticated")
+        while True:
+            await server.wait_for_clients(clients, timeout=None)
+            sent = await server._replay(recording, speed=speed)
+            _say(f"replayed {sent} frame(s)")
+            if not args.loop:
+                break
+            await asyncio.sleep(0)  # a recording played in no time must not starve Ctrl-C
+        if args.exit_when_done:
+            return EXIT_OK
+        _say("the replay is over; still serving, Ctrl-C stops it")
+        await asyncio.get_running_loop().create_future()
     finally:
         await server.stop()
     return EXIT_OK

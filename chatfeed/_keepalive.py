@@ -2,13 +2,16 @@
 
 A [`Client`][chatfeed.Client]'s connection runs its own keepalive task. The
 feeds of a [`Pool`][chatfeed.Pool] share one `Keepalive` instead: every
-connection from which nothing arrived during the last ``interval`` is pinged
-(the pings of thousands of connections spread over the interval as the
-connections came; one that receives data is alive, and costs nothing), and one
-whose pong has not come within ``timeout``, while nothing at all arrived
-from it and it was being read, is dropped as dead, by the same rule as the
-client's own keepalive. A ping is sent by a task that lives as long as
-sending it takes; nothing else runs per connection.
+connection is pinged once per ``interval`` (the pings of thousands of
+connections spread over the interval as the connections came), and one whose
+pong has not come within ``timeout``, while nothing at all arrived from it
+and it was being read, is dropped as dead, by the same rule as the client's
+own keepalive. A dead connection is therefore dropped within ``interval +
+timeout`` of its last sign of life, as a client's is. (Skipping the ping of a
+connection that received data within the interval saves a ping but doubles
+that bound: the data may have come just before the path died.) A ping is
+sent by a task that lives as long as sending it takes; nothing else runs per
+connection.
 """
 
 from __future__ import annotations
@@ -36,11 +39,10 @@ _TICKS_PER_INTERVAL = 20
 class _Member:
     """A connection in the ping queue; ``connection`` is None once it was removed, so that nothing holds it."""
 
-    __slots__ = ("arrivals", "connection")
+    __slots__ = ("connection",)
 
     def __init__(self, connection: Connection) -> None:
         self.connection: Connection | None = connection
-        self.arrivals = connection.arrivals
 
 
 class _Watch:
@@ -130,12 +132,6 @@ class Keepalive:
             due.append((now + self.interval, member))
             if connection in self._watches:
                 continue  # the last ping's pong is still awaited
-            arrivals = connection.arrivals
-            if arrivals != member.arrivals:
-                # Something arrived within the interval: the peer is alive, no ping needed.
-                member.arrivals = arrivals
-                continue
-            member.arrivals = arrivals
             sending = loop.create_task(_ping(connection), name="chatfeed-ping")
             deadline = now + self.timeout if self.timeout is not None else float("inf")
             self._watches[connection] = _Watch(sending, connection.arrivals, deadline)
@@ -152,16 +148,17 @@ class Keepalive:
             pong = watch.pong
             if pong is not None and (self.timeout is None or (asyncio.isfuture(pong) and pong.done())):
                 del self._watches[connection]  # answered, or nobody waits for the answer
-                member = self._members.get(connection)
-                if member is not None:
-                    member.arrivals = connection.arrivals  # the pong is no sign of life for the next interval
                 continue
             if watch.deadline > now:
                 continue
             if self.timeout is None:
                 continue
             if connection.arrivals == watch.arrivals and connection.reading():
-                logger.warning("no pong within %g s: dropping the connection", self.timeout)
+                logger.warning(
+                    "no pong within %g s: dropping the connection",
+                    self.timeout,
+                    extra={**connection.log_extra, "chatfeed_timeout": self.timeout},
+                )
                 del self._watches[connection]
                 self.remove(connection)
                 connection.fail(ConnectionLostError(1006, "no pong within ping_timeout", local=True))
