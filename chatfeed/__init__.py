@@ -23,6 +23,7 @@ from ._observe import Observer
 from ._policy import Backoff
 from ._pool import Pool, PoolEventName, PoolEventStream, PoolHandler, PoolStatistics
 from ._protocol import parse_server_message
+from ._recording import Recorder
 from ._version import __version__
 from .exceptions import (
     AuthenticationError,
@@ -98,6 +99,7 @@ __all__ = [
     "PoolHandler",
     "PoolStatistics",
     "ProtocolError",
+    "Recorder",
     "Role",
     "ServerMessage",
     "TokenProviderError",

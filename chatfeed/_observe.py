@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._logging import log_fields
 from .exceptions import UsageError
 
 if TYPE_CHECKING:
@@ -44,9 +45,10 @@ class Observer:
     DEBUG) and chatfeed goes on as if it had returned.
 
     ``feed`` is the key of a pool's feed (or of the feed a bridged event came
-    from), ``None`` for a lone [`Client`][chatfeed.Client]. Nothing passed to
-    an observer holds the token: a frame that quotes it is given with it
-    replaced by ``***``.
+    from), ``None`` for a lone [`Client`][chatfeed.Client]. A frame is given
+    with the token replaced by ``***`` wherever it quotes it, as are the
+    ``error`` and unknown events made of such frames; a message or chat is
+    the feed's content, given as it came.
 
     Example:
         ```python
@@ -71,7 +73,7 @@ class Observer:
     # A connection's life
 
     def connecting(self, feed: str | None, *, attempt: int) -> None:
-        """A connection attempt starts (``attempt`` counts from 1 since the last success)."""
+        """A connection attempt starts: ``attempt`` is 1, then 2, 3... until one authenticates."""
 
     def connected(self, feed: str | None, *, is_reconnect: bool, downtime: float | None) -> None:
         """A connection was authenticated; ``downtime`` is the seconds since the last one was lost."""
@@ -89,8 +91,10 @@ class Observer:
 
         Args:
             feed: The feed's key.
-            code: The WebSocket close code, or ``None`` when the connection was
-                not closed by a handshake (a ping timeout, a reset).
+            code: The WebSocket close code: the server's, or 1006 when the
+                connection ended without a closing handshake (a reset, a ping
+                timeout); ``None`` when chatfeed ended it on an error of its
+                own (a token function that failed mid-session).
             reason: The close reason, token scrubbed.
             error: Why, as the ``Disconnected`` event gives it.
             retry_in: Seconds until the next attempt, or ``None`` when the
@@ -262,7 +266,7 @@ def hooks_of(observer: Observer | Sequence[Observer] | None) -> Hooks | None:
     return Hooks(tuple(observers)) if observers else None
 
 
-_FAILED: set[tuple[str, str]] = set()
+_FAILED: set[tuple[type[Any], str]] = set()
 """The (observer class, method) pairs that raised once already: logged at DEBUG from then on."""
 
 
@@ -274,11 +278,19 @@ def observer_failed(method: Callable[..., Any], name: str) -> None:
     flood the log.
     """
     method = getattr(method, "func", method)  # a functools.partial of it
-    owner = type(getattr(method, "__self__", method)).__qualname__
-    key = (owner, name)
+    owner_class = type(getattr(method, "__self__", method))
+    owner = owner_class.__qualname__
+    key = (owner_class, name)
     level = logging.DEBUG if key in _FAILED else logging.ERROR
     _FAILED.add(key)
-    logger.log(level, "observer %s.%s raised; chatfeed goes on without it", owner, name, exc_info=True)
+    logger.log(
+        level,
+        "observer %s.%s raised; chatfeed goes on without it",
+        owner,
+        name,
+        exc_info=True,
+        extra=log_fields(observer=f"{owner}.{name}"),
+    )
 
 
 def _overrides(observer: Observer, name: str) -> bool:

@@ -39,6 +39,7 @@ from typing_extensions import Self
 from .._config import TokenSource, _positive
 from .._delivery import Gap
 from .._lanes import Lanes
+from .._logging import log_fields
 from .._observe import Observer, hooks_of
 from .._pool import Pool
 from ..exceptions import ChatfeedError, UsageError
@@ -208,6 +209,7 @@ class Bridge:
         "_stats",
         "_unsaved",
         "_up",
+        "_waiting_for_room",
     )
 
     def __init__(
@@ -289,6 +291,7 @@ class Bridge:
         self._flusher: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] | None = None
         self._hooks = hooks_of(observer)
+        self._waiting_for_room = 0  # feeds waiting for room in the window: backpressure while > 0
         if self._hooks is not None:
             self._hooks.attach(self)
         dispatcher = pool._dispatcher
@@ -455,6 +458,7 @@ class Bridge:
                     "%d event(s) were not published before the bridge closed; the saved watermarks are older "
                     "than they are, so a bridge started again backfills them",
                     left,
+                    extra=log_fields(events=left),
                 )
             if self._flusher is not None:
                 self._flusher.cancel()
@@ -516,14 +520,16 @@ class Bridge:
             return
         hooks = self._hooks
         backpressure = None if hooks is None else hooks.backpressure
-        if backpressure is not None:
+        self._waiting_for_room += 1
+        if backpressure is not None and self._waiting_for_room == 1:  # the first feed to wait: engaged
             backpressure(None, engaged=True, where="bridge")
         try:
             while not lanes.offer(record):
                 # Shared by every feed: one feed's cancelled wait must not cancel the others'.
                 await asyncio.shield(lanes.wait_for_room())
         finally:
-            if backpressure is not None:
+            self._waiting_for_room -= 1
+            if backpressure is not None and self._waiting_for_room == 0:
                 backpressure(None, engaged=False, where="bridge")
 
     async def _fenced_out(self, record: Record) -> bool:
@@ -550,7 +556,11 @@ class Bridge:
             try:
                 stored = await self._sink.publish(record)
             except FencedError:
-                logger.info("feed %r: a record refused, the feed's lease is another worker's", record.feed)
+                logger.info(
+                    "feed %r: a record refused, the feed's lease is another worker's",
+                    record.feed,
+                    extra=log_fields(record.feed, event_type=record.type, chat=record.chat),
+                )
                 self._forget(record)
                 return
             except RecordRejectedError as exc:
@@ -561,6 +571,7 @@ class Bridge:
                     record.dedup,
                     record.feed,
                     exc,
+                    extra=log_fields(record.feed, event_type=record.type, chat=record.chat, error=exc),
                 )
                 break
             except Exception as exc:
@@ -568,21 +579,28 @@ class Bridge:
                 stats["retries"] += 1
                 if hooks is not None and hooks.publish_failed is not None:
                     hooks.publish_failed(record, error=exc, attempt=failures)
+                options = self._options
+                bound = min(options.retry_maximum, options.retry_initial * 2 ** min(failures - 1, 30))
+                delay = random.uniform(0, bound)  # jitter, not cryptography
                 if self._up:
                     self._up = False
                     logger.warning(
                         "the broker refused or did not acknowledge a publish (%s); the bridge retries, "
                         "and the feeds stop being read once %d event(s) are held",
                         describe_error(exc),
-                        self._options.window,
+                        options.window,
+                        extra=log_fields(record.feed, error=exc, attempt=failures, delay=delay),
                     )
-                options = self._options
-                bound = min(options.retry_maximum, options.retry_initial * 2 ** min(failures - 1, 30))
-                await asyncio.sleep(random.uniform(0, bound))  # jitter, not cryptography
+                await asyncio.sleep(delay)
                 continue
             if not self._up:
                 self._up = True
-                logger.warning("the broker is back; publishing resumes (%d event(s) held)", self._lanes.held)
+                waiting = self._lanes.held
+                logger.warning(
+                    "the broker is back; publishing resumes (%d event(s) held)",
+                    waiting,
+                    extra=log_fields(events=waiting),
+                )
             stats["published"] += 1
             if not stored:
                 stats["duplicates"] += 1
@@ -677,7 +695,12 @@ class Bridge:
     async def _report(self, exc: BaseException, record: Any) -> None:
         # _publish catches every Exception; what reaches here is a cancellation
         # of something it awaited (the sink's own), logged and not fatal.
-        logger.error("publishing %r failed: %r; the record stays held until the bridge closes", record, exc)
+        logger.error(
+            "publishing %r failed: %r; the record stays held until the bridge closes",
+            record,
+            exc,
+            extra=log_fields(getattr(record, "feed", None), error=exc),
+        )
 
     # Watermarks
 
@@ -711,7 +734,7 @@ class Bridge:
                 "a bridge started again backfills it again",
                 feed,
                 since.isoformat(),
-                extra={"chatfeed_feed": feed},
+                extra=log_fields(feed),
             )
         self._unsaved.add(feed)
 
@@ -727,7 +750,12 @@ class Bridge:
             self._unsaved |= unsaved  # saved next time (close() saves once more after the flusher's end)
             if not isinstance(exc, Exception):
                 raise
-            logger.warning("could not save %d watermark(s) (%s); trying again later", len(marks), describe_error(exc))
+            logger.warning(
+                "could not save %d watermark(s) (%s); trying again later",
+                len(marks),
+                describe_error(exc),
+                extra=log_fields(error=exc),
+            )
             return
         self._saved.update(marks)
         self._stats["watermarks_saved"] += 1
@@ -761,9 +789,13 @@ class Bridge:
             except BrokerUnavailableError as exc:
                 failure = exc
                 failures += 1
-                if failures == 1:
-                    logger.warning("%s; trying again until it answers", exc, extra={"chatfeed_start_retry": True})
                 delay = min(2.0, 0.1 * 2 ** min(failures - 1, 30))
+                if failures == 1:
+                    logger.warning(
+                        "%s; trying again until it answers",
+                        exc,
+                        extra={"chatfeed_start_retry": True, **log_fields(error=exc, attempt=failures, delay=delay)},
+                    )
                 await asyncio.wait([closed], timeout=delay if remaining is None else min(delay, remaining))
                 continue
             return True

@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol, TypeVar, overload
 from typing_extensions import Self
 
 from .._lanes import Lanes
+from .._logging import log_fields
 from .._observe import Observer, hooks_of, observer_failed
 from ..exceptions import UsageError
 from ..models import Chat, ErrorMessage, FeedEvent, Message, NewChat, NewMessage, UnknownMessage
@@ -572,8 +573,7 @@ class Consumer:
         while True:
             free = options.max_in_flight - self._in_flight
             if free <= 0:
-                room.clear()
-                await room.wait()
+                await self._wait_for_room(room, "consumer")
                 continue
             try:
                 deliveries = await source.fetch(min(options.batch, free))
@@ -583,7 +583,11 @@ class Consumer:
                 self._up = False
                 if not failing:
                     failing = True
-                    logger.warning("fetching from the broker failed (%s); trying again every second", _describe(exc))
+                    logger.warning(
+                        "fetching from the broker failed (%s); trying again every second",
+                        _describe(exc),
+                        extra=log_fields(error=exc, delay=1.0),
+                    )
                 await asyncio.sleep(1.0)
                 continue
             self._up = True
@@ -606,7 +610,12 @@ class Consumer:
             reason = (
                 str(exc) if isinstance(exc, EnvelopeError) else f"the envelope cannot be read ({type(exc).__name__})"
             )
-            logger.error("dead-lettered the entry at %s of the log: %s", delivery.position, reason)
+            logger.error(
+                "dead-lettered the entry at %s of the log: %s",
+                delivery.position,
+                reason,
+                extra=log_fields(error=exc, position=delivery.position),
+            )
             self._settle(_Pending(delivery, None, "", 0), f"unreadable: {reason}", dead=True)
             return
         hooks = self._hooks
@@ -632,8 +641,8 @@ class Consumer:
                 await self._call(entry, pending)
                 continue
             try:
-                while not lanes.offer(pending):
-                    await lanes.wait_for_room()
+                if not lanes.offer(pending):
+                    await self._hand_to_full_lanes(lanes, pending, entry.name)
             except Exception as exc:  # the handler's key function raised
                 self._counts["handler_errors"] += 1
                 logger.error(
@@ -641,8 +650,38 @@ class Consumer:
                     entry.name,
                     delivery.position,
                     exc_info=exc,
+                    extra=log_fields(
+                        pending.feed or None, event=event, handler=entry.name, error=exc, position=delivery.position
+                    ),
                 )
                 self._done(pending, f"{type(exc).__name__} in the key function of handler {entry.name}")
+
+    async def _wait_for_room(self, room: asyncio.Event, where: str) -> None:
+        """Wait until settling makes room for more events in flight; report the wait to the observers."""
+        hooks = self._hooks
+        backpressure = None if hooks is None else hooks.backpressure
+        if backpressure is not None:
+            backpressure(None, engaged=True, where=where)
+        try:
+            while self._in_flight >= self._options.max_in_flight:
+                room.clear()
+                await room.wait()
+        finally:
+            if backpressure is not None:
+                backpressure(None, engaged=False, where=where)
+
+    async def _hand_to_full_lanes(self, lanes: Lanes, pending: _Pending, name: str) -> None:
+        """Wait until the handler's lanes take ``pending``: they hold its ``max_pending``."""
+        hooks = self._hooks
+        backpressure = None if hooks is None else hooks.backpressure
+        if backpressure is not None:
+            backpressure(pending.feed, engaged=True, where=name)
+        try:
+            while not lanes.offer(pending):
+                await lanes.wait_for_room()
+        finally:
+            if backpressure is not None:
+                backpressure(pending.feed, engaged=False, where=name)
 
     async def _call(self, entry: _Entry, pending: _Pending) -> None:
         try:
@@ -660,6 +699,14 @@ class Consumer:
                 pending.delivery.attempt,
                 self._options.max_deliver,
                 exc_info=exc,
+                extra=log_fields(
+                    pending.feed or None,
+                    event=pending.event,
+                    handler=entry.name,
+                    error=exc,
+                    attempt=pending.delivery.attempt,
+                    position=pending.delivery.position,
+                ),
             )
             self._done(pending, f"{type(exc).__name__} in handler {entry.name}")
         else:
@@ -711,7 +758,7 @@ class Consumer:
             try:
                 hooks = self._hooks
                 if error is None:
-                    await delivery.ack()
+                    await _acknowledge(delivery)
                     self._counts["acked"] += 1
                     if hooks is not None and hooks.acknowledged is not None and pending.event is not None:
                         hooks.acknowledged(pending.feed, pending.event)
@@ -730,6 +777,12 @@ class Consumer:
                             delivery.position,
                             delivery.attempt,
                             error,
+                            extra=log_fields(
+                                pending.feed or None,
+                                event=pending.event,
+                                failed_attempts=delivery.attempt,
+                                position=delivery.position,
+                            ),
                         )
                 else:
                     delay = min(options.retry_maximum, options.retry_delay * 2 ** (delivery.attempt - 1))
@@ -741,7 +794,12 @@ class Consumer:
                 raise
             except Exception as exc:
                 # The broker will deliver it again (its ack wait, or a claim).
-                logger.warning("could not settle the event at %s (%s)", delivery.position, _describe(exc))
+                logger.warning(
+                    "could not settle the event at %s (%s)",
+                    delivery.position,
+                    _describe(exc),
+                    extra=log_fields(pending.feed or None, error=exc, position=delivery.position),
+                )
             finally:
                 self._unsettled.pop(pending, None)
                 self._in_flight -= 1
@@ -762,7 +820,12 @@ class Consumer:
                     try:
                         await pending.delivery.extend()
                     except Exception as exc:
-                        logger.debug("could not extend the event at %s: %r", pending.delivery.position, exc)
+                        logger.debug(
+                            "could not extend the event at %s: %r",
+                            pending.delivery.position,
+                            exc,
+                            extra=log_fields(pending.feed or None, error=exc, position=pending.delivery.position),
+                        )
 
 
 _NOT_COUNTED = "\x00"
@@ -778,6 +841,28 @@ class _ConsumerOptions:
     batch: int
     drain_timeout: float
     heartbeat: float
+
+
+async def _acknowledge(delivery: Delivery) -> None:
+    """Acknowledge ``delivery``, trying twice more on failure.
+
+    An acknowledgement is idempotent, and the first one after a broker's
+    restart can go out on a pooled connection the restart broke: given up at
+    once, the event would stay unacknowledged until this consumer stops, and
+    then be handled again.
+    """
+    for wait in _ACK_RETRIES:
+        try:
+            await delivery.ack()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            await asyncio.sleep(wait)
+    await delivery.ack()
+
+
+_ACK_RETRIES = (0.1, 0.5)
 
 
 def source_for(url: str, durable: str, **options: Any) -> Source:
