@@ -692,12 +692,9 @@ def _metrics_address(text: str) -> tuple[str, int]:
     if not colon:
         host, port = "", text
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:9464
-    try:
-        number = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not HOST:PORT, :PORT or PORT: {text!r}") from None
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port number: {number}")
+    if not port.isdigit():
+        raise argparse.ArgumentTypeError(f"not HOST:PORT, :PORT or PORT: {text!r}")
+    number = _port(port)
     # Metrics say much about a deployment: only what the operator names is exposed.
     return host or "127.0.0.1", number
 

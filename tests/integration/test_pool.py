@@ -14,6 +14,7 @@ import contextlib
 import gc
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -1391,9 +1392,10 @@ async def test_the_default_lanes_are_per_feed_and_chat() -> None:
             release.set()
 
 
-def live_connections() -> int:
+def live_connections() -> weakref.WeakSet[_ClientConnection]:
+    """The client connections alive in this process, held weakly."""
     gc.collect()
-    return sum(1 for obj in gc.get_objects() if type(obj) is _ClientConnection)  # not its weak proxies
+    return weakref.WeakSet(obj for obj in gc.get_objects() if type(obj) is _ClientConnection)  # not its weak proxies
 
 
 async def test_a_lost_connection_is_let_go_once_its_feed_is_back(caplog: pytest.LogCaptureFixture) -> None:
@@ -1413,14 +1415,19 @@ async def test_a_lost_connection_is_let_go_once_its_feed_is_back(caplog: pytest.
             pool.add(key, token=TOKEN)
         client = make_client(server.url)
         client.on("connected")(lambda event: back.bump() if event.is_reconnect else None)
+        # Only this test's connections are looked at: one that an earlier
+        # test in this process leaked would say nothing about this one.
+        others = live_connections()
         async with pool, client:
-            before = live_connections()
-            assert before == 4
+            lost = live_connections() - others
+            assert len(lost) == 4
             server.drop_connections()
             await back.wait_for(4)
             assert pool.statistics().up == 3 and client.connected
             assert len(disconnected) == 3  # kept by the application, with their errors
-            assert live_connections() == before
+            back_up = live_connections() - others
+            assert not lost, f"{len(lost)} lost connection(s) still alive"
+            assert len(back_up) == 4
 
 
 async def test_a_handler_error_while_another_feed_dispatched_is_reported_not_fatal() -> None:

@@ -13,6 +13,7 @@ import base64
 import concurrent.futures
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -710,6 +712,27 @@ def test_an_expectation_dropped_without_waiting_is_forgotten(feed: Feed) -> None
         assert client.statistics().expectations == 1
         del kept
         assert client.statistics().expectations == 0
+
+
+def test_an_expectation_that_failed_in_the_frame_holding_it_lets_it_and_the_client_go(feed: Feed) -> None:
+    # The error a wait raised goes back up through the caller's frame, which
+    # holds the expectation, and the ended expectation keeps that error.
+    # What its finalizer holds must not lead there: the finalizer, kept
+    # until the expectation goes, would keep it, and the client with its
+    # last connection, for ever.
+    def wait_in_a_frame() -> tuple[weakref.ref[chatfeed.sync.Expectation[Any]], weakref.ref[chatfeed.sync.Client]]:
+        client = make_client(feed.url)
+        with client:
+            reply = client.expect("new_chat")
+            with pytest.raises(TimeoutError):
+                reply.wait(50 * MS)
+        CLIENTS.remove(client)  # closed, as the fixture would check; it must not keep it either
+        return weakref.ref(reply), weakref.ref(client)
+
+    reply, client = wait_in_a_frame()
+    gc.collect()
+    assert reply() is None
+    assert client() is None
 
 
 def test_from_the_clients_own_thread_close_returns_at_once_and_blocking_calls_are_refused(feed: Feed) -> None:
