@@ -258,6 +258,7 @@ class Client:
     """
 
     __slots__ = (
+        "__weakref__",
         "_abandoned",
         "_backfill_errors",
         "_cancelled_host",

@@ -221,6 +221,7 @@ class Pool:
     """
 
     __slots__ = (
+        "__weakref__",
         "_closing",
         "_dispatcher",
         "_errors",

@@ -188,6 +188,7 @@ class Bridge:
     """
 
     __slots__ = (
+        "__weakref__",
         "_closed",
         "_drained",
         "_epochs",

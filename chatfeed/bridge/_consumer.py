@@ -271,6 +271,7 @@ class Consumer:
     """
 
     __slots__ = (
+        "__weakref__",
         "_counts",
         "_ended",
         "_entries",
