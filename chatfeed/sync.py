@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import inspect
 import logging
 import queue
@@ -382,12 +383,15 @@ def _take(channel: queue.SimpleQueue[_Call | None], run: _Reply[None]) -> _Call 
 class _Call:
     """A call of a handler or a hook, handed by the loop to the thread running ``run()``."""
 
-    __slots__ = ("args", "done", "func", "loop")
+    __slots__ = ("args", "context", "done", "func", "loop")
 
     def __init__(self, func: Callable[..., object], args: tuple[Any, ...], loop: asyncio.AbstractEventLoop) -> None:
         self.func = func
         self.args = args
         self.loop = loop
+        # The loop task's context, where the call is made: what an observer
+        # made current for the handler (a tracing span) is current in it too.
+        self.context = contextvars.copy_context()
         # Its outcome is the handler's exception (or None) as a result, so
         # that a call nobody waits for any more leaves no unretrieved error.
         self.done: asyncio.Future[Exception | None] = loop.create_future()
@@ -398,7 +402,7 @@ class _Call:
         A BaseException (KeyboardInterrupt, SystemExit) is not caught: it stops ``run()``.
         """
         try:
-            result = self.func(*self.args)
+            result = self.context.run(self.func, *self.args)
         except Exception as exc:
             return exc
         if inspect.isawaitable(result):

@@ -10,6 +10,7 @@ up, a pool's feeds by key, and an observer that fails in every method.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import threading
@@ -693,3 +694,33 @@ def test_the_sync_client_reports_in_its_own_thread() -> None:
     assert observer.of("event_received") == [("event_received", None, event)]
     assert observer.of("state_changed")[-1] == ("state_changed", None, "closed")
     assert observer.threads == {threading.current_thread().name, "chatfeed-sync"}  # attached here, the rest there
+
+
+HANDLING: contextvars.ContextVar[str] = contextvars.ContextVar("handling", default="")
+
+
+def test_what_handler_started_makes_current_is_current_in_a_sync_handler_run_in_another_thread() -> None:
+    # A tracing span made current by handler_started (in the loop's task) is the parent of
+    # the spans the handler opens, also when chatfeed.sync runs the handler in run()'s thread.
+    class Tagging(chatfeed.Observer):
+        def handler_started(self, feed: str | None, event: Any, *, handler: str) -> object:
+            return HANDLING.set(f"handling {event.payload.id}")
+
+        def handler_finished(self, feed: str | None, event: Any, **details: Any) -> None:
+            HANDLING.reset(details["started"])
+
+    seen: list[str] = []
+    with ThreadedFeedServer(tokens=[TOKEN]) as feed:
+        client = chatfeed.sync.Client(feed.server.url, token=TOKEN, reconnect=FAST, observer=Tagging())
+
+        @client.on("new_message")
+        def handle(event: chatfeed.NewMessage) -> None:
+            seen.append(HANDLING.get())
+            client.close()
+
+        @client.on("connected")
+        def push(event: chatfeed.Connected) -> None:
+            asyncio.run_coroutine_threadsafe(feed.server.push_message(id="m1"), feed._loop).result(WAIT)
+
+        client.run()  # returns once the handler has closed the client
+    assert seen == ["handling m1"]
