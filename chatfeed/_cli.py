@@ -856,10 +856,10 @@ def _close_recorder(recorder: Recorder | None) -> None:
     """Write what ``recorder`` holds and close its file; say how many frames it has."""
     if recorder is None:
         return
-    try:
-        recorder.close()
-    except OSError as exc:
-        _say(f"could not finish the recording {recorder.path}: {exc.strerror or type(exc).__name__}")
+    recorder.close()
+    error = recorder.error
+    if error is not None:
+        _say(f"could not finish the recording {recorder.path}: {error.strerror or type(error).__name__}")
         return
     _say(f"recorded {recorder.frames} frame(s) to {recorder.path}")
 

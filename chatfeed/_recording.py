@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import threading
@@ -40,6 +42,8 @@ from ._version import __version__
 from .exceptions import UsageError
 
 __all__ = ["FORMAT", "VERSION", "RecordedFrame", "Recorder", "Recording", "read_recording"]
+
+logger = logging.getLogger("chatfeed")
 
 FORMAT = "chatfeed-recording"
 """The header's ``format``: what says that a file is a recording."""
@@ -104,11 +108,15 @@ class Recorder(Observer):
         self._flush_due = False  # a timer will flush what is pending
         self._frames = 0
         self._closed = False
+        self._error: OSError | None = None
         # A blocking client's observers run on its event loop's thread, and
         # close() may come from another one.
         self._lock = threading.Lock()
-        # os.open: created with its mode, never readable by others even for a moment.
+        # os.open: created with its mode, never readable by others even for a moment;
+        # an existing file keeps its own, so it is set again.
         self._fd: int | None = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY, 0o600)
+        if hasattr(os, "fchmod"):  # not on Windows
+            os.fchmod(self._fd, 0o600)
 
     def __repr__(self) -> str:
         return f"<chatfeed.Recorder path={self._path!r} frames={self._frames}{' closed' if self._closed else ''}>"
@@ -122,6 +130,15 @@ class Recorder(Observer):
     def frames(self) -> int:
         """How many frames were recorded so far."""
         return self._frames
+
+    @property
+    def error(self) -> OSError | None:
+        """Why the recording stopped early (a full disk, say), or ``None``.
+
+        A write that fails is logged once, at ERROR; the recorder then closes
+        its file, which holds every line written before, and records nothing more.
+        """
+        return self._error
 
     def attached(self, subject: object) -> None:
         """Remember the client or pool recorded, whose address the header gives."""
@@ -193,8 +210,21 @@ class Recorder(Observer):
         self._pending.clear()
         self._pending_size = 0
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            # Called from a timer too, where an exception would only reach asyncio's handler.
+            self._error = exc
+            self._closed = True
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            logger.error(
+                "the recording to %s stopped: %s; it holds the frames written before, and records no more",
+                self._path,
+                exc.strerror or type(exc).__name__,
+            )
 
     def _header(self) -> bytes:
         # Made at the first write rather than when attached: a pool's feeds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import stat
 from pathlib import Path
@@ -39,6 +40,38 @@ def test_what_a_recorder_writes_reads_back_frame_for_frame(tmp_path: Path) -> No
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     header = json.loads(path.read_text().splitlines()[0])
     assert (header["format"], header["version"], header["url"]) == ("chatfeed-recording", 1, None)
+
+
+def test_an_existing_file_recorded_over_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "feed.jsonl"
+    path.write_text("an older recording")
+    path.chmod(0o644)
+    with chatfeed.Recorder(path) as recorder:
+        recorder.frame_received(None, "a message's content")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def test_a_recording_whose_writes_fail_stops_and_says_why_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Linux's /dev/full fails every write. The timer's flush must not send the error to
+    # asyncio's handler, again and again.
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda loop, context: errors.append(context))
+    recorder = chatfeed.Recorder("/dev/full", flush_interval=10 * MS)
+    recorder.frame_received(None, "first")
+    deadline = loop.time() + 5000 * MS
+    while recorder.error is None:
+        assert loop.time() < deadline, "the flush never came"
+        await asyncio.sleep(10 * MS)
+    recorder.frame_received(None, "after the failure")
+    recorder.close()
+    assert errors == []
+    assert recorder.error.errno == errno.ENOSPC
+    assert recorder.frames == 1
+    stopped = [record for record in caplog.records if "recording to /dev/full stopped" in record.getMessage()]
+    assert [record.levelname for record in stopped] == ["ERROR"]
 
 
 def test_a_recorder_closed_records_nothing_more_and_closes_once(tmp_path: Path) -> None:
