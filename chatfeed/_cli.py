@@ -46,7 +46,7 @@ from ._recording import Recorder, read_recording
 from ._version import __version__
 from .exceptions import AuthenticationError, ChatfeedError, ConnectionFailedError, HandshakeError, UsageError
 from .models import Connected, Disconnected, FeedEvent, FeedStopped, NewChat, NewMessage, UnknownMessage
-from .testing import FeedServer, synthetic_conversation
+from .testing import FeedServer, _is_handshake, synthetic_conversation
 
 if TYPE_CHECKING:
     from .bridge import Bridge, Record, Sink
@@ -692,8 +692,8 @@ def _metrics_address(text: str) -> tuple[str, int]:
     if not colon:
         host, port = "", text
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:9464
-    if not port.isdigit():
-        raise argparse.ArgumentTypeError(f"not HOST:PORT, :PORT or PORT: {text!r}")
+    if not port.isdigit() or (":" in host and not text.startswith("[")):
+        raise argparse.ArgumentTypeError(f"not HOST:PORT, :PORT, PORT or [IPV6]:PORT: {text!r}")
     number = _port(port)
     # Metrics say much about a deployment: only what the operator names is exposed.
     return host or "127.0.0.1", number
@@ -1456,8 +1456,8 @@ async def _serve_replay(args: argparse.Namespace) -> int:
             f"--tokens-file goes with a recording of many feeds (`listen --tokens FILE --record`); {args.replay} "
             "has none"
         )
-    if args.loop and not recording.frames:
-        raise UsageError(f"--loop needs frames to play: {args.replay} has none")
+    if args.loop and all(_is_handshake(frame.frame) for frame in recording.frames):
+        raise UsageError(f"--loop needs frames to play: {args.replay} has none but the server's handshakes")
     speed = 1.0 if args.speed is None else args.speed
     users = {} if args.tokens_file is None else {secrets.token_urlsafe(16): feed for feed in feeds}
     generated = secrets.token_urlsafe(16) if not args.tokens and not users else None
@@ -1492,10 +1492,13 @@ async def _serve_replay(args: argparse.Namespace) -> int:
         # Every recorded feed connected, so that none misses the start.
         clients = len(users) or 1
         _say(f"the replay starts once {'every feed' if users else 'a client'} has authenticated")
+        rounds = 0
         while True:
             await server.wait_for_clients(clients, timeout=None)
             sent = await server._replay(recording, speed=speed)
-            _say(f"replayed {sent} frame(s)")
+            rounds += 1
+            if rounds == 1:  # not a line per round: a loop at --speed max would flood the terminal
+                _say(f"replayed {sent} frame(s){', and again until Ctrl-C' if args.loop and sent else ''}")
             if not args.loop:
                 break
             await asyncio.sleep(0)  # a recording played in no time must not starve Ctrl-C

@@ -415,8 +415,9 @@ class Bridge:
         """Add feeds to the running pool, each resumed from its saved watermark: one load for all of them."""
         if not feeds:
             return
+        taken = datetime.now(timezone.utc)  # before the load: the leases are held from here on
         marks: dict[str, datetime] = await self._sink.load_watermarks(list(feeds))
-        new = dict.fromkeys([key for key in feeds if key not in marks], datetime.now(timezone.utc))
+        new = dict.fromkeys([key for key in feeds if key not in marks], taken)
         if new:
             # A feed the group has never bridged: from now, the moment its lease
             # was taken. Saved at once, so that a next holder, after a crash,

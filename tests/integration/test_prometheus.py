@@ -286,9 +286,10 @@ def test_the_metrics_option_without_prometheus_client_is_one_line_and_exit_statu
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        ("nonsense", "not HOST:PORT, :PORT or PORT: 'nonsense'"),
+        ("nonsense", "not HOST:PORT, :PORT, PORT or [IPV6]:PORT: 'nonsense'"),
         ("127.0.0.1:99999", "not a port number: 99999"),
-        ("[::1]:x", "not HOST:PORT, :PORT or PORT: '[::1]:x'"),
+        ("[::1]:x", "not HOST:PORT, :PORT, PORT or [IPV6]:PORT: '[::1]:x'"),
+        ("::1", "not HOST:PORT, :PORT, PORT or [IPV6]:PORT: '::1'"),  # not port 1 of host ":"
     ],
 )
 def test_a_bad_metrics_address_is_bad_usage(option: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -403,6 +403,7 @@ async def test_serve_replay_plays_a_recording_to_listen_at_its_speed(tmp_path: P
         (HEADER + '{"t": -1, "text": "x"}\n', (), 'line 2: "t" must be'),
         (HEADER, ("--speed", "0"), "must be a positive number"),
         (HEADER, ("--loop",), "--loop needs frames"),
+        (HEADER + '{"t": 0, "text": "{\\"type\\": \\"auth_success\\"}"}\n', ("--loop",), "--loop needs frames"),
     ],
 )
 async def test_serve_replay_refuses_a_bad_recording_with_its_line_number(
