@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
-import contextlib
 import logging
 import threading
 import time
@@ -43,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - the extra is installed wherever
     ) from exc
 
 from ._client import ClientState, ClientStatistics
+from ._collect import LoopReader, closed
 from ._observe import Observer
 from ._pool import Pool, PoolStatistics
 from ._version import __version__
@@ -143,7 +142,7 @@ class OpenTelemetryObserver(Observer):
         self._instruments = _instruments_of(meter_provider)
         self._subjects = _Subjects()
         # The loop the subjects run on, seen by a hook: where their statistics are read.
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader = LoopReader()
         # Per feed (None: a lone client's), when its last event came, on time.monotonic().
         self._last_event: dict[str | None, float] = {}
         # Attribute dicts, made once per combination: the receive path only looks them up.
@@ -155,7 +154,7 @@ class OpenTelemetryObserver(Observer):
 
     def attached(self, subject: object) -> None:
         """Remember ``subject``, to read its ``statistics()`` when the metrics are collected."""
-        self._see_loop()
+        self._reader.see_loop()
         if not callable(getattr(subject, "statistics", None)):
             logger.debug("OpenTelemetryObserver: %s has no statistics() to report", type(subject).__qualname__)
             return
@@ -165,7 +164,7 @@ class OpenTelemetryObserver(Observer):
 
     def connecting(self, feed: str | None, *, attempt: int) -> None:
         """Note the event loop the feeds run on."""
-        self._see_loop()
+        self._reader.see_loop()
 
     def connected(self, feed: str | None, *, is_reconnect: bool, downtime: float | None) -> None:
         """Count the connection; record how long the feed was down before a reconnection."""
@@ -192,7 +191,7 @@ class OpenTelemetryObserver(Observer):
 
     def state_changed(self, feed: str | None, state: ClientState) -> None:
         """Forget the last event of a feed that closed: its age would grow for ever."""
-        self._see_loop()
+        self._reader.see_loop()
         if state == "closed":
             self._last_event.pop(feed, None)
 
@@ -200,8 +199,8 @@ class OpenTelemetryObserver(Observer):
 
     def event_received(self, feed: str | None, event: FeedEvent) -> None:
         """Count the event, note when it came, and record its lag when it has a ``created_at``."""
-        if self._loop is None:
-            self._see_loop()  # a consumer has no connection hooks
+        if self._reader.loop is None:
+            self._reader.see_loop()  # a consumer has no connection hooks
         source = getattr(event, "source", "live")
         kind = _event_type(event)
         key = (kind, source, feed if self._feed_attribute else None)
@@ -367,16 +366,13 @@ class OpenTelemetryObserver(Observer):
         lag = self._feed({"chatfeed.event.type": kind, "chatfeed.event.source": source}, feed)
         return consumed, lag
 
-    def _see_loop(self) -> None:
-        with contextlib.suppress(RuntimeError):  # made outside a loop: a hook will tell
-            self._loop = asyncio.get_running_loop()
-
     def _ages(self) -> Iterable[tuple[str | None, float]]:
         now = _monotonic()
         last = self._last_event.copy()  # atomic: the loop may add a feed while an exporter's thread reads
         if self._feed_attribute:
             return [(feed, now - at) for feed, at in last.items()]
-        return [(None, now - min(last.values()))] if last else []
+        # The freshest feed's: whether events still arrive at all (the per-feed ages say which feed is quiet).
+        return [(None, now - max(last.values()))] if last else []
 
     def _statistics(self, *, forget: bool) -> _Snapshot | None:
         """Read the subjects' statistics on their event loop; ``None`` when it did not answer in time.
@@ -384,24 +380,14 @@ class OpenTelemetryObserver(Observer):
         With ``forget``, a subject that is gone or closed is forgotten (a
         closed one after this reading, which reports it closed).
         """
-        loop = self._loop
-        if loop is None or loop.is_closed() or not loop.is_running() or _running_loop() is loop:
-            return self._subjects.read(forget=forget)
-        answer: concurrent.futures.Future[_Snapshot] = concurrent.futures.Future()
-
-        def read() -> None:
-            try:
-                answer.set_result(self._subjects.read(forget=forget))
-            except Exception as exc:  # raised in the collecting thread, where the SDK logs it
-                answer.set_exception(exc)
-
+        subjects = self._subjects
+        if not subjects.running():
+            # Nothing changes any more: read here. A MeterProvider shut down on
+            # the loop, once the subjects are closed, then does not wait for it.
+            return subjects.read(forget=forget)
         try:
-            loop.call_soon_threadsafe(read)
-        except RuntimeError:  # the loop closed in between: nothing runs there any more
-            return self._subjects.read(forget=forget)
-        try:
-            return answer.result(_READ_TIMEOUT)
-        except concurrent.futures.TimeoutError:
+            return self._reader.read(lambda: subjects.read(forget=forget), timeout=_READ_TIMEOUT)
+        except TimeoutError:
             logger.debug("OpenTelemetryObserver: the event loop did not answer within %s s", _READ_TIMEOUT)
             return None
 
@@ -434,13 +420,6 @@ def _event_type(event: object) -> str:
 def _record_type(record: Record) -> str:
     kind = record.type
     return kind if kind in _KNOWN_TYPES else "unknown"
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 class _Snapshot:

@@ -548,13 +548,15 @@ class Bridge:
     async def _publish(self, record: Record) -> None:
         stats = self._stats
         hooks = self._hooks
-        began = time.perf_counter() if hooks is not None and hooks.published is not None else 0.0
+        began = 0.0  # the first attempt's time, for an observer of publishes
         failures = 0
         while True:
             if (self._group is not None or self._fenced) and await self._fenced_out(record):
                 return
             if self._group is not None:
                 record.fence = self._group._fence(record.feed)
+            if not began and hooks is not None and hooks.published is not None:
+                began = time.perf_counter()
             try:
                 stored = await self._sink.publish(record)
             except FencedError:
