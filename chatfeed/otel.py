@@ -86,9 +86,12 @@ class OpenTelemetryObserver(Observer):
     them, and several observers may share a meter provider (their gauges are
     added up). The gauges of feeds by state and of buffered events read the
     subjects' ``statistics()`` when the metrics are collected, on the event
-    loop: a collection from an exporter's thread waits up to a second for it.
-    The observer holds its subjects weakly when they allow it, and forgets a
-    client, pool, bridge or consumer once it is closed.
+    loop: a collection from an exporter's thread waits up to a second for it
+    (not at all once every subject is closed). So shut the meter provider
+    down after the loop, or with ``await asyncio.to_thread(provider.shutdown)``,
+    not on the loop while a subject is open: its last collection would wait
+    for the loop it blocks. The observer holds its subjects weakly, and
+    forgets a client, pool, bridge or consumer once it is closed.
 
     Each handler call is a span ``process <event type>`` of kind
     ``CONSUMER``, current while the handler runs (spans the handler opens are
@@ -107,7 +110,8 @@ class OpenTelemetryObserver(Observer):
             last event. Off by default: a pool of 10,000 feeds would make each
             such metric 10,000 series (and more, times the event types), past
             the SDK's default limit of 2,000 series per metric. When off, the
-            age gauge reports the stalest feed's. Spans always carry the feed.
+            age gauge reports the freshest feed's: whether events arrive at
+            all. Spans always carry the feed.
 
     Raises:
         UsageError: An argument is invalid.
@@ -264,7 +268,14 @@ class OpenTelemetryObserver(Observer):
         error: BaseException | None,
         started: object,
     ) -> None:
-        """Record the call's duration; end its span, with status ERROR and the exception when it raised."""
+        """Record the call's duration; end its span, with status ERROR and the exception when it raised.
+
+        A call cancelled (by ``close()``, past ``drain_timeout``) did not fail:
+        no ``error.type``; its span says ``chatfeed.cancelled``.
+        """
+        cancelled = isinstance(error, asyncio.CancelledError)
+        if cancelled:
+            error = None
         kind = _event_type(event)
         key = (kind, handler, feed if self._feed_attribute else None)
         attributes = self._processed.get(key)
@@ -285,7 +296,9 @@ class OpenTelemetryObserver(Observer):
             return
         span = started.span
         try:
-            if error is not None:
+            if cancelled:
+                span.set_attribute("chatfeed.cancelled", True)
+            elif error is not None:
                 span.set_attribute("error.type", type(error).__qualname__)
                 span.record_exception(error)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__qualname__))
@@ -433,24 +446,33 @@ class _Snapshot:
 
 
 class _Subjects:
-    """The clients, pools, bridges and consumers an observer reports on: weakly held, when they allow it."""
+    """The clients, pools, bridges and consumers an observer reports on, weakly held: it must not keep them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._refs: list[Callable[[], object | None]] = []
+        self._refs: list[weakref.ref[object]] = []
         self._unknown: set[str] = set()  # types whose statistics() were not understood, logged once
 
     def add(self, subject: object) -> None:
         try:
-            ref: Callable[[], object | None] = weakref.ref(subject)
-        except TypeError:  # slotted without __weakref__: held until closed
-            ref = _Strong(subject)
+            ref = weakref.ref(subject)
+        except TypeError:  # chatfeed's own can all be: this is something else
+            logger.debug(
+                "OpenTelemetryObserver: %s cannot be referenced weakly: not reported", type(subject).__qualname__
+            )
+            return
         with self._lock:
             self._refs.append(ref)
 
+    def running(self) -> bool:
+        """Whether a subject is alive and not closed: one whose statistics may change."""
+        with self._lock:
+            refs = list(self._refs)
+        return any(subject is not None and not closed(subject) for subject in (ref() for ref in refs))
+
     def read(self, *, forget: bool) -> _Snapshot:
         snapshot = _Snapshot()
-        done: list[Callable[[], object | None]] = []
+        done: list[weakref.ref[object]] = []
         with self._lock:
             refs = list(self._refs)
         for ref in refs:
@@ -507,18 +529,6 @@ def _closed(subject: object) -> bool:
     return isinstance(subject, (Pool, Bridge)) and subject._state == "closed"
 
 
-class _Strong:
-    """A reference that holds: for a subject that cannot be referenced weakly."""
-
-    __slots__ = ("_subject",)
-
-    def __init__(self, subject: object) -> None:
-        self._subject = subject
-
-    def __call__(self) -> object:
-        return self._subject
-
-
 class _Instruments:
     """The instruments of one meter provider, shared by every observer that records there.
 
@@ -571,7 +581,12 @@ class _Instruments:
             description="Times a full buffer stopped the reading of the feeds.",
         )
         self.backpressure_active = meter.create_up_down_counter(
-            "chatfeed.backpressure.active", unit="{buffer}", description="Full buffers holding back the feeds now."
+            "chatfeed.backpressure.active",
+            unit="{buffer}",
+            description=(
+                "Full buffers holding feeds back now: a feed each for events() and a handler's lanes; "
+                "1 for a bridge's or a consumer's window, which holds every feed."
+            ),
         )
         self.sent = meter.create_counter(
             "messaging.client.sent.messages", unit="{message}", description="Records a bridge published, or tried to."
@@ -590,7 +605,7 @@ class _Instruments:
             "chatfeed.feed.last_event.age",
             callbacks=[lambda options: _observe(instruments, _Instruments.ages)],
             unit="s",
-            description="Seconds since a feed's last event (without chatfeed.feed: the stalest feed's).",
+            description="Seconds since a feed's last event (without chatfeed.feed: the freshest feed's).",
         )
         meter.create_observable_up_down_counter(
             "chatfeed.feed.count",
@@ -606,17 +621,18 @@ class _Instruments:
         )
 
     def ages(self) -> list[metrics.Observation]:
-        stalest: float | None = None
+        # The freshest: of every observer's feeds, and of a feed two observers report.
+        freshest: float | None = None
         points: dict[str, float] = {}
         for observer in list(self.observers):
             for feed, age in observer._ages():
                 if feed is None:
-                    stalest = age if stalest is None else max(stalest, age)
+                    freshest = age if freshest is None else min(freshest, age)
                 else:
-                    points[feed] = max(age, points.get(feed, age))
+                    points[feed] = min(age, points.get(feed, age))
         observations = [metrics.Observation(age, {"chatfeed.feed": feed}) for feed, age in points.items()]
-        if stalest is not None:
-            observations.append(metrics.Observation(stalest))
+        if freshest is not None:
+            observations.append(metrics.Observation(freshest))
         return observations
 
     def feeds(self) -> list[metrics.Observation]:

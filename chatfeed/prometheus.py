@@ -31,7 +31,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
@@ -47,7 +49,8 @@ except ImportError as exc:  # pragma: no cover - run by a test in a subprocess
         "chatfeed.prometheus needs prometheus-client: pip install 'chatfeed[prometheus]'", name=exc.name
     ) from exc
 
-from ._client import Client
+from ._client import Client, ClientState
+from ._collect import LoopReader, closed
 from ._observe import Observer
 from ._pool import Pool
 from .bridge import Bridge, Consumer, Record
@@ -63,6 +66,9 @@ LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 
 _STATES = ("unopened", "connecting", "authenticating", "open", "backing_off", "closed", "failed")
 """The values of ``chatfeed_feeds``'s ``state`` label: a client's states, and a pool's feeds stopped for good."""
+
+_READ_TIMEOUT = 1.0
+"""Seconds a collection on another thread waits for the event loop to read what the observer observes."""
 
 
 # Readiness
@@ -172,9 +178,12 @@ class PrometheusObserver(Observer):
     ``per_feed=False`` leaves out.
 
     The figures read from what it observes (feeds by state, buffered events,
-    the age of the last event) are computed when the registry is collected:
-    collect it on the event loop (as `MetricsServer` does), not from another
-    thread. It keeps a reference to what it observes, to read it then.
+    the age of the last event) are computed when the registry is collected,
+    on the event loop: a collection from another thread (prometheus-client's
+    ``start_http_server``, or the application's, beside a ``chatfeed.sync``
+    client) hands the reading to the loop and waits up to a second for it.
+    It holds what it observes weakly, and forgets a client, pool, bridge or
+    consumer once a collection has reported it closed.
 
     Args:
         registry: Where the metrics go; ``None`` for a registry of its own
@@ -182,9 +191,9 @@ class PrometheusObserver(Observer):
             observers in one process never clash. Give ``REGISTRY`` to serve
             them with your application's metrics.
         per_feed: Whether ``chatfeed_last_event_age_seconds`` has a series per
-            feed (label ``feed``; a lone client's is ``""``), or one, the age
-            of the last event of any feed. Leave it out for pools of thousands
-            of feeds, or whose feeds come and go.
+            feed (label ``feed``; a lone client's is ``""``), or one: the
+            freshest feed's, the time since the last event of any feed. Leave
+            it out for pools of thousands of feeds, or whose feeds come and go.
 
     Raises:
         UsageError: ``registry`` has chatfeed's metrics already.
@@ -193,7 +202,9 @@ class PrometheusObserver(Observer):
     def __init__(self, *, registry: CollectorRegistry | None = None, per_feed: bool = True) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
         self.per_feed = per_feed
-        self._subjects: list[object] = []
+        self._subjects: list[weakref.ref[object]] = []
+        self._subjects_lock = threading.Lock()  # a sync client is made on its caller's thread, read on its loop's
+        self._reader = LoopReader()  # the loop the subjects run on, seen by a hook
         self._last_event: dict[str | None, float] = {}  # feed (or None: any, without per_feed) to monotonic time
         # The metrics' children of each event class, and of each handler and
         # event class, looked up once: a label lookup takes a lock.
@@ -255,7 +266,8 @@ class PrometheusObserver(Observer):
         )
         self._backpressure_active = Gauge(
             "chatfeed_backpressure_active",
-            "Feeds not read now because a buffer is full, by where.",
+            "Waits for room in a full buffer now, by where: a feed each for events and a handler's lanes; "
+            "1 while a bridge's or a consumer's window is full (every feed waits).",
             ["where"],
             registry=registry,
         )
@@ -289,9 +301,11 @@ class PrometheusObserver(Observer):
     # What it observes
 
     def attached(self, subject: object) -> None:
-        """Keep ``subject``, to read its statistics when the metrics are collected."""
-        if not any(subject is kept for kept in self._subjects):
-            self._subjects.append(subject)
+        """Remember ``subject``, weakly, to read its statistics when the metrics are collected."""
+        self._reader.see_loop()
+        with self._subjects_lock:
+            if not any(subject is ref() for ref in self._subjects):
+                self._subjects.append(weakref.ref(subject))
 
     def readiness(self, *, fraction: float = 0.9) -> Readiness:
         """Return whether everything observed is ready (see [`readiness`][chatfeed.prometheus.readiness]).
@@ -300,28 +314,64 @@ class PrometheusObserver(Observer):
         says why, or the last one says that it is.
         """
         _check_fraction(fraction)
-        answer = Readiness(False, "not ready: nothing observed yet")
+        if not self._running():
+            return self._readiness(fraction)
+        try:
+            return self._reader.read(lambda: self._readiness(fraction), timeout=_READ_TIMEOUT)
+        except TimeoutError:
+            return Readiness(False, f"not ready: the event loop did not answer within {_READ_TIMEOUT:g} s")
+
+    def _readiness(self, fraction: float) -> Readiness:
+        answer = Readiness(False, "not ready: nothing observed (yet, or any more)")
         for subject in self._top_subjects():
             answer = readiness(subject, fraction=fraction)
             if not answer:
                 return answer
         return answer
 
+    def _alive(self) -> list[object]:
+        """The subjects still alive (the others' references are dropped)."""
+        with self._subjects_lock:
+            subjects = [ref() for ref in self._subjects]
+            if any(subject is None for subject in subjects):
+                self._subjects = [ref for ref in self._subjects if ref() is not None]
+        return [subject for subject in subjects if subject is not None]
+
+    def _running(self) -> bool:
+        """Whether a subject is alive and not closed: else nothing changes any more, on any thread."""
+        return any(not closed(subject) for subject in self._alive())
+
+    def _forget_closed(self) -> None:
+        """Forget the subjects that are closed: a collection has just reported them so."""
+        with self._subjects_lock:
+            self._subjects = [ref for ref in self._subjects if (alive := ref()) is not None and not closed(alive)]
+
     def _top_subjects(self) -> list[object]:
         """The subjects, without the pools of observed bridges: the bridge speaks for its pool."""
-        bridged = [subject.pool for subject in self._subjects if isinstance(subject, Bridge)]
-        return [subject for subject in self._subjects if not any(subject is pool for pool in bridged)]
+        subjects = self._alive()
+        bridged = [subject.pool for subject in subjects if isinstance(subject, Bridge)]
+        return [subject for subject in subjects if not any(subject is pool for pool in bridged)]
 
     def _feed_holders(self) -> list[Client | Pool]:
         """The clients and pools observed, each once, a bridge's pool included."""
         holders: list[Client | Pool] = []
-        for subject in self._subjects:
+        for subject in self._alive():
             holder = subject.pool if isinstance(subject, Bridge) else subject
             if isinstance(holder, (Client, Pool)) and not any(holder is kept for kept in holders):
                 holders.append(holder)
         return holders
 
     # The moments
+
+    def connecting(self, feed: str | None, *, attempt: int) -> None:
+        """Note the event loop the feeds run on."""
+        self._reader.see_loop()
+
+    def state_changed(self, feed: str | None, state: ClientState) -> None:
+        """Note the event loop; forget the last event of a feed that closed: its age would grow for ever."""
+        self._reader.see_loop()
+        if state == "closed" and self.per_feed:
+            self._last_event.pop(feed, None)
 
     def disconnected(
         self, feed: str | None, *, code: int | None, reason: str, error: ChatfeedError, retry_in: float | None
@@ -332,6 +382,8 @@ class PrometheusObserver(Observer):
 
     def event_received(self, feed: str | None, event: FeedEvent) -> None:
         """Count ``event``, time its lag, and note when ``feed`` last had one."""
+        if self._reader.loop is None:
+            self._reader.see_loop()  # a consumer has no connection hooks
         received = self._received.get(event.__class__)
         if received is None:
             received = self._received[event.__class__] = self._receiver(event)
@@ -446,6 +498,20 @@ class _ScrapeCollector:
     def collect(self) -> Iterable[Metric]:
         families = {family.name: family for family in self._families()}
         observer = self._observer
+        if not observer._running():
+            # Nothing changes any more: read here. Then the closed ones, reported once, are forgotten.
+            self._read(families)
+            return list(families.values())
+        try:
+            observer._reader.read(lambda: self._read(families), timeout=_READ_TIMEOUT)
+        except TimeoutError:  # a loop blocked: this scrape has the counters, not these figures
+            logger.debug("PrometheusObserver: the event loop did not answer within %s s", _READ_TIMEOUT)
+            families = {family.name: family for family in self._families()}
+        return list(families.values())
+
+    def _read(self, families: dict[str, GaugeMetricFamily]) -> None:
+        """Add what the observer observes to ``families``; on the event loop, unless nothing runs any more."""
+        observer = self._observer
         states = dict.fromkeys(_STATES, 0)
         buffered = 0
         for holder in observer._feed_holders():
@@ -469,7 +535,7 @@ class _ScrapeCollector:
         self._ages(families["chatfeed_last_event_age_seconds"])
         held = up = 0
         bridges = consumers = in_flight = 0
-        for subject in observer._subjects:
+        for subject in observer._alive():
             if isinstance(subject, Bridge):
                 bridged = subject.statistics()
                 bridges += 1
@@ -483,11 +549,11 @@ class _ScrapeCollector:
             families["chatfeed_bridge_broker_up"].add_metric([], up / bridges)
         if consumers:
             families["chatfeed_consumer_in_flight"].add_metric([], in_flight)
-        return list(families.values())
+        observer._forget_closed()
 
     def _ages(self, family: GaugeMetricFamily) -> None:
         observer = self._observer
-        last_event = observer._last_event
+        last_event = observer._last_event.copy()  # atomic: read here when no loop is known, hooks may write
         if not last_event:
             return
         now = time.monotonic()
@@ -504,6 +570,7 @@ class _ScrapeCollector:
                 present.update(pool.feeds())
             for gone in [feed for feed in last_event if feed not in present]:
                 del last_event[gone]
+                observer._last_event.pop(gone, None)
         for feed, at in last_event.items():
             family.add_metric(["" if feed is None else feed], now - at)
 
@@ -516,7 +583,7 @@ class _ScrapeCollector:
         yield GaugeMetricFamily("chatfeed_buffered_events", "Events waiting in events() streams' buffers.")
         yield GaugeMetricFamily(
             "chatfeed_last_event_age_seconds",
-            "Seconds since the last event arrived, per feed (or of any feed, without per_feed).",
+            "Seconds since the last event arrived, per feed (without per_feed: of any feed, the freshest's).",
             labels=["feed"] if self._observer.per_feed else [],
         )
         yield GaugeMetricFamily(

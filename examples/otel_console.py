@@ -74,7 +74,9 @@ async def main() -> int:
                 await server.push_message(chat_id=chat.id, content=content)
             await asyncio.wait_for(all_handled.wait(), timeout=10)
             meter_provider.force_flush()  # while the client is open: "open" in the feeds by state
-    meter_provider.shutdown()
+    # Off the loop: shutdown() blocks, and its last collection, on the reader's
+    # thread, reads what is still open on this loop. (Or call it after asyncio.run.)
+    await asyncio.to_thread(meter_provider.shutdown)
     return 0
 
 

@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
+from opentelemetry.sdk.metrics.export import (
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    NumberDataPoint,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -399,7 +408,7 @@ async def test_without_feed_attribute_no_metric_names_a_pools_feed(users: FeedSe
         metrics = telemetry.collect()
 
     assert values(metrics["messaging.client.consumed.messages"], "chatfeed.event.type") == {("new_message",): 2}
-    [age] = metrics["chatfeed.feed.last_event.age"]  # the stalest feed's (see the unit tests)
+    [age] = metrics["chatfeed.feed.last_event.age"]  # the freshest feed's (see the unit tests)
     assert not age.attributes
     for points in metrics.values():
         assert all("chatfeed.feed" not in attributes for attributes in attributes_of(points))
@@ -478,3 +487,69 @@ async def test_a_collection_on_another_thread_gives_up_on_a_blocked_loop(
         assert "chatfeed.buffer.depth" not in collected
         await asyncio.sleep(0)  # the loop runs the reading the collection gave up on, harmlessly
         assert values(telemetry.collect()["chatfeed.feed.count"], "chatfeed.feed.state")[("open",)] == 1
+
+
+class Exported(MetricExporter):
+    """An exporter that keeps what it is given, for a periodic reader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[MetricsData] = []
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        self.batches.append(metrics_data)
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        pass
+
+    def points(self, name: str) -> list[Any]:
+        return [
+            point
+            for batch in self.batches
+            for resource in batch.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == name
+            for point in metric.data.data_points
+        ]
+
+
+async def test_a_provider_shut_down_on_the_loop_once_the_client_closed_exports_at_once(server: FeedServer) -> None:
+    # An async main's finally: the periodic reader's last collection, on its thread, needs no loop
+    # once every subject is closed, and has the feeds by state.
+    exporter = Exported()
+    provider = MeterProvider(metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=60_000)])
+    client = make_client(server.url, observer=OpenTelemetryObserver(meter_provider=provider))
+    connected = Recorder()
+    client.on("connected")(connected)
+    async with running(client):
+        await connected.wait_for(1)
+    began = time.perf_counter()
+    provider.shutdown()
+    took = time.perf_counter() - began
+    assert took < chatfeed_otel._READ_TIMEOUT / 2
+    assert values(exporter.points("chatfeed.feed.count"), "chatfeed.feed.state")[("closed",)] == 1
+
+
+async def test_a_provider_shut_down_on_the_loop_waits_for_it_once_not_per_gauge(
+    server: FeedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not the place to shut it down (the docs say so), but it costs one wait, not one per gauge.
+    monkeypatch.setattr(chatfeed_otel, "_READ_TIMEOUT", 300 * MS)
+    exporter = Exported()
+    provider = MeterProvider(metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=60_000)])
+    client = make_client(server.url, observer=OpenTelemetryObserver(meter_provider=provider))
+    connected = Recorder()
+    client.on("connected")(connected)
+    async with running(client):
+        await connected.wait_for(1)
+        began = time.perf_counter()
+        provider.shutdown()  # blocks the loop the last collection would read on
+        took = time.perf_counter() - began
+    assert 300 * MS <= took < 500 * MS
+    assert exporter.points("chatfeed.feed.count") == []  # the loop could not say
+    assert values(exporter.points("chatfeed.connections"), "chatfeed.reconnect") == {(False,): 1}

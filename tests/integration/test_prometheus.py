@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
+import weakref
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -16,14 +19,15 @@ import prometheus_client
 import pytest
 
 import chatfeed
+import chatfeed.sync
 from chatfeed import Gap, Message
 from chatfeed._cli import main
 from chatfeed.prometheus import MetricsServer, PrometheusObserver, Readiness, readiness
-from chatfeed.testing import FeedServer, make_message
+from chatfeed.testing import FeedServer, make_chat, make_message
 
-from ..conftest import BAD_TOKEN, MS, OTHER_TOKEN, SECRET, TOKEN
+from ..conftest import BAD_TOKEN, FAST, MS, OTHER_TOKEN, SECRET, TOKEN
 from ._probe import Response, http_get, http_request
-from .conftest import WAIT, Recorder, make_client, running
+from .conftest import WAIT, Recorder, ThreadedFeedServer, make_client, running
 from .test_pool import Seen, make_pool
 
 pytestmark = pytest.mark.timeout(20)
@@ -228,6 +232,101 @@ async def test_without_per_feed_the_age_of_the_last_event_is_one_series(users_se
     assert list(ages) == [()]
 
 
+# What it keeps, and from which thread it is read
+
+
+async def test_closed_clients_are_reported_once_then_forgotten(server: FeedServer) -> None:
+    # One observer for the application's life, a client per job: it must keep neither the clients
+    # nor their series.
+    metrics = PrometheusObserver()
+    clients: list[weakref.ref[chatfeed.Client]] = []
+    for _ in range(3):
+        client = make_client(server.url, observer=metrics)
+        connected = Recorder()
+        client.on("connected")(connected)
+        async with running(client):
+            await connected.wait_for(1)
+            assert sample(metrics, "chatfeed_feeds", state="open") == 1
+        clients.append(weakref.ref(client))
+        assert sample(metrics, "chatfeed_feeds", state="closed") == 1  # reported closed once...
+        assert sample(metrics, "chatfeed_feeds", state="closed") == 0  # ...then forgotten
+    assert repr(metrics).startswith("<chatfeed.prometheus.PrometheusObserver subjects=0 ")
+    del client, connected
+    gc.collect()
+    assert [ref() for ref in clients] == [None, None, None]
+
+
+def test_a_scrape_on_another_thread_reads_on_the_loop_while_feeds_come_and_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # prometheus-client's start_http_server scrapes on a thread of its own, while the loop records
+    # events of feeds that come and go, and a pool's feeds change: read there, a dict would change
+    # size while it is iterated. Each scrape reads on the loop's thread.
+    metrics = PrometheusObserver()
+    event = chatfeed.NewChat(type="new_chat", payload=make_chat())
+    started, stop = threading.Event(), threading.Event()
+    readers: set[str] = set()
+    statistics = chatfeed.Pool.statistics
+
+    def spied(self: chatfeed.Pool) -> chatfeed.PoolStatistics:
+        readers.add(threading.current_thread().name)
+        return statistics(self)
+
+    monkeypatch.setattr(chatfeed.Pool, "statistics", spied)
+
+    async def feeds() -> None:
+        pool = chatfeed.Pool("wss://example.invalid", observer=metrics)  # never opened: feeds come and go
+        index = 0
+        while not stop.is_set():
+            for _ in range(20):
+                pool.add(f"feed-{index}", token=TOKEN)
+                metrics.event_received(f"feed-{index}", event)
+                if index >= 200:
+                    await pool.remove(f"feed-{index - 200}")
+                    metrics.state_changed(f"feed-{index - 200}", "closed")  # its series goes
+                index += 1
+            started.set()
+            await asyncio.sleep(0)
+
+    thread = threading.Thread(target=lambda: asyncio.run(feeds()), name="feeds")
+    thread.start()
+    try:
+        assert started.wait(WAIT)
+        for _ in range(5):
+            prometheus_client.generate_latest(metrics.registry)
+    finally:
+        stop.set()
+        thread.join(WAIT)
+    assert not thread.is_alive()
+    assert readers == {"feeds"}
+
+
+def test_a_sync_clients_statistics_are_read_on_its_loop_when_scraped_from_the_main_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    metrics = PrometheusObserver()
+    readers: list[str] = []
+    statistics = chatfeed.Client.statistics
+
+    def spied(self: chatfeed.Client) -> chatfeed.ClientStatistics:
+        readers.append(threading.current_thread().name)
+        return statistics(self)
+
+    with ThreadedFeedServer(tokens=[TOKEN]) as feed:
+        client = chatfeed.sync.Client(feed.server.url, token=TOKEN, reconnect=FAST, observer=metrics)
+        with client:
+            stream = client.events()
+            asyncio.run_coroutine_threadsafe(feed.server.push_message(content="x"), feed._loop).result(WAIT)
+            next(stream)
+            with monkeypatch.context() as spying:
+                spying.setattr(chatfeed.Client, "statistics", spied)
+                text = prometheus_client.generate_latest(metrics.registry).decode()  # on this thread
+            stream.close()
+    assert 'chatfeed_feeds{state="open"} 1.0' in text
+    assert 'chatfeed_last_event_age_seconds{feed=""}' in text
+    assert readers == ["chatfeed-sync"]  # the client's loop's thread, not this one
+
+
 # The observer's own rules
 
 
@@ -247,7 +346,7 @@ def test_readiness_refuses_what_it_cannot_judge() -> None:
     for fraction in (0, 1.5, float("nan"), True):
         with pytest.raises(chatfeed.UsageError, match="fraction must be"):
             readiness(chatfeed.Pool("ws://127.0.0.1:1"), fraction=fraction)
-    assert PrometheusObserver().readiness() == Readiness(False, "not ready: nothing observed yet")
+    assert PrometheusObserver().readiness() == Readiness(False, "not ready: nothing observed (yet, or any more)")
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:

@@ -6,6 +6,7 @@ tests/integration/test_otel.py.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib
 import sys
@@ -114,7 +115,7 @@ class Clock:
 
 
 @pytest.mark.parametrize("feed_attribute", [False, True])
-def test_the_age_is_each_feeds_or_the_stalest_feeds(
+def test_the_age_is_each_feeds_or_the_freshest_feeds(
     telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch, feed_attribute: bool
 ) -> None:
     clock = Clock()
@@ -125,10 +126,40 @@ def test_the_age_is_each_feeds_or_the_stalest_feeds(
     observer.event_received("bob", chatfeed.NewChat(type="new_chat", payload=make_chat()))
     clock.now += 2
     ages = values(telemetry.collect()["chatfeed.feed.last_event.age"], "chatfeed.feed")
-    assert ages == ({("alice",): 7.0, ("bob",): 2.0} if feed_attribute else {(None,): 7.0})
-    observer.state_changed("alice", "closed")  # removed from its pool: its age would grow for ever
+    # Without the feed: whether events arrive at all, as PrometheusObserver(per_feed=False) says it.
+    assert ages == ({("alice",): 7.0, ("bob",): 2.0} if feed_attribute else {(None,): 2.0})
+    observer.state_changed("bob", "closed")  # removed from its pool: its age would grow for ever
     ages = values(telemetry.collect()["chatfeed.feed.last_event.age"], "chatfeed.feed")
-    assert ages == ({("bob",): 2.0} if feed_attribute else {(None,): 2.0})
+    assert ages == ({("alice",): 7.0} if feed_attribute else {(None,): 7.0})
+
+
+def test_two_observers_of_one_provider_report_the_freshest_age(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(chatfeed_otel, "_monotonic", clock)
+    quiet, busy = telemetry.observer(), telemetry.observer()
+    quiet.event_received("alice", chatfeed.NewMessage(type="new_message", payload=make_message()))
+    clock.now += 900
+    busy.event_received("bob", chatfeed.NewMessage(type="new_message", payload=make_message()))
+    clock.now += 1
+    assert values(telemetry.collect()["chatfeed.feed.last_event.age"], "chatfeed.feed") == {(None,): 1.0}
+
+
+def test_a_handler_call_cancelled_is_no_error(telemetry: Telemetry) -> None:
+    # A concurrent handler's call cancelled by close() past drain_timeout did not fail: a deploy must not
+    # look like a burst of handler errors (PrometheusObserver does not count it in chatfeed_handler_errors).
+    observer = telemetry.observer()
+    event = chatfeed.NewMessage(type="new_message", payload=make_message())
+    started = observer.handler_started(None, event, handler="store")
+    cancelled = asyncio.CancelledError()
+    observer.handler_finished(None, event, handler="store", duration=0.25, error=cancelled, started=started)
+    assert values(telemetry.collect()["messaging.process.duration"], "error.type") == {(None,): 1}
+    [span] = telemetry.exporter.get_finished_spans()
+    assert span.status.status_code is StatusCode.UNSET
+    assert dict(span.attributes or {})["chatfeed.cancelled"] is True
+    assert "error.type" not in dict(span.attributes or {})
+    assert not span.events  # no exception recorded
 
 
 def test_lag_is_now_minus_created_at_and_never_negative(telemetry: Telemetry) -> None:
