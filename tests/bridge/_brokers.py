@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
-import jsonschema
+import jsonschema_rs
 import nats
 import nats.errors
 import nats.js.api
@@ -24,7 +24,9 @@ from ..conftest import FAST, MS, SECRET, SIGNATURE
 Kind = Literal["nats", "redis"]
 
 _names = itertools.count(1)
-VALIDATOR = jsonschema.Draft202012Validator(ENVELOPE_SCHEMA, format_checker=jsonschema.FormatChecker())
+VALIDATOR = jsonschema_rs.validator_for(ENVELOPE_SCHEMA, validate_formats=True)
+"""The schema's validator for logs of 100,000 entries: jsonschema-rs, about 5 µs an entry where the
+reference implementation (jsonschema, which tests/unit/test_envelope.py uses) takes 50."""
 EPOCH = datetime(2025, 10, 7, 12, 0, tzinfo=timezone.utc)
 
 
@@ -165,16 +167,11 @@ class Broker:
             await client.xadd(f"{self.prefix}:{{0}}", {"envelope": data})
 
 
-def check_envelopes(entries: list[bytes], *, every: int = 1) -> list[Envelope]:
-    """Decode every entry (checking each field), and validate every ``every``-th against the schema too.
-
-    The schema's validator costs about 70 µs an entry: a test of 100,000
-    entries validates a tenth of them, spread over the whole log.
-    """
+def check_envelopes(entries: list[bytes]) -> list[Envelope]:
+    """Validate every entry against the envelope's schema, and decode it (checking each field)."""
     envelopes = []
-    for index, data in enumerate(entries):
-        if index % every == 0:
-            VALIDATOR.validate(json.loads(data))
+    for data in entries:
+        VALIDATOR.validate(json.loads(data))
         envelopes.append(Envelope.decode(data))
     return envelopes
 
