@@ -31,7 +31,7 @@ from ._group_helpers import Cluster, WatchedFeedServer, check_order, moved
 
 FEEDS = int(os.environ.get("CHATFEED_GROUP_FEEDS", "300"))
 """Feeds of the CLI scenarios: 300 in the suite (which must stay under two minutes on two cores); .ci/run
-also runs the issue's 3 x 600 (1,800), about 80 s."""
+also runs the issue's 3 x 600 (1,800), one scenario at a time, about 90 s."""
 
 TTL = 2.0
 SETTLE = 30.0
