@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http
 import logging
+import re
 import sys
 import urllib.parse
 from typing import Any, cast
@@ -227,8 +228,31 @@ def _summary(frame: Frame) -> str:
     return f"{frame.opcode.name} [{len(frame.data)} bytes, not logged]"
 
 
+# A path segment that is a JWT (three base64url parts), or a long opaque
+# run such as an API key: some servers take the token in the path
+# (``/ws/<token>``). Ids and words are shorter than 40 characters, or have
+# separators; a UUID (36) is kept, since it names a resource.
+_SECRET_SEGMENT = re.compile(r"[\w-]{4,}\.[\w-]{4,}\.[\w-]*|[\w~+=.-]{40,}", re.ASCII)
+
+
+def _redact_path(path: str) -> str:
+    segments = path.split("/")
+    for i, segment in enumerate(segments):
+        # A segment's ;parameters are values, like a query's.
+        name, semicolon, _ = segment.partition(";")
+        if semicolon:
+            segment = segments[i] = f"{name};{REDACTED}"
+        if _SECRET_SEGMENT.fullmatch(urllib.parse.unquote(name)):
+            segments[i] = REDACTED
+    return "/".join(segments)
+
+
 def redact_url(url: str) -> str:
-    """Return ``url`` (or a request target) without credentials or query values, for logs and reprs."""
+    """Return ``url`` (or a request target) without credentials, query values or secrets in its path, for logs.
+
+    A path segment shaped like a JWT or a long opaque key (40 characters or
+    more) is replaced by ``***``, and so are a segment's ``;parameters``.
+    """
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
@@ -240,7 +264,7 @@ def redact_url(url: str) -> str:
     if query:
         keys = [key for key, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)]
         query = "&".join(f"{key}=***" for key in keys) if keys else REDACTED
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    return urllib.parse.urlunsplit((parts.scheme, netloc, _redact_path(parts.path), query, ""))
 
 
 def log_fields(

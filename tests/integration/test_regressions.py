@@ -213,6 +213,19 @@ async def test_query_token_in_url_never_reaches_websockets_debug_logs(
     assert SECRET not in client_log_text(caplog)
 
 
+async def test_a_jwt_in_the_url_path_never_reaches_the_logs_or_the_repr(
+    server: FeedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    jwt = f"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxNyJ9.{SECRET}"
+    client = make_client(f"{server.url}/ws/{jwt}/feed")
+    async with client:
+        assert client.connected
+        assert "/ws/***/feed" in repr(client)
+    text = client_log_text(caplog)
+    assert "/ws/***/feed" in text
+    assert SECRET not in text
+
+
 async def test_url_credentials_never_reach_websockets_debug_logs(
     server: FeedServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 import chatfeed
-from chatfeed._logging import log_fields
+from chatfeed._logging import log_fields, redact_url
 from chatfeed.testing import make_chat, make_message
 
 
@@ -63,3 +65,25 @@ def test_without_an_event_its_type_and_chat_can_be_given() -> None:
         "chatfeed_feed": "user-17",
         "chatfeed_position": "42",
     }
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("wss://feed.example/ws/eyJhbGciOi.eyJzdWIiOiIxIn0.c2lnbmF0dXJl", "wss://feed.example/ws/***"),
+        ("wss://feed.example/ws/eyJhbGciOi.eyJzdWIiOiIxIn0./feed", "wss://feed.example/ws/***/feed"),
+        ("ws://h/k/" + "A1b2C3d4" * 6, "ws://h/k/***"),
+        ("ws://h/k/" + "%41" * 40, "ws://h/k/***"),
+        ("ws://h/feed;token=abc/x", "ws://h/feed;***/x"),
+        # Kept: what names a resource, and what a person reads.
+        ("ws://h/api/v1.2/feed.json", "ws://h/api/v1.2/feed.json"),
+        (
+            "ws://h/chats/3f2c9d6e-8a4b-4c1d-9e7f-0a1b2c3d4e5f/ws",
+            "ws://h/chats/3f2c9d6e-8a4b-4c1d-9e7f-0a1b2c3d4e5f/ws",
+        ),
+        ("/ws?token=abc", "/ws?token=***"),
+        ("ws://h/", "ws://h/"),
+    ],
+)
+def test_a_token_in_the_path_is_redacted_and_an_ordinary_path_is_kept(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
