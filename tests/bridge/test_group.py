@@ -22,7 +22,7 @@ import pytest
 from chatfeed.bridge import Bridge, Envelope, Group, JetStreamCoordinator, RedisCoordinator
 from chatfeed.bridge._assign import owner
 from chatfeed.bridge._envelope import Record
-from chatfeed.bridge._group import Coordinator
+from chatfeed.bridge._group import Coordinator, _is_up
 from chatfeed.bridge.testing import NatsServer, RedisServer
 from chatfeed.testing import FeedServer
 
@@ -342,3 +342,63 @@ async def test_an_event_pushed_after_the_lease_is_taken_but_before_the_feed_is_c
             connect.set()
             await asyncio.wait([starting])
             await bridge.close()
+
+
+class FlakyLoadSink(RecordingSink):
+    """A sink whose next ``fail_loads`` watermark loads fail, as when the broker blinks while feeds are added."""
+
+    def __init__(self, sink: Any) -> None:
+        super().__init__(sink)
+        self.fail_loads = 0
+        self.failed = 0
+
+    async def load_watermarks(self, feeds: Any) -> Any:
+        if self.fail_loads:
+            self.fail_loads -= 1
+            self.failed += 1
+            raise ConnectionError("the broker blinked")
+        return await super().load_watermarks(feeds)
+
+
+@pytest.mark.timeout(40)
+async def test_a_feed_whose_add_failed_as_it_was_taken_over_is_added_by_the_next_round_and_bridged(
+    broker: Broker,
+) -> None:
+    # w2 holds every feed; w1 joins and takes its share; w1 leaves, and w2's first try to take
+    # that share back fails while adding the feeds to its pool. The next round adds them.
+    users = {f"feed-{number}": f"user-{number}" for number in range(6)}
+    feeds = {feed: token_of(user) for feed, user in users.items()}
+    group = f"repair{time.monotonic_ns()}"
+    async with FeedServer(users={token_of(user): user for user in users.values()}) as server:
+        loop = asyncio.get_running_loop()
+
+        async def until(condition: Any, what: Any) -> None:
+            deadline = loop.time() + 15
+            while not condition():
+                assert loop.time() < deadline, what()
+                await asyncio.sleep(0.02)
+
+        flaky = FlakyLoadSink(broker.sink())
+        w2_group = Group(coordinator_for(broker, group), feeds, worker="w2", handoff_timeout=3.0)
+        async with Bridge(make_pool(server.url), flaky, group=w2_group) as w2:
+            await until(lambda: w2_group.held == sorted(users), lambda: f"w2 holds {w2_group.held}")
+            w1_group = Group(coordinator_for(broker, group), feeds, worker="w1", handoff_timeout=3.0)
+            share = sorted(feed for feed in users if owner(feed, ["w1", "w2"]) == "w1")
+            assert share, "w1 has a share of these feeds"
+            async with Bridge(make_pool(server.url), broker.sink(), group=w1_group):
+                await until(lambda: w1_group.held == share, lambda: f"w1 holds {w1_group.held}")
+                await until(lambda: not any(feed in w2.pool for feed in share), lambda: "w2 still has w1's share")
+                flaky.fail_loads = 1
+            await until(lambda: w2_group.held == sorted(users), lambda: f"w2 holds {w2_group.held}")
+            assert flaky.failed == 1
+            await until(lambda: all(_is_up(w2.pool, feed) for feed in users), lambda: "not every feed is up")
+            for user in users.values():
+                await server.push_chat(id=f"{user}-chat", user_id=user)
+
+            async def logged() -> set[str]:
+                return {Envelope.decode(data).id or "" for data in await broker.read_log()}
+
+            deadline = loop.time() + 10
+            while (ids := await logged()) != {f"{user}-chat" for user in users.values()}:
+                assert loop.time() < deadline, f"in the log: {sorted(ids)}"
+                await asyncio.sleep(0.05)
