@@ -148,7 +148,7 @@ class JetStreamCoordinator:
 
         nats = _nats()
         self._nc = await _connect(self.url, f"chatfeed-group-{self.group}", 2.0)
-        js = self._nc.jetstream()
+        js = self._nc.jetstream(timeout=_request_timeout(self.ttl))
         buckets = []
         for name in (f"{self.group}-workers", f"{self.group}-leases", f"{self.group}-ready"):
             try:
@@ -219,7 +219,18 @@ class JetStreamCoordinator:
         try:
             lease.revision = await self._leases.update(_key(lease.feed), value, last=lease.revision)
         except nats.js.errors.KeyWrongLastSequenceError:
-            return False
+            # A renewal of ours whose answer was lost (it timed out, the broker restarted) may have
+            # been stored since: then the entry still holds this acquisition's value, newer revision.
+            try:
+                entry = await self._leases.get(_key(lease.feed))
+            except nats.js.errors.KeyNotFoundError:
+                return False
+            if entry.value != value or entry.revision is None:
+                return False  # expired, or another acquisition's (its token differs)
+            try:
+                lease.revision = await self._leases.update(_key(lease.feed), value, last=entry.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return False
         return True
 
     async def release(self, lease: Lease) -> None:
@@ -272,6 +283,18 @@ class JetStreamCoordinator:
 
 
 _WRONG_LAST_SEQUENCE = 10071
+
+
+def _request_timeout(ttl: float) -> float:
+    """How long a coordinator waits for the broker's answer to a request.
+
+    An answer later than ``ttl / 2`` after the request is of no use: a
+    renewal makes the lease usable for ``ttl / 2`` from its sending (the
+    self-fencing); and a round that waited longer would push the next
+    renewals past the leases' expiry (a broker that died with the request in
+    flight never answers it).
+    """
+    return min(5.0, ttl / 2)
 
 
 def _nats_module() -> Any:
@@ -354,7 +377,7 @@ class RedisCoordinator:
     async def open(self, *, create: bool = True) -> None:
         from ._redis import _connect
 
-        self._client = await _connect(self.url, 2.0, 10.0)
+        self._client = await _connect(self.url, 2.0, _request_timeout(self.ttl))
         self._scripts = {
             name: self._client.register_script(source)
             for name, source in (
@@ -447,7 +470,9 @@ class Group:
     stops.
 
     - Every ``ttl / 3`` seconds the worker heartbeats, renews its leases, and
-      computes the feeds it should hold from the live workers.
+      computes the feeds it should hold from the live workers. A round that
+      fails (the broker away) is tried again every ``ttl / 20``, so that a
+      broker back before the leases expire gets their renewals in time.
     - A feed it should hold and nobody holds (a worker died and its lease
       expired, or at start): it takes the lease and adds the feed, resumed
       from the feed's watermark.
@@ -528,22 +553,40 @@ class Group:
 
     async def _run(self) -> None:
         # Rounds at a fixed rate, every ttl/3 from the first: a slow round
-        # does not push the next renewals back.
+        # does not push the next renewals back. A failed round (the broker
+        # away) is tried again every ttl/20, not a period later: the leases
+        # last ttl from their last renewal, and a broker back before they
+        # expire must get their renewals in time, whatever the rounds' phase.
         period = self.ttl / 3
+        retry = self.ttl / 20
         loop = asyncio.get_running_loop()
-        next_at = loop.time()
+        next_at = loop.time() + period
+        failures = 0
         while True:
-            next_at = max(next_at + period, loop.time())
-            await asyncio.sleep(next_at - loop.time())
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
             try:
                 await self._tick()
             except Exception as exc:  # the broker away: the leases age; renewals resume when it is back
+                failures += 1
+                next_at = loop.time() + retry
+                if failures == 1:
+                    logger.warning(
+                        "the group's round failed (%s); trying again every %g s",
+                        exc,
+                        retry,
+                        extra=log_fields(error=exc, delay=retry),
+                    )
+                else:
+                    logger.debug(
+                        "the group's round failed again (%s)", exc, extra=log_fields(error=exc, attempt=failures)
+                    )
+                continue
+            if failures:
                 logger.warning(
-                    "the group's round failed (%s); trying again in %g s",
-                    exc,
-                    period,
-                    extra=log_fields(error=exc, delay=period),
+                    "the group's rounds work again, after %d failed", failures, extra=log_fields(attempt=failures)
                 )
+                failures = 0
+            next_at = max(next_at + period, loop.time())
 
     async def _leave(self) -> None:
         """Hand every feed over to the others (make before break), then stop."""
