@@ -639,6 +639,7 @@ class Group:
             live.append(me)
         # Renewed concurrently, a batch at a time: one round trip each, overlapped.
         leases = list(self._held.items())
+        lost: list[str] = []
         for start in range(0, len(leases), _RENEW_BATCH):
             batch = leases[start : start + _RENEW_BATCH]
             sent = monotonic()  # the lease runs at least ttl from here: valid for ttl/2 of it
@@ -647,11 +648,23 @@ class Group:
                 if kept:
                     self._valid_until[feed] = sent + self.ttl / 2
                     continue
-                logger.warning("lost the lease of feed %r: it is another worker's now", feed, extra=log_fields(feed))
+                logger.debug("lost the lease of feed %r: it is another worker's now", feed, extra=log_fields(feed))
+                lost.append(feed)
                 self._held.pop(feed)
                 self._valid_until.pop(feed, None)
                 self._letting_go.pop(feed, None)
                 await bridge._drop_feed(feed)
+        if lost:
+            # One line per round, not per feed: after a long broker outage, every lease is lost at once.
+            shown = ", ".join(map(repr, lost[:_LOST_SHOWN])) + (
+                f" and {len(lost) - _LOST_SHOWN} more" if len(lost) > _LOST_SHOWN else ""
+            )
+            logger.warning(
+                "lost the lease of %d feed(s), another worker's now or expired: %s",
+                len(lost),
+                shown,
+                extra=log_fields(lost[0] if len(lost) == 1 else None),
+            )
         desired = {feed for feed in self.feeds if live and owner(feed, live) == me}
         wanted = sorted(desired - self._held.keys())
         to_add: list[str] = []  # taken now, not connected yet
@@ -743,6 +756,7 @@ class Group:
 
 
 _RENEW_BATCH = 100
+_LOST_SHOWN = 5
 
 
 def _is_up(pool: Any, feed: str) -> bool:
