@@ -656,13 +656,10 @@ class Group:
                 await bridge._drop_feed(feed)
         if lost:
             # One line per round, not per feed: after a long broker outage, every lease is lost at once.
-            shown = ", ".join(map(repr, lost[:_LOST_SHOWN])) + (
-                f" and {len(lost) - _LOST_SHOWN} more" if len(lost) > _LOST_SHOWN else ""
-            )
             logger.warning(
                 "lost the lease of %d feed(s), another worker's now or expired: %s",
                 len(lost),
-                shown,
+                _some(lost),
                 extra=log_fields(lost[0] if len(lost) == 1 else None),
             )
         desired = {feed for feed in self.feeds if live and owner(feed, live) == me}
@@ -698,12 +695,24 @@ class Group:
             del self._waiting[feed]
             await bridge._drop_feed(feed)
         going = []
+        unready = []  # let go after handoff_timeout, their next holder not connected
         for feed in sorted(self._held.keys() - desired - self._handoffs.keys()):
             since = self._letting_go.setdefault(feed, now)
             successor = owner(feed, live) if live else None
             ready = await coordinator.ready_for(feed)
             if successor is not None and (ready == successor or now - since >= self.handoff_timeout):
                 going.append(feed)
+                if ready != successor:
+                    unready.append(feed)
+        if unready:
+            logger.warning(
+                "handing %d feed(s) over without their next holder ready, after %g s of waiting "
+                "(the chat server away, or the next holder slow to connect): %s",
+                len(unready),
+                self.handoff_timeout,
+                _some(unready),
+                extra=log_fields(unready[0] if len(unready) == 1 else None, timeout=self.handoff_timeout),
+            )
         loop = asyncio.get_running_loop()
         for feed in going:
             # Off the rounds: they go on renewing (this feed's lease too, while it drains).
@@ -756,7 +765,12 @@ class Group:
 
 
 _RENEW_BATCH = 100
-_LOST_SHOWN = 5
+
+
+def _some(feeds: list[str], shown: int = 5) -> str:
+    """The first few feeds of a list, for a log line about many."""
+    more = f" and {len(feeds) - shown} more" if len(feeds) > shown else ""
+    return ", ".join(map(repr, feeds[:shown])) + more
 
 
 def _is_up(pool: Any, feed: str) -> bool:

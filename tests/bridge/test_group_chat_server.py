@@ -332,6 +332,12 @@ async def test_a_handoff_while_the_chat_server_is_away_lets_go_after_handoff_tim
     # Let go at w1's first round handoff_timeout after the round that saw w2: two rounds late at most (and load).
     assert waited[-1] < HANDOFF + 2 * TTL / 3 + 1.0
     assert scene.coordinators["w2"].announced == []  # never ready: nothing of it could connect
+    # Said, in a line per round (not per feed), with the feeds' count.
+    unready = [
+        record.getMessage() for record in caplog.records if "without their next holder ready" in record.getMessage()
+    ]
+    assert 1 <= len(unready) <= 3, unready
+    assert sum(int(message.split()[1]) for message in unready) == len(moving), unready
     assert all(after[feed] == before[feed] for feed in scene.users if owners[feed] == "w1")
     assert all(after[feed][0] == "w2" and after[feed][1] != before[feed][1] for feed in moving)
     log = await scene.check(ended, unseen)
