@@ -155,6 +155,11 @@ class Lanes:
                 self._room.set_result(None)
         return self._room
 
+    @property
+    def stopping(self) -> bool:
+        """Whether `cancel` was called: a call that lost its cancellation should not go on."""
+        return self._stopping
+
     def runs_in(self, task: asyncio.Task[Any] | None) -> bool:
         """Whether ``task`` is one of this handler's workers."""
         return task in self._workers

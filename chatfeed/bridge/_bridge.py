@@ -462,9 +462,10 @@ class Bridge:
                     left,
                     extra=log_fields(events=left),
                 )
-            if self._flusher is not None:
-                self._flusher.cancel()
-                await asyncio.wait([self._flusher])
+            flusher, self._flusher = self._flusher, None
+            if flusher is not None:
+                flusher.cancel()
+                await asyncio.wait([flusher])
             await self._save()
             if self._group is not None:
                 await self._group._close()
@@ -596,6 +597,8 @@ class Bridge:
                         extra=log_fields(record.feed, error=exc, attempt=failures, delay=delay),
                     )
                 await asyncio.sleep(delay)
+                if self._lanes.stopping:  # close() gave up on it, and the cancellation was lost in the sink
+                    return
                 continue
             if not self._up:
                 self._up = True
@@ -765,7 +768,9 @@ class Bridge:
         self._stats["watermarks_saved"] += 1
 
     async def _flush_every(self) -> None:
-        while True:
+        # Until close() takes the task away, not merely until it is cancelled: a
+        # cancellation that lands in the sink's call can be lost (see Group._close).
+        while self._flusher is not None:
             await asyncio.sleep(self._options.watermark_interval)
             await self._save()
 

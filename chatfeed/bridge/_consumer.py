@@ -571,7 +571,9 @@ class Consumer:
         room = self._room
         assert room is not None
         failing = False
-        while True:
+        # Until close(), not merely until cancelled: a cancellation that lands as
+        # a broker call completes can be lost (see Group._close).
+        while self._state == "running":
             free = options.max_in_flight - self._in_flight
             if free <= 0:
                 await self._wait_for_room(room, "consumer")
@@ -599,7 +601,7 @@ class Consumer:
             self._in_flight += len(deliveries)
             waiting = self._waiting
             waiting.extend(deliveries)
-            while waiting:
+            while waiting and self._state == "running":  # what is left, close() gives back
                 await self._hand_out(waiting.popleft())
 
     async def _hand_out(self, delivery: Delivery) -> None:
@@ -813,7 +815,7 @@ class Consumer:
         # delivered a second time, to this process or another, meanwhile.
         heartbeat = self._options.heartbeat
         loop = asyncio.get_running_loop()
-        while True:
+        while self._state == "running":
             await asyncio.sleep(heartbeat)
             older = loop.time() - heartbeat
             for pending, since in list(self._unsettled.items()):

@@ -524,6 +524,7 @@ class Group:
         self._task: asyncio.Task[None] | None = None
         self._handoffs: dict[str, asyncio.Task[None]] = {}  # feeds being handed over, off the rounds
         self._settled = asyncio.Event()
+        self._stopping = False  # _close was called: no round starts after it, cancelled or not
 
     def __repr__(self) -> str:
         return f"<chatfeed.bridge.Group {self.worker} holds {len(self._held)} of {len(self.feeds)} feeds>"
@@ -562,7 +563,7 @@ class Group:
         loop = asyncio.get_running_loop()
         next_at = loop.time() + period
         failures = 0
-        while True:
+        while not self._stopping:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             try:
                 await self._tick()
@@ -607,6 +608,11 @@ class Group:
         # what it holds; _close stops them, then lets the leases go.
 
     async def _close(self) -> None:
+        # A cancellation can be lost: before Python 3.12, asyncio.wait_for returns
+        # the result of a call that completes as it is cancelled, and drops the
+        # cancellation (nats-py waits for every reply in one, redis-py for every
+        # write). The rounds then check the flag instead of going on forever.
+        self._stopping = True
         tasks = [task for task in (self._task, *self._handoffs.values()) if task is not None]
         self._task = None
         for task in tasks:

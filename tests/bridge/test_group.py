@@ -199,7 +199,8 @@ async def test_a_worker_whose_renewals_stop_publishes_nothing_after_ttl_2_and_th
         def bridge(name: str) -> tuple[Bridge, Group, RecordingSink]:
             coordinator = coordinator_for(broker, group)
             # A short handoff_timeout: what this test proves is the fence, not the handoffs of the closes
-            # at its end, whose 30 s default, once missed in CI's Python 3.10 run, outlasted its timeout.
+            # at its end. (Its timeout in CI's Python 3.10 run was a close() that waited forever for rounds
+            # whose cancellation asyncio.wait_for had lost: see test_lost_cancellation.py.)
             member = Group(
                 coordinator, {feed: token_of(user) for feed, user in users.items()}, worker=name, handoff_timeout=3.0
             )
