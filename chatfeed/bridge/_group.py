@@ -388,6 +388,9 @@ class RedisCoordinator:
                 ("release", _RELEASE),
             )
         }
+        if create:
+            # The leases' TTL, for those who read their ages without knowing it (``--status``).
+            await self._client.set(f"{self._base}:ttl", self._ttl_ms)
 
     @property
     def _ttl_ms(self) -> int:
@@ -432,11 +435,14 @@ class RedisCoordinator:
     async def ages(self) -> dict[str, float]:
         ages = {}
         prefix = f"{self._base}:lease:"
+        # A lease is set to the group's TTL at each renewal: its age is what it has lost of it since.
+        recorded = await self._client.get(f"{self._base}:ttl")
+        ttl = int(recorded) / 1000 if recorded is not None else self.ttl
         async for key in self._client.scan_iter(match=f"{prefix}*", count=1000):
             text = key.decode() if isinstance(key, bytes) else key
             left = await self._client.pttl(key)
             if left >= 0:
-                ages[text[len(prefix) :]] = max(0.0, self.ttl - left / 1000)
+                ages[text[len(prefix) :]] = max(0.0, ttl - left / 1000)
         return ages
 
     async def holders(self) -> dict[str, tuple[str, int]]:

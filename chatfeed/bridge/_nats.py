@@ -367,10 +367,9 @@ class JetStreamSource:
             raise
 
     async def fetch(self, count: int) -> list[Delivery]:
-        nats = _nats()
         try:
             messages = await self._subscription.fetch(count, timeout=1.0)
-        except nats.errors.TimeoutError:
+        except asyncio.TimeoutError:  # nats-py's own, or asyncio's when its deadline runs out first: nothing new
             return []
         return [_JetStreamDelivery(msg, self) for msg in messages]
 

@@ -175,3 +175,6 @@ async def test_ages_and_status_show_each_workers_feeds_and_how_old_their_leases_
     assert lines[0] == f"group {a.group}: 1 bridge(s), 1 feed(s) held"
     assert lines[1].startswith("  w1: 1 feed(s), oldest renewal ")
     assert lines[2].startswith(f"    alice (lease {lease.token}, renewed ")
+    # The age is the group's, whatever TTL the status command was given: renewed every TTL / 6 here.
+    age = float(lines[1].split("oldest renewal ")[1].split()[0].rstrip("s"))
+    assert 0 <= age < TTL, lines[1]
