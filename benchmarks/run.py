@@ -26,6 +26,9 @@ from bridge import FULL as BRIDGE_FULL
 from bridge import SMOKE as BRIDGE_SMOKE
 from bridge import bridge_report, bridge_targets, run_bridge
 from delivery import measure_concurrency, measure_dedupe
+from group_sizing import FULL as GROUP_SIZING_FULL
+from group_sizing import SMOKE as GROUP_SIZING_SMOKE
+from group_sizing import run_group_sizing, sizing_report
 from pool import FULL as POOL_FULL
 from pool import GC_MODES, measure_pool_throughput, run_pool
 from pool import SMOKE as POOL_SMOKE
@@ -46,6 +49,7 @@ FULL = {
     "dedupe_events": 200_000,
     "pool": POOL_FULL,
     "bridge": BRIDGE_FULL,
+    "group_sizing": GROUP_SIZING_FULL,
 }
 SMOKE = {
     "frames": 2_000,
@@ -58,6 +62,7 @@ SMOKE = {
     "dedupe_events": 10_000,
     "pool": POOL_SMOKE,
     "bridge": BRIDGE_SMOKE,
+    "group_sizing": GROUP_SIZING_SMOKE,
 }
 
 
@@ -179,6 +184,8 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
         flush=True,
     )
     results["bridge"] = run_bridge(bridge)
+    # Not on the benchmarks page: docs/bridge/deployment.md quotes these figures, from a full run of its own.
+    results["group_sizing"] = run_group_sizing(settings["group_sizing"])
     results["targets"] = [
         {"name": name, "value": value, "target": target, "met": met} for name, value, target, met in targets(results)
     ]
@@ -458,6 +465,7 @@ def main() -> int:
     results = run(SMOKE if args.smoke else FULL)
     print(report(results))
     print("\n".join(["", "### Bridge", "", *bridge_report(results["bridge"])]))
+    print("\n".join(["", "### Worker group sizing", "", *sizing_report(results["group_sizing"])]))
     if not args.smoke:
         (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         plot(results, DOCS / "benchmarks.png")
