@@ -819,6 +819,8 @@ class Consumer:
             await asyncio.sleep(heartbeat)
             older = loop.time() - heartbeat
             for pending, since in list(self._unsettled.items()):
+                if self._state != "running":  # an extend() lost close()'s cancellation
+                    break
                 if since <= older and pending in self._unsettled:
                     try:
                         await pending.delivery.extend()

@@ -133,6 +133,7 @@ class JetStreamCoordinator:
         self.group = group
         self.ttl = float(ttl)
         self._nc: Any = None
+        self._js: Any = None
         self._workers: Any = None
         self._leases: Any = None
         self._ready: Any = None
@@ -148,7 +149,10 @@ class JetStreamCoordinator:
 
         nats = _nats()
         self._nc = await _connect(self.url, f"chatfeed-group-{self.group}", 2.0)
-        js = self._nc.jetstream(timeout=_request_timeout(self.ttl))
+        # The buckets' requests (the rounds') wait at most ttl / 2; making a
+        # bucket may take a loaded server longer than that.
+        self._js = js = self._nc.jetstream(timeout=_request_timeout(self.ttl))
+        slow = self._nc.jetstream(timeout=max(_request_timeout(self.ttl), 5.0))
         buckets = []
         for name in (f"{self.group}-workers", f"{self.group}-leases", f"{self.group}-ready"):
             try:
@@ -157,7 +161,8 @@ class JetStreamCoordinator:
                 if not create:
                     await self.close()
                     raise UsageError(f"there is no group {self.group} at {redact_url(self.url)}") from None
-                bucket = await js.create_key_value(bucket=name, history=1, ttl=self.ttl)
+                await slow.create_key_value(bucket=name, history=1, ttl=self.ttl)
+                bucket = await js.key_value(name)
             if not create:
                 buckets.append(bucket)
                 continue
@@ -188,12 +193,20 @@ class JetStreamCoordinator:
     async def leave(self, worker: str) -> None:
         await self._workers.delete(_key(worker))
 
+    async def _keys(self, bucket: str) -> list[str]:
+        """Return the keys of one of the group's buckets, from its stream's subjects.
+
+        Not nats-py's ``keys()``: it lists through a consumer, and misses a
+        key written while it lists (every round writes the workers' and the
+        leases'); a worker that missed the others would think itself alone.
+        """
+        subject = f"$KV.{self.group}-{bucket}."
+        info = await self._js.stream_info(f"KV_{self.group}-{bucket}", subjects_filter=f"{subject}>")
+        return [name[len(subject) :] for name in info.state.subjects or ()]
+
     async def workers(self) -> list[str]:
         nats = _nats_module()
-        try:
-            keys = await self._workers.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+        keys = await self._keys("workers")
         names = []
         for key in keys:
             try:
@@ -240,13 +253,19 @@ class JetStreamCoordinator:
         except nats.js.errors.BadRequestError as exc:  # nats-py does not map delete's error to its own
             if exc.err_code != _WRONG_LAST_SEQUENCE:
                 raise  # anything but "no longer ours"
+            # Still ours at a newer revision (a renewal whose answer was lost), or another's.
+            value = f"{lease.worker}|{lease.token}".encode()
+            try:
+                entry = await self._leases.get(_key(lease.feed))
+            except nats.js.errors.KeyNotFoundError:
+                return
+            if entry.value == value and entry.revision is not None:
+                with contextlib.suppress(nats.js.errors.BadRequestError):
+                    await self._leases.delete(_key(lease.feed), last=entry.revision)
 
     async def ages(self) -> dict[str, float]:
         nats = _nats_module()
-        try:
-            keys = await self._leases.keys()
-        except nats.js.errors.NoKeysError:
-            return {}
+        keys = await self._keys("leases")
         js = self._nc.jetstream()
         now = datetime.now(timezone.utc)
         ages = {}
@@ -261,10 +280,7 @@ class JetStreamCoordinator:
 
     async def holders(self) -> dict[str, tuple[str, int]]:
         nats = _nats_module()
-        try:
-            keys = await self._leases.keys()
-        except nats.js.errors.NoKeysError:
-            return {}
+        keys = await self._keys("leases")
         held = {}
         for key in keys:
             try:
@@ -286,7 +302,7 @@ _WRONG_LAST_SEQUENCE = 10071
 
 
 def _request_timeout(ttl: float) -> float:
-    """How long a coordinator waits for the broker's answer to a request.
+    """Return how long a coordinator waits for the broker's answer to a request.
 
     An answer later than ``ttl / 2`` after the request is of no use: a
     renewal makes the lease usable for ``ttl / 2`` from its sending (the
@@ -531,6 +547,7 @@ class Group:
         self._handoffs: dict[str, asyncio.Task[None]] = {}  # feeds being handed over, off the rounds
         self._settled = asyncio.Event()
         self._stopping = False  # _close was called: no round starts after it, cancelled or not
+        self._renewed_at = monotonic()  # when the last round's renewals were all answered
 
     def __repr__(self) -> str:
         return f"<chatfeed.bridge.Group {self.worker} holds {len(self._held)} of {len(self.feeds)} feeds>"
@@ -560,10 +577,13 @@ class Group:
 
     async def _run(self) -> None:
         # Rounds at a fixed rate, every ttl/3 from the first: a slow round
-        # does not push the next renewals back. A failed round (the broker
-        # away) is tried again every ttl/20, not a period later: the leases
-        # last ttl from their last renewal, and a broker back before they
-        # expire must get their renewals in time, whatever the rounds' phase.
+        # does not push the next renewals back. A round that failed before
+        # its renewals were done (the broker away) is tried again every
+        # ttl/20, not a period later, while the leases it renews can still be
+        # saved: they last ttl from their last renewal, and a broker back
+        # before they expire must get their renewals in time, whatever the
+        # rounds' phase. Otherwise (renewed, then failed adding feeds; or
+        # every lease expired already), the next round comes at its time.
         period = self.ttl / 3
         retry = self.ttl / 20
         loop = asyncio.get_running_loop()
@@ -571,17 +591,20 @@ class Group:
         failures = 0
         while not self._stopping:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
+            began = monotonic()
             try:
                 await self._tick()
             except Exception as exc:  # the broker away: the leases age; renewals resume when it is back
                 failures += 1
-                next_at = loop.time() + retry
+                renewed = self._renewed_at >= began
+                soon = not renewed and monotonic() - self._renewed_at < self.ttl
+                next_at = loop.time() + retry if soon else max(next_at + period, loop.time())
                 if failures == 1:
                     logger.warning(
-                        "the group's round failed (%s); trying again every %g s",
+                        "the group's round failed (%s); trying again in %g s",
                         exc,
-                        retry,
-                        extra=log_fields(error=exc, delay=retry),
+                        next_at - loop.time(),
+                        extra=log_fields(error=exc, delay=next_at - loop.time()),
                     )
                 else:
                     logger.debug(
@@ -621,10 +644,13 @@ class Group:
         self._stopping = True
         tasks = [task for task in (self._task, *self._handoffs.values()) if task is not None]
         self._task = None
-        for task in tasks:
-            task.cancel()
-        if tasks:
+        while tasks:
+            for task in tasks:
+                task.cancel()
             await asyncio.wait(tasks)
+            # Begun by a round that went on, its cancellation lost. (One cancelled
+            # before it ran never removed itself: done, it is not waited for.)
+            tasks = [task for task in self._handoffs.values() if not task.done()]
         for lease in list(self._held.values()):
             try:
                 await self.coordinator.release(lease)
@@ -674,6 +700,9 @@ class Group:
                 _some(lost),
                 extra=log_fields(lost[0] if len(lost) == 1 else None),
             )
+        self._renewed_at = monotonic()
+        if self._stopping:  # close() came while this round waited for the broker (its cancellation lost)
+            return
         desired = {feed for feed in self.feeds if live and owner(feed, live) == me}
         wanted = sorted(desired - self._held.keys())
         to_add: list[str] = []  # taken now, not connected yet
@@ -780,7 +809,7 @@ _RENEW_BATCH = 100
 
 
 def _some(feeds: list[str], shown: int = 5) -> str:
-    """The first few feeds of a list, for a log line about many."""
+    """Return the first few feeds of a list, for a log line about many."""
     more = f" and {len(feeds) - shown} more" if len(feeds) > shown else ""
     return ", ".join(map(repr, feeds[:shown])) + more
 

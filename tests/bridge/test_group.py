@@ -9,6 +9,7 @@ end: every event pushed once, no dedup id twice, each chat in push order.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import signal
@@ -353,17 +354,21 @@ class FlakyLoadSink(RecordingSink):
         self.fail_loads = 0
         self.failed = 0
 
+        self.failed_at: list[float] = []
+
     async def load_watermarks(self, feeds: Any) -> Any:
         if self.fail_loads:
             self.fail_loads -= 1
             self.failed += 1
+            self.failed_at.append(time.monotonic())
             raise ConnectionError("the broker blinked")
         return await super().load_watermarks(feeds)
 
 
 @pytest.mark.timeout(40)
+@pytest.mark.parametrize("failures", [1, 4], ids=["once", "four-rounds"])
 async def test_a_feed_whose_add_failed_as_it_was_taken_over_is_added_by_the_next_round_and_bridged(
-    broker: Broker,
+    broker: Broker, failures: int
 ) -> None:
     # w2 holds every feed; w1 joins and takes its share; w1 leaves, and w2's first try to take
     # that share back fails while adding the feeds to its pool. The next round adds them.
@@ -389,9 +394,13 @@ async def test_a_feed_whose_add_failed_as_it_was_taken_over_is_added_by_the_next
             async with Bridge(make_pool(server.url), broker.sink(), group=w1_group):
                 await until(lambda: w1_group.held == share, lambda: f"w1 holds {w1_group.held}")
                 await until(lambda: not any(feed in w2.pool for feed in share), lambda: "w2 still has w1's share")
-                flaky.fail_loads = 1
+                flaky.fail_loads = failures
             await until(lambda: w2_group.held == sorted(users), lambda: f"w2 holds {w2_group.held}")
-            assert flaky.failed == 1
+            await until(lambda: flaky.failed == failures, lambda: f"{flaky.failed} loads failed")
+            # A round that failed after its renewals is tried again at its time (every ttl / 3), not every
+            # ttl / 20 as one that could not renew: the broker is not asked to renew everything 7 times as often.
+            spans = [later - earlier for earlier, later in itertools.pairwise(flaky.failed_at)]
+            assert all(span > FENCE_TTL / 3 * 0.8 for span in spans), spans
             await until(lambda: all(_is_up(w2.pool, feed) for feed in users), lambda: "not every feed is up")
             for user in users.values():
                 await server.push_chat(id=f"{user}-chat", user_id=user)

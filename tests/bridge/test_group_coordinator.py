@@ -1,4 +1,4 @@
-"""The group coordinators' leases and heartbeats, against the real brokers (work in progress, issue 14)."""
+"""The group coordinators' leases and heartbeats, against the real brokers."""
 
 from __future__ import annotations
 
@@ -178,3 +178,32 @@ async def test_ages_and_status_show_each_workers_feeds_and_how_old_their_leases_
     # The age is the group's, whatever TTL the status command was given: renewed every TTL / 6 here.
     age = float(lines[1].split("oldest renewal ")[1].split()[0].rstrip("s"))
     assert 0 <= age < TTL, lines[1]
+
+
+@pytest.mark.timeout(30)
+async def test_every_live_worker_is_listed_while_they_all_heartbeat(
+    coordinators: tuple[Coordinator, Coordinator],
+) -> None:
+    # Listed through a consumer (nats-py's kv.keys()), keys written meanwhile were missed: a worker
+    # then thought itself alone, took others' feeds, or left without waiting for its successors.
+    a, b = coordinators
+    names = [f"w{number:02}" for number in range(30)]
+    for name in names:
+        await b.join(name)
+    stop = asyncio.Event()
+
+    async def heartbeats() -> None:
+        while not stop.is_set():
+            await asyncio.gather(*(b.join(name) for name in names))
+
+    beating = asyncio.ensure_future(heartbeats())
+    try:
+        short = []
+        for _ in range(100):
+            listed = await a.workers()
+            if listed != names:
+                short.append(len(listed))
+    finally:
+        stop.set()
+        await asyncio.wait([beating])
+    assert short == [], f"{len(short)} of 100 listings missed workers (they had {short} of {len(names)})"

@@ -19,7 +19,7 @@ import pytest
 
 from chatfeed import NewMessage, Pool
 from chatfeed.bridge import Bridge, Consumer, Group
-from chatfeed.bridge._envelope import Record
+from chatfeed.bridge._envelope import Record, encode
 from chatfeed.bridge._group import Lease
 from chatfeed.testing import make_message
 
@@ -211,3 +211,67 @@ async def test_a_publish_that_lost_its_cancellation_at_close_stops_retrying() ->
         workers[0].cancel()
         done, _ = await asyncio.wait(workers, timeout=0.1)
     assert retries < 20, f"the publish went on retrying after close(): {retries} tries"
+
+
+class _SlowDelivery:
+    """One event being handled; saying it is still in progress loses the cancellation of the caller once."""
+
+    def __init__(self, data: bytes, extending: asyncio.Event) -> None:
+        self.data = data
+        self.attempt = 1
+        self.position = "1"
+        self.extending = extending
+        self.extends = 0
+
+    async def extend(self) -> None:
+        self.extends += 1
+        if self.extends == 1:
+            await _lose_the_cancellation(self.extending)
+
+    async def ack(self) -> None:
+        pass
+
+    async def retry(self, delay: float) -> None:
+        pass
+
+    async def release(self) -> None:
+        pass
+
+    async def dead_letter(self, reason: str) -> None:
+        pass
+
+
+class OneEventSource(MemorySource):
+    """A log of one event, fetched once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        record = encode(NewMessage(type="new_message", payload=make_message(id="m1", chat_id="c1")), "feed")
+        self.delivery = _SlowDelivery(record.data, asyncio.Event())
+
+    async def fetch(self, count: int) -> list[Any]:
+        self.fetches += 1
+        await asyncio.sleep(0.01)
+        return [self.delivery] if self.fetches == 1 else []
+
+
+@pytest.mark.timeout(10)
+async def test_closing_a_consumer_ends_its_heartbeats_when_their_cancellation_is_lost() -> None:
+    source = OneEventSource()
+    consumer = Consumer("redis://127.0.0.1:9", durable="lost", heartbeat=0.02, drain_timeout=0.05)
+    consumer._source = source  # what it reads from: in memory, no socket
+
+    @consumer.on("new_message")
+    async def handle(event: Any, feed: str) -> None:
+        await asyncio.Event().wait()  # a long call: its event is said to be in progress meanwhile
+
+    await consumer.start()
+    await source.delivery.extending.wait()
+    extender = consumer._extender
+    closing = asyncio.ensure_future(consumer.close())
+    done, _ = await asyncio.wait([closing], timeout=2.0)
+    while not closing.done():  # for the teardown: cancelled again, now that it has lost the first
+        assert extender is not None
+        extender.cancel()
+        await asyncio.wait([closing], timeout=0.1)
+    assert done, "close() waited for the heartbeats forever"
