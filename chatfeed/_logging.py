@@ -228,11 +228,16 @@ def _summary(frame: Frame) -> str:
     return f"{frame.opcode.name} [{len(frame.data)} bytes, not logged]"
 
 
-# A path segment that is a JWT (three base64url parts), or a long opaque
-# run such as an API key: some servers take the token in the path
-# (``/ws/<token>``). Ids and words are shorter than 40 characters, or have
-# separators; a UUID (36) is kept, since it names a resource.
-_SECRET_SEGMENT = re.compile(r"[\w-]{4,}\.[\w-]{4,}\.[\w-]*|[\w~+=.-]{40,}", re.ASCII)
+# Secrets in a URL's path (some servers take the token there: ``/ws/<token>``):
+# a JWT anywhere in a segment (its header is base64 of '{"', so it starts
+# with "eyJ"; it may follow a prefix such as "Bearer "), or a segment that
+# is one long opaque run, such as an API key or standard base64 (whose '/'
+# arrives as %2F). Ids, words and host names are shorter than 40
+# characters, or have other separators; a UUID (36) is kept, since it names
+# a resource. A key shorter than 40 characters (32 hex digits) is not
+# recognised: put tokens in the auth frame, where chatfeed sends them.
+_JWT = re.compile(r"eyJ[\w-]{2,}\.[\w-]{2,}\.[\w-]*", re.ASCII)
+_OPAQUE = re.compile(r"[\w~+/=.-]{40,}", re.ASCII)
 
 
 def _redact_path(path: str) -> str:
@@ -242,7 +247,8 @@ def _redact_path(path: str) -> str:
         name, semicolon, _ = segment.partition(";")
         if semicolon:
             segment = segments[i] = f"{name};{REDACTED}"
-        if _SECRET_SEGMENT.fullmatch(urllib.parse.unquote(name)):
+        plain = urllib.parse.unquote(name)
+        if _JWT.search(plain) or _OPAQUE.fullmatch(plain):
             segments[i] = REDACTED
     return "/".join(segments)
 

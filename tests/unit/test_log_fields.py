@@ -75,8 +75,13 @@ def test_without_an_event_its_type_and_chat_can_be_given() -> None:
         ("ws://h/k/" + "A1b2C3d4" * 6, "ws://h/k/***"),
         ("ws://h/k/" + "%41" * 40, "ws://h/k/***"),
         ("ws://h/feed;token=abc/x", "ws://h/feed;***/x"),
+        ("ws://h/ws/Bearer%20eyJhbGciOi.eyJzdWIiOiIxIn0.c2lnbmF0dXJl", "ws://h/ws/***"),
+        ("ws://h/ws/token:eyJhbGciOi.eyJzdWIiOiIxIn0.c2lnbmF0dXJl/x", "ws://h/ws/***/x"),
+        ("ws://h/k/" + "q+Z%2Fa8Xc" * 5 + "%3D", "ws://h/k/***"),  # standard base64, its '/' as %2F
         # Kept: what names a resource, and what a person reads.
         ("ws://h/api/v1.2/feed.json", "ws://h/api/v1.2/feed.json"),
+        ("ws://h/rooms/chat.example.com/ws", "ws://h/rooms/chat.example.com/ws"),
+        ("ws://h/feeds/news.sports.football", "ws://h/feeds/news.sports.football"),
         (
             "ws://h/chats/3f2c9d6e-8a4b-4c1d-9e7f-0a1b2c3d4e5f/ws",
             "ws://h/chats/3f2c9d6e-8a4b-4c1d-9e7f-0a1b2c3d4e5f/ws",
