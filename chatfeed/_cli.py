@@ -140,6 +140,9 @@ _MAX_FEED_WIDTH = 24
 _SUMMARY_WAIT = 1.0
 """How long changes to a pool's feeds are gathered into one line on stderr, while some are connecting."""
 
+_NONE_UP_WAIT = 10.0
+"""How long a pool's feeds may fail to connect, none of them up, before it is said (sooner once each has failed)."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
@@ -462,6 +465,11 @@ def _shard_spec(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"not K/N (shard K of N, as in 2/5): {text!r}") from None
     if not slash or shards < 1 or not 1 <= shard <= shards:
         raise argparse.ArgumentTypeError(f"K/N needs 1 <= K <= N, not {text!r}")
+    from .bridge._assign import _MAX_SHARDS
+
+    if shards > _MAX_SHARDS:
+        # Each feed of the tokens file costs a hash per shard, before anything starts.
+        raise argparse.ArgumentTypeError(f"N is at most {_MAX_SHARDS:,}, not {shards:,}")
     return shard, shards
 
 
@@ -638,8 +646,10 @@ def _log_to_stderr(verbose: bool, *, pool: bool = False) -> None:
     root.setLevel(logging.WARNING)
     # A pool's feeds log their state changes without saying which feed: the
     # pool's lifecycle events, which do, are reported instead (_PoolReport).
-    quiet = logging.WARNING if pool else logging.INFO
-    logging.getLogger("chatfeed").setLevel(logging.DEBUG if verbose else quiet)
+    # Their failed attempts are still logged, not printed: _PoolReport reads them.
+    if pool and not verbose:
+        handler.setLevel(logging.WARNING)
+    logging.getLogger("chatfeed").setLevel(logging.DEBUG if verbose else logging.INFO)
     if verbose:
         logging.getLogger("websockets").setLevel(logging.DEBUG)
 
@@ -964,8 +974,10 @@ class _PoolReport:
     when that changes, gathered over up to `_SUMMARY_WAIT` while feeds are
     connecting, so that thousands of feeds connecting, or reconnecting after
     a server restart, make a few lines and not thousands. A reconnection is
-    always said: what the server pushed meanwhile was missed. With
-    ``verbose``, a line per feed and connection too.
+    always said: what the server pushed meanwhile was missed. While no feed
+    has ever connected, one line says so, with the last error, once every
+    feed has failed an attempt or after `_NONE_UP_WAIT`. With ``verbose``, a
+    line per feed and connection too.
     """
 
     def __init__(self, feeds: int, *, verbose: bool) -> None:
@@ -977,6 +989,10 @@ class _PoolReport:
         self.all_stopped = asyncio.Event()
         self._changed = asyncio.Event()
         self._settled = asyncio.Event()  # no feed connecting
+        self._ever_up = False
+        self._failed: set[str] = set()  # feeds whose attempts failed, while none has ever connected
+        self._last_error: BaseException | None = None
+        self._each_failed = asyncio.Event()  # every feed failed an attempt or stopped, none ever up
 
     def watch(self, pool: Pool) -> None:
         """Register the handlers of ``pool``'s lifecycle events."""
@@ -986,6 +1002,7 @@ class _PoolReport:
 
     def _connected(self, event: Connected, feed: str) -> None:
         self._up.add(feed)
+        self._ever_up = True
         self._reconnections += event.is_reconnect
         if self._verbose:
             if event.is_reconnect:
@@ -1006,7 +1023,19 @@ class _PoolReport:
         _say(f"feed {feed} stopped: {event.error}")
         if len(self.stopped) == self._total:
             self.all_stopped.set()
+        self._check_each_failed()
         self._change()
+
+    def attempt_failed(self, feed: str, error: BaseException) -> None:
+        """Note that an attempt of ``feed`` to connect failed on ``error``, and that it will try again."""
+        if not self._ever_up:
+            self._failed.add(feed)
+            self._last_error = error
+            self._check_each_failed()
+
+    def _check_each_failed(self) -> None:
+        if len(self._failed | set(self.stopped)) >= self._total:
+            self._each_failed.set()
 
     def _change(self) -> None:
         self._changed.set()
@@ -1027,6 +1056,30 @@ class _PoolReport:
 
     async def run(self) -> None:
         """Write the summary when it changes or feeds reconnected, until cancelled."""
+        failures = _FailedAttempts(self)
+        chatfeed_logger = logging.getLogger("chatfeed")
+        chatfeed_logger.addHandler(failures)
+        none_up = asyncio.ensure_future(self._say_if_none_connects())
+        try:
+            await self._summarize()
+        finally:
+            chatfeed_logger.removeHandler(failures)
+            none_up.cancel()
+            await asyncio.wait([none_up])
+
+    async def _say_if_none_connects(self) -> None:
+        each_failed = await _wait_until_set(self._each_failed, _NONE_UP_WAIT)
+        connecting = self._total - len(self.stopped)
+        if self._ever_up or not connecting:
+            return
+        line = f"0 of {connecting} feeds connected"
+        line += ": each one's attempt failed" if each_failed else f" after {_NONE_UP_WAIT:g} s"
+        if self._last_error is None:
+            _say(f"{line}; still trying, no attempt has ended yet")
+        else:
+            _say(f"{line}; still trying, the last error: {self._last_error}")
+
+    async def _summarize(self) -> None:
         said = None
         while True:
             await self._changed.wait()
@@ -1038,6 +1091,24 @@ class _PoolReport:
                 plural = "" if reconnections == 1 else "s"
                 _say(line + (f"; {reconnections} reconnection{plural}" if reconnections else ""))
                 said = line
+
+
+class _FailedAttempts(logging.Handler):
+    """Gives a `_PoolReport` the failed connection attempts its pool's feeds log (below the level printed)."""
+
+    def __init__(self, report: _PoolReport) -> None:
+        super().__init__(logging.INFO)
+        self._report = report
+
+    def emit(self, record: logging.LogRecord) -> None:
+        feed = getattr(record, "chatfeed_feed", None)
+        # A feed's record with a delay is the one of a wait before its next attempt.
+        if not isinstance(feed, str) or getattr(record, "chatfeed_delay", None) is None:
+            return
+        args = record.args if isinstance(record.args, tuple) else ()
+        error = next((arg for arg in args if isinstance(arg, BaseException)), None)
+        if error is not None:
+            self._report.attempt_failed(feed, error)
 
 
 async def _listen_to_pool(args: argparse.Namespace) -> int:
@@ -1205,6 +1276,24 @@ class _BridgeSummary:
                 said = line
 
 
+class _JoinedCoordinator:
+    """A group's coordinator that says when its worker has first joined: past the checks of the group's ttl."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self._coordinator = coordinator
+        self.joined = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._coordinator, name)
+
+    def __repr__(self) -> str:
+        return repr(self._coordinator)
+
+    async def join(self, worker: str) -> None:
+        await self._coordinator.join(worker)
+        self.joined.set()
+
+
 def _quiet_start(record: logging.LogRecord) -> bool:
     # An unreachable broker is one line: the one saying that the bridge gave
     # up, not also the bridge's own at the first failed attempt.
@@ -1214,9 +1303,12 @@ def _quiet_start(record: logging.LogRecord) -> bool:
 def _coordinator(args: argparse.Namespace) -> Any:
     from .bridge import JetStreamCoordinator, RedisCoordinator
 
-    if args.to.partition("://")[0].lower() in ("nats", "tls"):
+    scheme = args.to.partition("://")[0].lower()
+    if scheme in ("nats", "tls"):
         return JetStreamCoordinator(args.to, args.group, ttl=args.lease_ttl)
-    return RedisCoordinator(args.to, args.group, prefix=args.prefix or "chatfeed", ttl=args.lease_ttl)
+    if scheme in ("redis", "rediss"):
+        return RedisCoordinator(args.to, args.group, prefix=args.prefix or "chatfeed", ttl=args.lease_ttl)
+    raise UsageError(f"the broker's URL must start with nats:// or redis://, not {args.to[:40]!r}")
 
 
 async def _group_status(args: argparse.Namespace) -> int:
@@ -1234,6 +1326,14 @@ async def _group_status(args: argparse.Namespace) -> int:
         ages = await coordinator.ages()
     finally:
         await coordinator.close()
+    if not workers and not holders and args.to.partition("://")[0].lower() in ("redis", "rediss"):
+        # A Redis group is its heartbeats and leases, nothing that outlives them:
+        # none is a group that does not exist, as JetStream says of its missing buckets.
+        prefix = args.prefix or "chatfeed"
+        raise UsageError(
+            f"there is no group {args.group} at {redact_url(args.to)}: "
+            f"no bridge heartbeats and no leases under the prefix {prefix!r}"
+        )
     held: dict[str, list[str]] = {}
     for feed, (worker, _) in holders.items():
         held.setdefault(worker, []).append(feed)
@@ -1266,7 +1366,13 @@ async def _bridge(args: argparse.Namespace) -> int:
 
         number, shards = args.shard
         every = len(feeds)
-        feeds = {key: token for key, token in feeds.items() if shard(key, shards) == number}
+        mine = {}
+        for index, (key, token) in enumerate(feeds.items(), 1):
+            if shard(key, shards) == number:
+                mine[key] = token
+            if index % 64 == 0:
+                await asyncio.sleep(0)  # seconds of hashing for many shards: SIGINT and SIGTERM get through
+        feeds = mine
         _say(f"shard {number}/{shards}: {len(feeds)} of the {every} feeds")
     observers = _observers(args)
     sink = _OpenedSink(sink_for(args.to, **_broker_options(args.to, args)))
@@ -1277,8 +1383,9 @@ async def _bridge(args: argparse.Namespace) -> int:
     pool = Pool(args.url, backfill=backfill, observer=observers, **options)
     group = None
     if args.group is not None:
-        group = Group(_coordinator(args), feeds, worker=args.worker)
-        _say(f"group {args.group}: worker {group.worker}, {len(feeds)} feeds to share")
+        coordinator = _JoinedCoordinator(_coordinator(args))
+        group = Group(coordinator, feeds, worker=args.worker)
+        _say(f"joining group {args.group} as worker {group.worker}, with the {len(feeds)} feeds of the tokens file")
         if args.backfill_url is None:
             _say(
                 "warning: without --backfill-url, what a feed misses while it moves from a dead bridge "
@@ -1303,7 +1410,14 @@ async def _bridge(args: argparse.Namespace) -> int:
         backfilled = (
             "" if args.backfill_url is None else f", resumed from {redact_url(_history_url(args.backfill_url))}"
         )
-        _say(f"bridging {len(pool)} feeds from {redact_url(args.url)} into {sink!r}{backfilled}")
+        if group is None:
+            _say(f"bridging {len(pool)} feeds from {redact_url(args.url)} into {sink!r}{backfilled}")
+        else:  # the group decides which feeds, from now on: the summary lines say how many
+            await coordinator.joined.wait()
+            _say(
+                f"bridging the feeds worker {group.worker} holds in group {args.group}, "
+                f"from {redact_url(args.url)} into {sink!r}{backfilled}"
+            )
         await asyncio.gather(report.run(), summary.run()) if group is None else await summary.run()
 
     running = asyncio.ensure_future(bridge.run())
@@ -1318,7 +1432,7 @@ async def _bridge(args: argparse.Namespace) -> int:
         # Publishes what is held and saves the watermarks, on a signal too.
         await bridge.close()
         await asyncio.wait([running, *helpers])
-        if sink.opened.is_set():
+        if sink.opened.is_set() and (group is None or coordinator.joined.is_set()):  # it did start
             _say(summary.line())
         if metrics is not None:
             await metrics.close()

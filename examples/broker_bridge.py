@@ -23,7 +23,7 @@ import collections
 import sys
 
 import chatfeed
-from chatfeed.bridge import Bridge, Consumer, JetStreamSink, RedisStreamSink, Sink
+from chatfeed.bridge import Bridge, Consumer, JetStreamSink, Record, RedisStreamSink, Sink
 from chatfeed.bridge.testing import NatsServer, RedisServer
 from chatfeed.testing import FeedServer
 
@@ -52,7 +52,8 @@ async def main(use_redis: bool) -> None:
                 if sum(seen.values()) == len(USERS) * MESSAGES_PER_USER:
                     all_seen.set()
 
-            async with Bridge(pool, sink, window=64) as bridge, consumer:
+            acknowledged = Acknowledged(len(USERS) * MESSAGES_PER_USER)
+            async with Bridge(pool, sink, window=64, observer=acknowledged) as bridge, consumer:
                 print(f"bridging {len(pool)} feeds into {broker.url.split(':')[0]}")
                 for number in range(MESSAGES_PER_USER):
                     if number == MESSAGES_PER_USER // 2:
@@ -66,6 +67,9 @@ async def main(use_redis: bool) -> None:
                         broker.start()
                         print("broker started again")
                 await asyncio.wait_for(all_seen.wait(), 30)
+                # The consumer can read an event before the broker's acknowledgement
+                # of it is back at the bridge: published counts it only then.
+                await asyncio.wait_for(acknowledged.all.wait(), 30)
                 stats = bridge.statistics()
                 print(
                     f"bridge: {stats.received} received, {stats.published} published, "
@@ -74,6 +78,19 @@ async def main(use_redis: bool) -> None:
             every = {feed: seen[feed] for feed in pool.feeds()}
             print(f"consumer: {sum(every.values())} messages, {MESSAGES_PER_USER} from each of {len(every)} users")
             assert set(every.values()) == {MESSAGES_PER_USER}
+
+
+class Acknowledged(chatfeed.Observer):
+    """Sets `all` once the broker has acknowledged ``expected`` publishes of the bridge."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.all = asyncio.Event()
+
+    def published(self, record: Record, *, stored: bool, duration: float) -> None:
+        self.expected -= 1
+        if not self.expected:
+            self.all.set()
 
 
 if __name__ == "__main__":

@@ -458,8 +458,11 @@ class Bridge:
             if left:
                 logger.warning(
                     "%d event(s) were not published before the bridge closed; the saved watermarks are older "
-                    "than they are, so a bridge started again backfills them",
+                    "than they are, so a bridge started again %s",
                     left,
+                    "backfills them"
+                    if self._pool._options.backfill is not None
+                    else "with a backfill function fetches them (this one has none)",
                     extra=log_fields(events=left),
                 )
             flusher, self._flusher = self._flusher, None
@@ -596,9 +599,9 @@ class Bridge:
                         options.window,
                         extra=log_fields(record.feed, error=exc, attempt=failures, delay=delay),
                     )
-                await asyncio.sleep(delay)
                 if self._lanes.stopping:  # close() gave up on it, and the cancellation was lost in the sink
                     return
+                await asyncio.sleep(delay)
                 continue
             if not self._up:
                 self._up = True

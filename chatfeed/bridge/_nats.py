@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -43,8 +44,54 @@ def _nats() -> Any:
     return nats
 
 
+def _check_url(url: object) -> None:
+    """Raise `UsageError` unless ``url`` names one NATS server as nats-py reads it: a scheme, a host, a port.
+
+    nats-py reports a URL it cannot read only when it connects, as if the
+    server were away: refused here, before any connection, so that a typo
+    is bad usage and is not retried.
+    """
+    if not isinstance(url, str):
+        raise UsageError(f"a NATS URL is a str, not {type(url).__name__}")
+    if "," in url:
+        # Not echoed: the credentials of the servers after the first would
+        # not be redacted.
+        raise UsageError("a NATS URL names one server, not a comma-separated list")
+    problem = _url_problem(url)
+    if problem is not None:
+        raise UsageError(f"not a NATS URL: {redact_url(url)} ({problem})")
+
+
+def _url_problem(url: str) -> str | None:
+    scheme, found, _ = url.partition("://")
+    # nats-py looks for these, lowercase, to tell a URL from a bare host:port.
+    if found and scheme.lower() in ("nats", "tls", "ws", "wss") and scheme not in ("nats", "tls", "ws", "wss"):
+        return "its scheme must be lowercase"
+    if not found or scheme not in ("nats", "tls", "ws", "wss"):
+        return "it starts with nats://, tls://, ws:// or wss://"
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # an unclosed [ of an IPv6 address
+        return "its host cannot be read"
+    if not parts.hostname or parts.hostname == "none":  # nats-py's own test
+        return "it has no host"
+    try:
+        port = parts.port  # a ValueError for a port that is not a number, or beyond 65535
+    except ValueError:
+        port = 0
+    if port is not None and not 1 <= port <= 65535:
+        return "its port is not a number from 1 to 65535"
+    return None
+
+
 async def _connect(url: str, name: str, connect_timeout: float) -> Any:
-    """Connect to NATS, reconnecting forever after; raise `BrokerUnavailableError` if it is not there now."""
+    """Connect to NATS, reconnecting forever after; raise `BrokerUnavailableError` if it is not there now.
+
+    Raises:
+        UsageError: ``url`` is not one NATS server's URL.
+        BrokerUnavailableError: The server is not there now.
+    """
+    _check_url(url)
     nats = _nats()
     state = {"down": False}
 

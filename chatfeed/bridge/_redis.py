@@ -22,8 +22,10 @@ import asyncio
 import heapq
 import logging
 import os
+import re
 import secrets
 import socket
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -90,7 +92,47 @@ def _redis() -> Any:
     return redis
 
 
+def _check_url(url: object) -> None:
+    """Raise `UsageError` unless ``url`` is a Redis URL that means what it says.
+
+    redis-py reads a database that is not a number as database 0, and a bad
+    port only when it connects, as if the server were away: refused here,
+    before any connection, so that a typo is bad usage and is not retried.
+    """
+    if not isinstance(url, str):
+        raise UsageError(f"a Redis URL is a str, not {type(url).__name__}")
+    problem = _url_problem(url)
+    if problem is not None:
+        raise UsageError(f"not a Redis URL: {redact_url(url)} ({problem})")
+
+
+def _url_problem(url: str) -> str | None:
+    scheme, found, _ = url.partition("://")
+    if found and scheme.lower() in ("redis", "rediss", "unix") and scheme not in ("redis", "rediss", "unix"):
+        return "its scheme must be lowercase"
+    if not found or scheme not in ("redis", "rediss", "unix"):
+        return "it starts with redis://, rediss:// or unix://"
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # an unclosed [ of an IPv6 address
+        return "its host cannot be read"
+    if scheme == "unix":
+        return None if parts.path else "it has no socket path"
+    if not parts.hostname:
+        return "it has no host"
+    try:
+        port = parts.port  # a ValueError for a port that is not a number, or beyond 65535
+    except ValueError:
+        port = 0
+    if port is not None and not 1 <= port <= 65535:
+        return "its port is not a number from 1 to 65535"
+    if not re.fullmatch(r"/?[0-9]*", parts.path):
+        return "its database, after the port, is not a number"
+    return None
+
+
 async def _connect(url: str, connect_timeout: float, command_timeout: float) -> Any:
+    _check_url(url)
     redis = _redis()
     # A server that stops answering (frozen, partitioned) fails the command
     # after command_timeout: publishes are retried, close() ends.

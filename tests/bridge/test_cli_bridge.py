@@ -457,3 +457,111 @@ async def test_two_shards_bridge_every_feed_of_one_tokens_file_once(
     for bridge in bridges:
         status, _, err = await bridge.finish(signal.SIGTERM)
         assert status == 0, err
+
+
+# What an outside review of the bridge's commands found
+
+
+async def test_a_malformed_broker_url_is_bad_usage_at_once_and_its_password_is_not_said(
+    commands: Callable[..., Any], tmp_path: Path
+) -> None:
+    tokens = write_tokens(tmp_path / "tokens.jsonl", {"a": TOKEN})
+    bridge = ("bridge", f"ws://127.0.0.1:{free_port()}", "--tokens", str(tokens), "--to")
+    port = free_port()  # nothing listens there: before the URL was checked, each of these was retried
+    cases = {
+        (*bridge, f"redis://:hunter2pw@127.0.0.1:{port}/abc"): (
+            f"not a Redis URL: redis://***@127.0.0.1:{port}/abc (its database, after the port, is not a number)"
+        ),
+        (*bridge, "nats://"): "not a NATS URL: nats: (it has no host)",
+        ("consume", "nats://user:hunter2pw@127.0.0.1:notaport", "--durable", "x"): (
+            "not a NATS URL: nats://***@127.0.0.1:notaport (its port is not a number from 1 to 65535)"
+        ),
+        ("consume", f"redis://127.0.0.1:{port}/0?db=x", "--durable", "x"): "not a Redis URL: ",
+        ("bridge", "--status", "--group", "g", "--to", f"nats://u:hunter2pw@127.0.0.1:{port},nats://h:1"): (
+            "a NATS URL names one server, not a comma-separated list"
+        ),
+        ("bridge", "--status", "--group", "g", "--to", f"NATS://127.0.0.1:{port}"): (
+            f"not a NATS URL: nats://127.0.0.1:{port} (its scheme must be lowercase)"
+        ),
+    }
+    started = {args: await commands(*args) for args in cases}
+    results = dict(zip(started, await asyncio.gather(*(command.finish() for command in started.values())), strict=True))
+    for args, (status, out, err) in results.items():
+        assert (status, out) == (2, ""), (args, err)
+        assert err.startswith(f"chatfeed: error: {cases[args]}") and len(err.splitlines()) == 1, (args, err)
+        assert "hunter2pw" not in err
+
+
+async def test_a_shard_count_beyond_the_bound_is_bad_usage_at_once(
+    commands: Callable[..., Any], tmp_path: Path
+) -> None:
+    tokens = write_tokens(tmp_path / "tokens.jsonl", {f"feed-{number}": TOKEN for number in range(100)})
+    args = ("bridge", "ws://127.0.0.1:1", "--tokens", str(tokens), "--to", "nats://127.0.0.1:1")
+    status, out, err = await (await commands(*args, "--shard", "1/100000000")).finish()
+    assert (status, out) == (2, "")
+    assert err.splitlines()[-1].endswith("error: argument --shard: N is at most 1,000, not 100,000,000"), err
+
+
+async def test_a_bridge_whose_chat_server_is_unreachable_says_so_then_says_when_the_feeds_connect(
+    redis_session: RedisServer, commands: Callable[..., Any], tmp_path: Path
+) -> None:
+    port = free_port()
+    tokens = write_tokens(tmp_path / "tokens.jsonl", {f"one-{unique()}": TOKEN, f"two-{unique()}": OTHER_TOKEN})
+    bridge = await commands(
+        "bridge", f"ws://127.0.0.1:{port}", "--tokens", str(tokens), "--to", redis_session.url, "--prefix", unique()
+    )
+    await bridge.stderr_matching(
+        r"^chatfeed: 0 of 2 feeds connected: each one's attempt failed; still trying, the last error: could not connect"
+    )
+    async with FeedServer(users={TOKEN: "u1", OTHER_TOKEN: "u2"}, port=port):
+        await bridge.stderr_matching(r"^chatfeed: 2 of 2 feeds up$")
+        status, _, err = await bridge.finish(signal.SIGTERM)
+    assert status == 0, err
+    assert sum("feeds connected" in line for line in err.splitlines()) == 1  # once, not once per feed or attempt
+    assert SECRET not in err
+
+
+async def test_a_group_worker_says_it_joins_and_a_refused_one_does_not_say_it_bridges(
+    nats_session: NatsServer, users_server: FeedServer, commands: Callable[..., Any], tmp_path: Path
+) -> None:
+    group = f"g{unique()}"
+    tokens = write_tokens(tmp_path / "tokens.jsonl", {f"one-{unique()}": TOKEN, f"two-{unique()}": OTHER_TOKEN})
+    options = ("--stream", f"T_{unique()}", "--prefix", f"t{unique()}", "--group", group)
+    worker = ("bridge", users_server.url, "--tokens", str(tokens), "--to", nats_session.url, *options)
+    first = await commands(*worker, "--worker", "w1", "--lease-ttl", "3")
+    await first.stderr_matching(rf"^chatfeed: bridging the feeds worker w1 holds in group {group}, from ws://")
+    refused = await commands(*worker, "--worker", "w2", "--lease-ttl", "7")
+    status, _, err = await refused.finish()
+    assert status == 2
+    assert err.splitlines() == [
+        f"chatfeed: joining group {group} as worker w2, with the 2 feeds of the tokens file",
+        "chatfeed: warning: without --backfill-url, what a feed misses while it moves from a dead bridge "
+        "to another is lost",
+        f"chatfeed: error: the group {group} keeps its leases for 3 s, not 7 s: every worker of a group needs the "
+        "same ttl",
+    ]
+    status, _, err = await first.finish(signal.SIGTERM)
+    assert status == 0, err
+    assert err.splitlines()[0] == f"chatfeed: joining group {group} as worker w1, with the 2 feeds of the tokens file"
+    assert not any(line.startswith("chatfeed: bridging 0 feeds") for line in err.splitlines())
+
+
+async def test_the_status_of_a_group_that_does_not_exist_is_the_same_error_with_either_broker(
+    nats_session: NatsServer, redis_session: RedisServer, commands: Callable[..., Any]
+) -> None:
+    group, prefix = f"g{unique()}", f"t{unique()}"
+    nats = await commands("bridge", "--status", "--group", group, "--to", nats_session.url)
+    redis_ = await commands("bridge", "--status", "--group", group, "--to", redis_session.url, "--prefix", prefix)
+    (nats_status, nats_out, nats_err), (redis_status, redis_out, redis_err) = await asyncio.gather(
+        nats.finish(), redis_.finish()
+    )
+    assert (nats_status, nats_out, nats_err) == (
+        2,
+        "",
+        f"chatfeed: error: there is no group {group} at {nats_session.url}",
+    )
+    assert (redis_status, redis_out) == (2, "")
+    assert redis_err == (
+        f"chatfeed: error: there is no group {group} at {redis_session.url}: "
+        f"no bridge heartbeats and no leases under the prefix {prefix!r}"
+    )

@@ -69,3 +69,16 @@ def test_bad_arguments_are_usage_errors() -> None:
     for count in (0, -1, True, 2.0):
         with pytest.raises(UsageError, match="number of shards"):
             shard("alice", count)  # type: ignore[arg-type]
+
+
+def test_a_shard_count_beyond_the_bound_and_keys_or_workers_that_are_not_str_are_usage_errors() -> None:
+    assert shard("alice", 1_000) in range(1, 1_001)
+    for count in (1_001, 100_000_000):  # a hash per shard and feed: the command line would hang
+        with pytest.raises(UsageError, match=r"^the number of shards must be an int from 1 to 1,000, not "):
+            shard("alice", count)
+    with pytest.raises(UsageError, match="a feed's key is a str, not int"):
+        shard(1, 2)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="a feed's key is a str, not bytes"):
+        owner(b"alice", ["w1"])  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="a worker's name is a str, not int"):
+        owner("alice", ["w1", 2])  # type: ignore[list-item]
