@@ -236,6 +236,7 @@ def _summary(frame: Frame) -> str:
 # characters, or have other separators; a UUID (36) is kept, since it names
 # a resource. A key shorter than 40 characters (32 hex digits) is not
 # recognised: put tokens in the auth frame, where chatfeed sends them.
+_NEXT_SERVER = re.compile(r",(?=[a-z][a-z0-9+.-]*://)")
 _JWT = re.compile(r"eyJ[\w-]{2,}\.[\w-]{2,}\.[\w-]*", re.ASCII)
 _OPAQUE = re.compile(r"[\w~+/=.-]{40,}", re.ASCII)
 
@@ -259,6 +260,9 @@ def redact_url(url: str) -> str:
     A path segment shaped like a JWT or a long opaque key (40 characters or
     more) is replaced by ``***``, and so are a segment's ``;parameters``.
     """
+    servers = _NEXT_SERVER.split(url)
+    if len(servers) > 1:  # a list of servers (NATS takes one): each its own credentials
+        return ",".join(map(redact_url, servers))
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:

@@ -87,6 +87,7 @@ def test_without_an_event_its_type_and_chat_can_be_given() -> None:
             "ws://h/chats/3f2c9d6e-8a4b-4c1d-9e7f-0a1b2c3d4e5f/ws",
         ),
         ("/ws?token=abc", "/ws?token=***"),
+        ("nats://u:pw1@h1:1,nats://u:pw2@h2:2", "nats://***@h1:1,nats://***@h2:2"),
         ("ws://h/", "ws://h/"),
     ],
 )
