@@ -199,6 +199,15 @@ class Cluster:
                 self.pushed.append((feed, "new_message", str(number)))
             await asyncio.sleep(tick)
 
+    async def streamed(self, count: int, timeout: float = 30.0) -> None:
+        """Wait until the stream has pushed ``count`` more messages: mid-stream, whatever the machine's speed."""
+        target = len(self.pushed) + count
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.pushed) < target:
+            assert loop.time() < deadline, f"the stream pushed {len(self.pushed)} of {target} in {timeout:g} s"
+            await asyncio.sleep(0.01)
+
     async def watermarks(self) -> int:
         """How many feeds have a saved watermark."""
         if self.broker.kind == "nats":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import pytest
@@ -13,7 +14,9 @@ from chatfeed.testing import FeedServer
 
 from ._brokers import Broker, by_chat, check_envelopes, make_pool, message_frame, token_of, wait_for
 
-FEEDS = 1000
+FEEDS = int(os.environ.get("CHATFEED_LOG_FEEDS", "300"))
+"""Feeds of the log test: 300 in the suite (which must stay under two minutes on two cores); .ci/run also
+runs the issue's 1,000 x 100, in a step of its own."""
 EVENTS = 100
 CHATS = 4
 
@@ -24,8 +27,8 @@ def broker(request: pytest.FixtureRequest) -> Broker:
     return Broker(request.param, server.url)
 
 
-@pytest.mark.timeout(120)  # about 20 s on two quiet cores, 35 s with both busy twice over
-async def test_1000_feeds_of_100_events_are_each_in_the_log_once_in_order_per_chat(
+@pytest.mark.timeout(120)  # at 1,000 feeds: about 20 s on two quiet cores, 35 s with both busy twice over
+async def test_every_event_of_many_feeds_is_in_the_log_once_in_order_per_chat_and_valid(
     broker: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)  # not a record per frame at DEBUG
