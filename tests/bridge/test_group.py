@@ -24,7 +24,6 @@ from chatfeed.bridge import Bridge, Envelope, Group, JetStreamCoordinator, Redis
 from chatfeed.bridge._assign import owner
 from chatfeed.bridge._envelope import Record
 from chatfeed.bridge._group import Coordinator, _is_up
-from chatfeed.bridge.testing import NatsServer, RedisServer
 from chatfeed.testing import FeedServer
 
 from ._brokers import Broker, make_pool, token_of
@@ -37,12 +36,6 @@ also runs the issue's 3 x 600 (1,800), one scenario at a time, about 90 s."""
 TTL = 2.0
 SETTLE = 30.0
 """How long a group may take to settle (start, join, leave): make before break, one round every TTL / 3."""
-
-
-@pytest.fixture(params=["nats", "redis"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_session")
-    return Broker(request.param, server.url)
 
 
 @pytest.fixture

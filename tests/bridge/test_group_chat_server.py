@@ -35,7 +35,6 @@ from chatfeed import Backoff
 from chatfeed._http_backfill import http_backfill
 from chatfeed.bridge import Bridge, Envelope, Group, JetStreamCoordinator, RedisCoordinator
 from chatfeed.bridge._group import Coordinator, Lease, _key
-from chatfeed.bridge.testing import NatsServer, RedisServer
 
 from ._brokers import Broker, make_pool, token_of
 from ._group_helpers import Cluster, WatchedFeedServer
@@ -50,12 +49,6 @@ RECONNECT = Backoff(initial=0.05, maximum=0.4, reset_after=1.0)
 """The feeds' backoff: a wait of up to 0.4 s between refused attempts, so 30 feeds try about 150 times a second."""
 BACK_WITHIN = 5.0
 """Every feed has a connection again within this of the server's return: a backoff wait, a handshake, a backfill."""
-
-
-@pytest.fixture(params=["nats", "redis"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_session")
-    return Broker(request.param, server.url)
 
 
 @pytest.fixture

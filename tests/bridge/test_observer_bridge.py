@@ -20,7 +20,7 @@ import pytest
 
 from chatfeed import NewMessage
 from chatfeed.bridge import Bridge, Record, Sink, encode
-from chatfeed.bridge.testing import NatsServer, RedisServer
+from chatfeed.bridge.testing import RedisServer
 from chatfeed.testing import FeedServer, make_message
 
 from ..integration._observers import Recording, handler_calls
@@ -29,12 +29,6 @@ from ._brokers import EPOCH, Broker, make_pool, message_frame, token_of, wait_fo
 pytestmark = pytest.mark.timeout(20)
 
 MAX_DELIVER = 3
-
-
-@pytest.fixture(params=["nats", "redis"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_session")
-    return Broker(request.param, server.url)
 
 
 class Wrapped:

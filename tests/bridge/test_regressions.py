@@ -24,12 +24,6 @@ HANDLER_TIME = 2.5
 """How long a slow handler takes: longer than the broker's ack wait (or claim_after), the scenario's."""
 
 
-@pytest.fixture(params=["nats", "redis"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_session")
-    return Broker(request.param, server.url)
-
-
 @pytest.fixture
 def redis_broker(redis_session: RedisServer) -> Broker:
     return Broker("redis", redis_session.url)

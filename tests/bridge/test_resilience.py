@@ -104,12 +104,6 @@ async def test_a_consumer_of_a_missing_stream_leaves_nothing_behind(nats_session
     assert "NEVER_MADE_DEAD" not in names
 
 
-@pytest.fixture(params=["nats", "redis"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_session")
-    return Broker(request.param, server.url)
-
-
 async def test_what_a_closed_consumer_did_not_finish_comes_back_at_once(broker: Broker) -> None:
     ids = await fill(broker, 40)
     # The broker's own timers are long: only the consumer's close can bring the events back quickly.
