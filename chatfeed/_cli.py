@@ -1308,7 +1308,7 @@ def _coordinator(args: argparse.Namespace) -> Any:
         return JetStreamCoordinator(args.to, args.group, ttl=args.lease_ttl)
     if scheme in ("redis", "rediss"):
         return RedisCoordinator(args.to, args.group, prefix=args.prefix or "chatfeed", ttl=args.lease_ttl)
-    raise UsageError(f"the broker's URL must start with nats:// or redis://, not {args.to[:40]!r}")
+    raise UsageError(f"the broker's URL must start with nats:// or redis://, not {redact_url(args.to)[:40]!r}")
 
 
 async def _group_status(args: argparse.Namespace) -> int:
@@ -1326,14 +1326,6 @@ async def _group_status(args: argparse.Namespace) -> int:
         ages = await coordinator.ages()
     finally:
         await coordinator.close()
-    if not workers and not holders and args.to.partition("://")[0].lower() in ("redis", "rediss"):
-        # A Redis group is its heartbeats and leases, nothing that outlives them:
-        # none is a group that does not exist, as JetStream says of its missing buckets.
-        prefix = args.prefix or "chatfeed"
-        raise UsageError(
-            f"there is no group {args.group} at {redact_url(args.to)}: "
-            f"no bridge heartbeats and no leases under the prefix {prefix!r}"
-        )
     held: dict[str, list[str]] = {}
     for feed, (worker, _) in holders.items():
         held.setdefault(worker, []).append(feed)

@@ -236,7 +236,7 @@ def _summary(frame: Frame) -> str:
 # characters, or have other separators; a UUID (36) is kept, since it names
 # a resource. A key shorter than 40 characters (32 hex digits) is not
 # recognised: put tokens in the auth frame, where chatfeed sends them.
-_NEXT_SERVER = re.compile(r",(?=[a-z][a-z0-9+.-]*://)")
+_NEXT_SERVER = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 _JWT = re.compile(r"eyJ[\w-]{2,}\.[\w-]{2,}\.[\w-]*", re.ASCII)
 _OPAQUE = re.compile(r"[\w~+/=.-]{40,}", re.ASCII)
 
@@ -267,6 +267,11 @@ def redact_url(url: str) -> str:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return REDACTED
+    scheme, slashes, rest = url.partition("://")
+    if slashes and "@" not in parts.netloc and ":" in rest.rpartition("@")[0]:
+        # A password with a raw '/', '?' or '#' (base64's '/', say) ends the
+        # netloc early: the "user:password@" is read as path or query.
+        return redact_url(f"{scheme}://***@{rest.rpartition('@')[2]}")
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rpartition("@")[2]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._logging import redact_url as _redact_url
 from ..exceptions import UsageError
 from ._assign import owner, shard
 from ._bridge import Bridge, BridgeStatistics, BrokerUnavailableError, FencedError, RecordRejectedError, Sink
@@ -83,4 +84,4 @@ def sink_for(url: str, **options: Any) -> Sink:
         return JetStreamSink(url, **options)
     if scheme in ("redis", "rediss"):
         return RedisStreamSink(url, **options)
-    raise UsageError(f"the broker's URL must start with nats:// or redis://, not {str(url)[:40]!r}")
+    raise UsageError(f"the broker's URL must start with nats:// or redis://, not {_redact_url(str(url))[:40]!r}")

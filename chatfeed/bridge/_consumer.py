@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol, TypeVar, overload
 from typing_extensions import Self
 
 from .._lanes import Lanes
-from .._logging import log_fields
+from .._logging import log_fields, redact_url
 from .._observe import Observer, hooks_of, observer_failed
 from ..exceptions import UsageError
 from ..models import Chat, ErrorMessage, FeedEvent, Message, NewChat, NewMessage, UnknownMessage
@@ -883,4 +883,4 @@ def source_for(url: str, durable: str, **options: Any) -> Source:
         from ._redis import RedisStreamSource
 
         return RedisStreamSource(url, durable, **options)
-    raise UsageError(f"the broker's URL must start with nats:// or redis://, not {url[:40]!r}")
+    raise UsageError(f"the broker's URL must start with nats:// or redis://, not {redact_url(url)[:40]!r}")

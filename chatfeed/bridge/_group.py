@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -200,9 +201,22 @@ class JetStreamCoordinator:
         key written while it lists (every round writes the workers' and the
         leases'); a worker that missed the others would think itself alone.
         """
+        nats = _nats_module()
         subject = f"$KV.{self.group}-{bucket}."
-        info = await self._js.stream_info(f"KV_{self.group}-{bucket}", subjects_filter=f"{subject}>")
-        return [name[len(subject) :] for name in info.state.subjects or ()]
+        api = f"$JS.API.STREAM.INFO.KV_{self.group}-{bucket}"
+        keys: list[str] = []
+        # One page is read under the stream's lock: no key written meanwhile
+        # is missed. Beyond the server's page (100,000 subjects), the next
+        # page from where this one ended (nats-py's stream_info cannot page).
+        while True:
+            request = json.dumps({"subjects_filter": f"{subject}>", "offset": len(keys)}).encode()
+            reply = json.loads((await self._nc.request(api, request, timeout=_request_timeout(self.ttl))).data)
+            if "error" in reply:
+                raise nats.js.errors.APIError.from_error(reply["error"])
+            page = (reply.get("state") or {}).get("subjects") or {}
+            keys.extend(name[len(subject) :] for name in page)
+            if not page or len(keys) >= reply.get("total", 0):
+                return keys
 
     async def workers(self) -> list[str]:
         nats = _nats_module()
@@ -274,6 +288,8 @@ class JetStreamCoordinator:
                 message = await js.get_last_msg(f"KV_{self.group}-leases", f"$KV.{self.group}-leases.{key}")
             except nats.js.errors.NotFoundError:
                 continue
+            if (message.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                continue  # released: its last message is the delete marker
             if message.time is not None:
                 ages[_feed_of(key)] = max(0.0, (now - message.time).total_seconds())
         return ages
@@ -405,8 +421,12 @@ class RedisCoordinator:
             )
         }
         if create:
-            # The leases' TTL, for those who read their ages without knowing it (``--status``).
+            # The leases' TTL, for those who read their ages without knowing it
+            # (``--status``); it outlives the workers: the group's trace.
             await self._client.set(f"{self._base}:ttl", self._ttl_ms)
+        elif not await self._client.exists(f"{self._base}:ttl"):
+            await self.close()
+            raise UsageError(f"there is no group {self.group} at {redact_url(self.url)}")
 
     @property
     def _ttl_ms(self) -> int:
@@ -682,7 +702,9 @@ class Group:
             batch = leases[start : start + _RENEW_BATCH]
             sent = monotonic()  # the lease runs at least ttl from here: valid for ttl/2 of it
             renewed = await asyncio.gather(*(coordinator.renew(lease) for _, lease in batch))
-            for (feed, _), kept in zip(batch, renewed, strict=True):
+            for (feed, sent_for), kept in zip(batch, renewed, strict=True):
+                if self._held.get(feed) is not sent_for or (not kept and feed in self._handoffs):
+                    continue  # let go while this renewal was in flight, or being let go by its handoff
                 if kept:
                     self._valid_until[feed] = sent + self.ttl / 2
                     continue

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from chatfeed import UsageError
 from chatfeed.bridge._group import Coordinator, JetStreamCoordinator, RedisCoordinator
 from chatfeed.bridge.testing import NatsServer, RedisServer
 
@@ -186,7 +187,18 @@ async def test_every_live_worker_is_listed_while_they_all_heartbeat(
 ) -> None:
     # Listed through a consumer (nats-py's kv.keys()), keys written meanwhile were missed: a worker
     # then thought itself alone, took others' feeds, or left without waiting for its successors.
-    a, b = coordinators
+    first, _ = coordinators
+    # A TTL of its own, long: what this checks (a consistent listing) does not depend on it, and a
+    # request timeout of ttl / 2 = 0.3 s failed on a loaded machine.
+    assert isinstance(first, (JetStreamCoordinator, RedisCoordinator))
+    a, b = (
+        JetStreamCoordinator(first.url, first.group, ttl=10.0)
+        if isinstance(first, JetStreamCoordinator)
+        else _redis_like(first, first.group, ttl=10.0)
+        for _ in range(2)
+    )
+    await a.open(create=False)
+    await b.open(create=False)
     names = [f"w{number:02}" for number in range(30)]
     for name in names:
         await b.join(name)
@@ -206,4 +218,41 @@ async def test_every_live_worker_is_listed_while_they_all_heartbeat(
     finally:
         stop.set()
         await asyncio.wait([beating])
+        await a.close()
+        await b.close()
     assert short == [], f"{len(short)} of 100 listings missed workers (they had {short} of {len(names)})"
+
+
+async def test_a_group_whose_workers_all_left_still_exists_and_one_never_made_does_not(
+    coordinators: tuple[Coordinator, Coordinator],
+) -> None:
+    # What --status opens: a group whose last worker left (or crashed, its leases expired) is a group
+    # with no bridges, not a typo; a name no worker ever used is an error, on either broker.
+    a, _ = coordinators
+    assert isinstance(a, (JetStreamCoordinator, RedisCoordinator))
+    await a.join("w1")
+    lease = await a.acquire("alice", "w1")
+    assert lease is not None
+    await a.release(lease)
+    await a.leave("w1")
+    left = type(a)(a.url, a.group, ttl=TTL) if isinstance(a, JetStreamCoordinator) else _redis_like(a, a.group)
+    await left.open(create=False)
+    try:
+        assert await left.workers() == []
+        assert await left.holders() == {}
+        assert await left.ages() == {}  # a released lease's delete marker is not a lease
+    finally:
+        await left.close()
+    never = (
+        JetStreamCoordinator(a.url, f"n{secrets.token_hex(4)}", ttl=TTL)
+        if isinstance(a, JetStreamCoordinator)
+        else _redis_like(a, f"n{secrets.token_hex(4)}")
+    )
+    with pytest.raises(UsageError, match="there is no group"):
+        await never.open(create=False)
+
+
+def _redis_like(coordinator: Coordinator, group: str, ttl: float = TTL) -> RedisCoordinator:
+    """A Redis coordinator of ``group`` under the same prefix as ``coordinator``."""
+    assert isinstance(coordinator, RedisCoordinator)
+    return RedisCoordinator(coordinator.url, group, prefix=coordinator._base.split(":group:")[0], ttl=ttl)

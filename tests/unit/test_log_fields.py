@@ -88,6 +88,11 @@ def test_without_an_event_its_type_and_chat_can_be_given() -> None:
         ),
         ("/ws?token=abc", "/ws?token=***"),
         ("nats://u:pw1@h1:1,nats://u:pw2@h2:2", "nats://***@h1:1,nats://***@h2:2"),
+        ("nats://a:1, NATS://u:pw2@h2:2", "nats://a:1,nats://***@h2:2"),
+        # A password with a raw '/', '?' or '#': the credentials are not in the netloc.
+        ("redis://:Zm9v/YmFyc2VjcmV0@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
+        ("nats://u:pa?secret@h:4222", "nats://***@h:4222"),
+        ("wss://h/ws?email=a@b.example", "wss://h/ws?email=***"),
         ("ws://h/", "ws://h/"),
     ],
 )
