@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import random
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from types import TracebackType
@@ -843,6 +844,19 @@ class _Options:
     drain_timeout: float
     retry_initial: float
     retry_maximum: float
+
+
+def address_problem(parts: urllib.parse.SplitResult) -> str | None:
+    """Return what is wrong with a broker URL's host or port, or None: for a `UsageError` before connecting."""
+    if not parts.hostname:
+        return "it has no host"
+    try:
+        port = parts.port  # a ValueError for a port that is not a number, or beyond 65535
+    except ValueError:
+        port = 0
+    if port is not None and not 1 <= port <= 65535:
+        return "its port is not a number from 1 to 65535"
+    return None
 
 
 def describe_error(exc: BaseException) -> str:

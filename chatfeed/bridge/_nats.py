@@ -25,7 +25,7 @@ from typing import Any
 
 from .._logging import log_fields, redact_url
 from ..exceptions import UsageError
-from ._bridge import BrokerUnavailableError, RecordRejectedError
+from ._bridge import BrokerUnavailableError, RecordRejectedError, address_problem
 from ._consumer import Delivery
 from ._envelope import Record, subject_token
 
@@ -73,15 +73,9 @@ def _url_problem(url: str) -> str | None:
         parts = urllib.parse.urlsplit(url)
     except ValueError:  # an unclosed [ of an IPv6 address
         return "its host cannot be read"
-    if not parts.hostname or parts.hostname == "none":  # nats-py's own test
+    if parts.hostname == "none":  # nats-py's own test
         return "it has no host"
-    try:
-        port = parts.port  # a ValueError for a port that is not a number, or beyond 65535
-    except ValueError:
-        port = 0
-    if port is not None and not 1 <= port <= 65535:
-        return "its port is not a number from 1 to 65535"
-    return None
+    return address_problem(parts)
 
 
 async def _connect(url: str, name: str, connect_timeout: float) -> Any:

@@ -32,7 +32,7 @@ from typing import Any
 
 from .._logging import log_fields, redact_url
 from ..exceptions import UsageError
-from ._bridge import BrokerUnavailableError, FencedError
+from ._bridge import BrokerUnavailableError, FencedError, address_problem
 from ._consumer import Delivery
 from ._envelope import ENVELOPE_VERSION, Record, partition
 
@@ -118,14 +118,9 @@ def _url_problem(url: str) -> str | None:
         return "its host cannot be read"
     if scheme == "unix":
         return None if parts.path else "it has no socket path"
-    if not parts.hostname:
-        return "it has no host"
-    try:
-        port = parts.port  # a ValueError for a port that is not a number, or beyond 65535
-    except ValueError:
-        port = 0
-    if port is not None and not 1 <= port <= 65535:
-        return "its port is not a number from 1 to 65535"
+    problem = address_problem(parts)
+    if problem is not None:
+        return problem
     if not re.fullmatch(r"/?[0-9]*", parts.path):
         return "its database, after the port, is not a number"
     return None
