@@ -134,7 +134,6 @@ class JetStreamCoordinator:
         self.group = group
         self.ttl = float(ttl)
         self._nc: Any = None
-        self._js: Any = None
         self._workers: Any = None
         self._leases: Any = None
         self._ready: Any = None
@@ -152,7 +151,7 @@ class JetStreamCoordinator:
         self._nc = await _connect(self.url, f"chatfeed-group-{self.group}", 2.0)
         # The buckets' requests (the rounds') wait at most ttl / 2; making a
         # bucket may take a loaded server longer than that.
-        self._js = js = self._nc.jetstream(timeout=_request_timeout(self.ttl))
+        js = self._nc.jetstream(timeout=_request_timeout(self.ttl))
         slow = self._nc.jetstream(timeout=max(_request_timeout(self.ttl), 5.0))
         buckets = []
         for name in (f"{self.group}-workers", f"{self.group}-leases", f"{self.group}-ready"):
@@ -241,24 +240,34 @@ class JetStreamCoordinator:
 
     async def renew(self, lease: Lease) -> bool:
         nats = _nats_module()
-        # The value says the token: the revision of the acquisition, which renewals change.
-        value = f"{lease.worker}|{lease.token}".encode()
+        value = _held_value(lease).encode()
         try:
             lease.revision = await self._leases.update(_key(lease.feed), value, last=lease.revision)
         except nats.js.errors.KeyWrongLastSequenceError:
-            # A renewal of ours whose answer was lost (it timed out, the broker restarted) may have
-            # been stored since: then the entry still holds this acquisition's value, newer revision.
-            try:
-                entry = await self._leases.get(_key(lease.feed))
-            except nats.js.errors.KeyNotFoundError:
+            revision = await self._revision_if_ours(lease)
+            if revision is None:
                 return False
-            if entry.value != value or entry.revision is None:
-                return False  # expired, or another acquisition's (its token differs)
             try:
-                lease.revision = await self._leases.update(_key(lease.feed), value, last=entry.revision)
+                lease.revision = await self._leases.update(_key(lease.feed), value, last=revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 return False
         return True
+
+    async def _revision_if_ours(self, lease: Lease) -> int | None:
+        """Return the lease entry's revision if it still holds ``lease``'s acquisition; else None.
+
+        A renewal of ours whose answer was lost (it timed out, the broker
+        restarted) may have been stored: then the entry holds this
+        acquisition's value at a newer revision than ``lease`` knows. Expired,
+        or another acquisition's (its token differs), it is not ours.
+        """
+        nats = _nats_module()
+        try:
+            entry = await self._leases.get(_key(lease.feed))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        held: int | None = entry.revision if entry.value == _held_value(lease).encode() else None
+        return held
 
     async def release(self, lease: Lease) -> None:
         nats = _nats_module()
@@ -267,15 +276,10 @@ class JetStreamCoordinator:
         except nats.js.errors.BadRequestError as exc:  # nats-py does not map delete's error to its own
             if exc.err_code != _WRONG_LAST_SEQUENCE:
                 raise  # anything but "no longer ours"
-            # Still ours at a newer revision (a renewal whose answer was lost), or another's.
-            value = f"{lease.worker}|{lease.token}".encode()
-            try:
-                entry = await self._leases.get(_key(lease.feed))
-            except nats.js.errors.KeyNotFoundError:
-                return
-            if entry.value == value and entry.revision is not None:
+            revision = await self._revision_if_ours(lease)  # or ours at a newer revision
+            if revision is not None:
                 with contextlib.suppress(nats.js.errors.BadRequestError):
-                    await self._leases.delete(_key(lease.feed), last=entry.revision)
+                    await self._leases.delete(_key(lease.feed), last=revision)
 
     async def ages(self) -> dict[str, float]:
         nats = _nats_module()
@@ -315,6 +319,11 @@ class JetStreamCoordinator:
 
 
 _WRONG_LAST_SEQUENCE = 10071
+
+
+def _held_value(lease: Lease) -> str:
+    """Return the value of ``lease``'s entry or key while it is held: the holder and its acquisition's token."""
+    return f"{lease.worker}|{lease.token}"
 
 
 def _request_timeout(ttl: float) -> float:
@@ -449,16 +458,16 @@ class RedisCoordinator:
         return None if token is None else Lease(feed, worker, int(token))
 
     async def renew(self, lease: Lease) -> bool:
-        held = f"{lease.worker}|{lease.token}"
+        held = _held_value(lease)
         renewed = await self._scripts["renew"](keys=[f"{self._base}:lease:{lease.feed}"], args=[held, self._ttl_ms])
         return bool(renewed)
 
     def fence_of(self, lease: Lease) -> tuple[str, str]:
         """The key of ``lease`` and the value it holds while it is the holder's: what a Redis sink checks."""
-        return f"{self._base}:lease:{lease.feed}", f"{lease.worker}|{lease.token}"
+        return f"{self._base}:lease:{lease.feed}", _held_value(lease)
 
     async def release(self, lease: Lease) -> None:
-        held = f"{lease.worker}|{lease.token}"
+        held = _held_value(lease)
         await self._scripts["release"](keys=[f"{self._base}:lease:{lease.feed}"], args=[held])
 
     async def announce_ready(self, feed: str, worker: str) -> None:

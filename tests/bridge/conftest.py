@@ -68,3 +68,10 @@ def broker(request: pytest.FixtureRequest) -> Broker:
     """Each of the two brokers in turn (the session's server), with a stream and prefix of the test's own."""
     server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_session")
     return Broker(request.param, server.url)
+
+
+@pytest.fixture(params=["nats", "redis"])
+def own(request: pytest.FixtureRequest) -> tuple[Broker, NatsServer | RedisServer]:
+    """Each of the two brokers in turn, a server of the test's own: one it may stop and start again."""
+    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_server")
+    return Broker(request.param, server.url), server

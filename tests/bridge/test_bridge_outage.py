@@ -22,12 +22,6 @@ OUTAGE = 3.0
 """How long the broker is down: a real duration, the scenario's."""
 
 
-@pytest.fixture(params=["nats", "redis"])
-def own(request: pytest.FixtureRequest) -> tuple[Broker, NatsServer | RedisServer]:
-    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_server")
-    return Broker(request.param, server.url), server
-
-
 async def test_broker_down_for_3_seconds_loses_nothing_and_holds_at_most_the_window(
     own: tuple[Broker, NatsServer | RedisServer], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -47,12 +47,6 @@ LONG = 3.0
 """An outage every lease and heartbeat expires in: TTL 2 s from a renewal at most RENEWED s before it."""
 
 
-@pytest.fixture(params=["nats", "redis"])
-def own(request: pytest.FixtureRequest) -> tuple[Broker, NatsServer | RedisServer]:
-    server: NatsServer | RedisServer = request.getfixturevalue(f"{request.param}_server")
-    return Broker(request.param, server.url), server
-
-
 @pytest.fixture
 async def server(caplog: pytest.LogCaptureFixture) -> AsyncIterator[WatchedFeedServer]:
     caplog.set_level(logging.WARNING, logger="websockets")
